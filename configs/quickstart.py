@@ -1,0 +1,24 @@
+r"""Quickstart: a small DDPM U-Net on the embedded 16x16 `shapes` data; CPU, no download.
+
+  python run_train.py --config configs/quickstart.py --workdir runs/quickstart
+
+Writes runs/quickstart/{samples_<step>.png, loss_curve.png, metrics.jsonl, checkpoints/}.
+Expected result: MEASURED_PLACEHOLDER
+"""
+
+from jaxdiff.configs import base_config
+
+
+def get_config():
+  c = base_config()
+  c.data.dataset = "shapes"
+  c.data.resolution = 16
+  c.data.num_channels = 3
+  c.data.random_flip = True
+  c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
+                 dropout=0.0)
+  c.optimizer.update(learning_rate=1e-3, warmup_steps=100, grad_clip=1.0)
+  c.training.update(batch_size=64, num_steps=2000, ema_decay=0.995, log_every=50,
+                    checkpoint_every=500, num_final_samples=64)
+  c.sampling.update(method="ddim", num_steps=100, eta=0.0)
+  return c

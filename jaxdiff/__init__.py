@@ -1,0 +1,20 @@
+"""jaxdiff: diffusion generative models in JAX/Flax.
+
+The pure functions researchers import:
+
+  from jaxdiff import processes, losses, parameterization
+  from jaxdiff import sample            # every sampler behind one call
+  from jaxdiff.models import UNet, MLP
+
+See README.md for the API tour.
+"""
+
+from jaxdiff import errors
+from jaxdiff import parameterization
+from jaxdiff import processes
+from jaxdiff import losses
+from jaxdiff.samplers import sample
+
+__version__ = "0.1.0"
+
+__all__ = ["errors", "parameterization", "processes", "losses", "sample", "__version__"]

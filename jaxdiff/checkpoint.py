@@ -1,0 +1,135 @@
+"""One orbax wrapper: train state and data-iterator position saved together, atomically.
+
+A checkpoint `<dir>/<step>/` holds three items:
+
+* `state`: the train state (params, EMA, optimizer state, step), sharded arrays saved by
+  every process;
+* `data`: the grain iterator position (so a resumed run sees exactly the batches an
+  uninterrupted run would have seen);
+* `meta`: JSON with the config it was written under.
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
+crash mid-save never leaves a partial checkpoint that looks valid; the latest
+`max_to_keep` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxdiff.errors import CheckpointError
+
+
+def _path_names(path) -> str:
+  """A pytree path as 'a/b/0', the same for dict keys, attributes and sequence indices."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _shape_mismatches(saved_meta, abstract, limit: int = 3) -> list[str]:
+  """Paths whose saved shape differs from the expected one (or that are missing)."""
+  saved = {_path_names(p): tuple(getattr(m, "shape", ()) or ())
+           for p, m in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
+  out = []
+  for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    k = _path_names(p)
+    want = tuple(getattr(a, "shape", ()))
+    if k not in saved:
+      out.append(f"{k} is missing (expected shape {want})")
+    elif saved[k] != want:
+      out.append(f"{k} has shape {saved[k]} in the checkpoint but {want} in the model")
+    if len(out) >= limit:
+      break
+  extra = len(saved) - len(jax.tree_util.tree_leaves(abstract))
+  if not out and extra:
+    out.append(f"the checkpoint has {extra} more arrays than the model")
+  return out
+
+
+class Checkpointer:
+  """Saves and restores `(state, data iterator)` under `directory`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    import grain
+
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, *, data_iterator=None, meta: dict | None = None) -> None:
+    import grain
+
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if meta is not None:
+      items["meta"] = ocp.args.JsonSave(meta)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def _resolve(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint found under {self.directory}; train first "
+                            f"(run_train.py --workdir ...) or pass the right --workdir.")
+    if step is None:
+      return max(steps)
+    if step not in steps:
+      raise CheckpointError(f"checkpoint step={step} does not exist under {self.directory}; "
+                            f"available steps: {sorted(steps)}.")
+    return step
+
+  def meta(self, step: int | None = None) -> dict:
+    step = self._resolve(step)
+    try:
+      return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception:  # older checkpoints without meta
+      return {}
+
+  def restore(self, abstract_state: Any, step: int | None = None, *, data_iterator=None) -> tuple[int, Any]:
+    """Restores into the shapes/shardings of `abstract_state` (from `jax.eval_shape`).
+
+    Raises CheckpointError naming the first mismatching arrays when the checkpoint was
+    written by a different model configuration.
+    """
+    import grain
+
+    step = self._resolve(step)
+    saved = self._mngr.item_metadata(step)["state"]
+    saved_tree = getattr(saved, "tree", saved)
+    bad = _shape_mismatches(saved_tree, abstract_state)
+    if bad:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} does not match the config: {'; '.join(bad)}. "
+          f"Use the config it was trained with, or a fresh --workdir.")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return step, restored["state"]
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

@@ -1,0 +1,61 @@
+"""What run_train.py and run_sample.py share: flag parsing that fails in one line."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def parse_flags_one_line(argv: list[str]) -> list[str]:
+  """absl flags parser that reports bad flags and misspelt config overrides in one line.
+
+  ml_collections raises a bare AttributeError/KeyError (with a "did you mean" hint) for an
+  override of a key the config does not have; this turns it and absl's own flag errors into
+  `error: ...` on stderr and exit status 2.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = " ".join(str(e).split())
+  except (AttributeError, KeyError) as e:
+    detail = " ".join(str(e).replace("\\n", " ").replace("'", "").split())
+    msg = f"unknown config key in an override: {detail}. Keys are fixed by the config file; check the spelling."
+  except (ValueError, TypeError) as e:
+    msg = f"bad config override: {' '.join(str(e).split())}"
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  raise SystemExit(2)
+
+
+def parse_options(items: list[str] | None, flag: str = "--sampler_options") -> dict:
+  """["eta=0.5", "snr=0.16"] -> {"eta": 0.5, "snr": 0.16} (values parsed as Python literals)."""
+  import ast
+
+  from jaxdiff.errors import InputError
+
+  out = {}
+  for item in items or []:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise InputError(f"{flag}={item!r} must look like name=value (e.g. {flag}=eta=0.5).")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def setup_logging() -> None:
+  """Progress lines from jaxdiff on stderr; other libraries' INFO chatter (orbax) off."""
+  import logging as py_logging
+
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = py_logging.getLogger("jaxdiff")
+  if not logger.handlers:
+    handler = py_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+  logger.setLevel(py_logging.INFO)
+  logger.propagate = False

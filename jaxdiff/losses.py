@@ -1,0 +1,135 @@
+"""Denoising training objectives for any process and parameterization.
+
+`make_denoising_loss(process, prediction=..., ...)` returns a pure function
+
+    loss_fn(net, x0, key) -> (loss [], aux)
+
+where `net(x, c) -> out` is the network with its parameters (and conditioning, dropout
+key) bound. One function covers the objectives of the field:
+
+| target / weighting        | what it is                                                       |
+|---------------------------|------------------------------------------------------------------|
+| `eps`, `none`             | Ho et al.'s L_simple (eps-MSE); = DSM with sigma^2 weighting     |
+| `v` / `x0`, `none`        | v- or x0-MSE                                                     |
+| any, `likelihood`         | score matching weighted by g(t)^2 (Song et al. 2021, an ELBO bound) |
+| `x0`, `edm` + lognormal t | Karras et al.: lambda(sigma) = (sigma^2+sigma_d^2)/(sigma sigma_d)^2 |
+| any, `min_snr`            | min-SNR-gamma weighting (Hang et al. 2023), in eps space         |
+| `ncsn` (VE + discrete)    | Song & Ermon's SMLD loss over `num_scales` geometric sigmas       |
+
+The per-example loss is reduced over data dimensions by `reduce` ('mean' or 'sum') and then
+averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff import parameterization as param_lib
+from jaxdiff.errors import ConfigError
+from jaxdiff.processes import EDM, VE, Process, bcast
+
+Array = jax.Array
+
+TARGETS = ("eps", "x0", "v", "score")
+WEIGHTINGS = ("none", "likelihood", "edm", "min_snr")
+T_SAMPLINGS = ("process", "lognormal", "discrete")
+
+
+def _check(name, value, valid):
+  if value not in valid:
+    raise ConfigError(f"config.loss.{name}={value!r} is not known; valid values are: {', '.join(valid)}.")
+
+
+def make_denoising_loss(
+    process: Process,
+    *,
+    prediction: str = "eps",
+    target: str | None = None,
+    weighting: str = "none",
+    reduce: str = "mean",
+    t_sampling: str = "process",
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    num_scales: int = 1000,
+    min_snr_gamma: float = 5.0,
+) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds `loss_fn(net, x0, key) -> (loss, aux)`.
+
+  Args:
+    process: the diffusion process.
+    prediction: what the network outputs ('eps', 'x0', 'v', 'score' or 'edm').
+    target: the space the squared error is measured in; defaults to `prediction`
+      ('x0' for 'edm').
+    weighting: 'none', 'likelihood' (g^2), 'edm' (Karras' lambda) or 'min_snr'.
+    reduce: 'mean' or 'sum' of the squared error over data dimensions.
+    t_sampling: 'process' (the process's own training times: uniform in t, or uniform
+      steps for DDPM), 'lognormal' (EDM: log sigma ~ N(p_mean, p_std^2); alpha=1
+      processes only) or 'discrete' (NCSN: one of `num_scales` geometric sigmas; VE only).
+  """
+  param_lib.check_prediction(prediction)
+  target = target or ("x0" if prediction == "edm" else prediction)
+  _check("target", target, TARGETS)
+  _check("weighting", weighting, WEIGHTINGS)
+  _check("reduce", reduce, ("mean", "sum"))
+  _check("t_sampling", t_sampling, T_SAMPLINGS)
+  if t_sampling == "lognormal" and not isinstance(process, (EDM, VE)):
+    raise ConfigError(f"config.loss.t_sampling='lognormal' draws sigma directly and needs the EDM "
+                      f"process, not {type(process).__name__}; use t_sampling='process'.")
+  if t_sampling == "discrete" and not isinstance(process, VE):
+    raise ConfigError(f"config.loss.t_sampling='discrete' is NCSN's loss and needs the VE process, "
+                      f"not {type(process).__name__}; use t_sampling='process'.")
+  if weighting == "edm" and not isinstance(process, EDM):
+    raise ConfigError(f"config.loss.weighting='edm' needs the EDM process (its sigma_data), "
+                      f"not {type(process).__name__}.")
+
+  def sample_t(key, batch):
+    if t_sampling == "lognormal":
+      log_sigma = p_mean + p_std * jax.random.normal(key, (batch,))
+      sigma = jnp.exp(log_sigma)
+      if isinstance(process, EDM):
+        return sigma
+      return process.t_from_log_snr(-2.0 * log_sigma)
+    if t_sampling == "discrete":
+      idx = jax.random.randint(key, (batch,), 0, num_scales)
+      return process.t_from_log_snr(-2.0 * jnp.log(process.discrete_sigmas(num_scales)[idx]))
+    return process.sample_t(key, batch)
+
+  def loss_fn(net, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+    k_t, k_eps = jax.random.split(key)
+    batch = x0.shape[0]
+    t = sample_t(k_t, batch)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    x_t = process.marginal(x0, t, eps)
+    alpha, sigma = process.alpha(t), process.sigma(t)
+    a, s = bcast(alpha, x0), bcast(sigma, x0)
+
+    x0_hat, eps_hat, out = param_lib.predict(net, process, prediction, x_t, t)
+    if weighting == "likelihood":
+      # g^2 * ||s_hat - s||^2 = g^2 / sigma^2 * ||eps_hat - eps||^2, whatever the target.
+      _, g2 = process.f_g2(t)
+      err, w = eps_hat - eps, g2 / sigma**2
+    elif weighting == "min_snr":
+      snr = (alpha / sigma) ** 2
+      err, w = eps_hat - eps, jnp.minimum(snr, min_snr_gamma) / snr
+    else:
+      if target == prediction and prediction != "edm":
+        pred = out.astype(x0.dtype)
+      else:
+        pred = param_lib.from_x0_eps(x0_hat, eps_hat, a, s, target)
+      err = pred - param_lib.from_x0_eps(x0, eps, a, s, target)
+      if weighting == "edm":
+        sd = process.sigma_data
+        w = (sigma**2 + sd**2) / (sigma * sd) ** 2
+      else:
+        w = jnp.ones_like(t)
+    sq = jnp.square(err.astype(jnp.float32)).reshape(batch, -1)
+    per_example = jnp.mean(sq, axis=-1) if reduce == "mean" else jnp.sum(sq, axis=-1)
+    per_example = w * per_example
+    loss = jnp.mean(per_example)
+    return loss, {"loss_per_example": per_example, "t": t}
+
+  return loss_fn
+

@@ -1,0 +1,339 @@
+"""Loads diffusers `UNet2DModel` checkpoints into the jaxdiff `UNet`, without torch.
+
+  unet_kwargs, params = load_diffusers_unet("path/to/google-ddpm-cifar10-32")
+  net = UNet(**unet_kwargs)
+  eps_hat = net.apply({"params": params}, x_nhwc, t, train=False)
+
+A checkpoint is a directory with `config.json` and `diffusion_pytorch_model.safetensors`
+(what `UNet2DModel.save_pretrained(dir, safe_serialization=True)` writes; a pipeline
+directory with a `unet/` subfolder works too). It is read with `safetensors.numpy`, an
+optional dependency: `pip install jaxdiff[convert]`.
+
+Only the DDPM family of `UNet2DModel` configs maps onto the jaxdiff U-Net: `DownBlock2D` /
+`AttnDownBlock2D` / `UpBlock2D` / `AttnUpBlock2D` blocks, the `UNetMidBlock2D` with
+attention, positional time embedding, SiLU, `downsample_padding=0` and the same attention
+levels going down and up. Anything else raises `InputError` naming the config key.
+
+The U-Net places attention by feature-map size; `attn_resolutions` comes from the config's
+`sample_size`, so run the converted network at that resolution.
+
+Conv kernels go from torch's OIHW to flax's HWIO, linear weights from [out, in] to
+[in, out]; q, k and v are concatenated into the U-Net's fused `qkv` Dense. Both the
+current attention names (`to_q`, `to_k`, `to_v`, `to_out.0`) and the deprecated ones of
+older checkpoints (`query`, `key`, `value`, `proj_attn`) are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.errors import InputError
+from jaxdiff.models.unet import UNet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+# UNet2DModel.__init__ defaults (diffusers 0.42), for keys a config.json leaves out.
+_DIFFUSERS_DEFAULTS = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+}
+
+_DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+_UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+# deprecated attention parameter names -> current ones
+_OLD_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _unsupported(key: str, value: Any, fix: str) -> InputError:
+  return InputError(f"diffusers config {key}={value!r} cannot be represented by the jaxdiff UNet; {fix}.")
+
+
+def _expect(cfg: Mapping[str, Any], key: str, valid: tuple[Any, ...], fix: str) -> None:
+  if cfg[key] not in valid:
+    raise _unsupported(key, cfg[key], fix)
+
+
+def _sample_height(cfg: Mapping[str, Any]) -> int | None:
+  size = cfg["sample_size"]
+  if isinstance(size, (list, tuple)):
+    return int(size[0])
+  return None if size is None else int(size)
+
+
+def unet_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """Maps a diffusers `UNet2DModel` config to `UNet(**kwargs)`; InputError if it cannot."""
+  cls = config.get("_class_name", "UNet2DModel")
+  if cls != "UNet2DModel":
+    raise _unsupported("_class_name", cls, "only UNet2DModel checkpoints can be converted")
+  cfg = {**_DIFFUSERS_DEFAULTS, **config}
+  _expect(cfg, "time_embedding_type", ("positional",), "only the sinusoidal ('positional') embedding is supported")
+  _expect(cfg, "center_input_sample", (False,), "set it to false and scale the input to [-1, 1] yourself")
+  _expect(cfg, "mid_block_type", ("UNetMidBlock2D",), "the UNet always has a UNetMidBlock2D")
+  _expect(cfg, "add_attention", (True,), "the UNet's mid block always has attention")
+  _expect(cfg, "mid_block_scale_factor", (1,), "only an output scale factor of 1 is supported")
+  _expect(cfg, "downsample_padding", (0,), "only the DDPM downsampling (pad (0, 1), stride 2, padding 0) is supported")
+  _expect(cfg, "act_fn", ("silu", "swish"), "only SiLU is supported")
+  _expect(cfg, "resnet_time_scale_shift", ("default",), "only the additive time embedding ('default') is supported")
+  _expect(cfg, "class_embed_type", (None,), "class-conditional UNet2DModels are not supported")
+  _expect(cfg, "num_class_embeds", (None,), "class-conditional UNet2DModels are not supported")
+  _expect(cfg, "attn_norm_num_groups", (None, cfg["norm_num_groups"]),
+          "attention GroupNorm must use norm_num_groups groups")
+
+  channels = [int(c) for c in cfg["block_out_channels"]]
+  down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+  num_levels = len(channels)
+  if len(down) != num_levels or len(up) != num_levels:
+    raise _unsupported("down_block_types", down, "give one down and one up block per entry of block_out_channels")
+  for key, types, valid in (("down_block_types", down, _DOWN_TYPES), ("up_block_types", up, _UP_TYPES)):
+    for block in types:
+      if block not in valid:
+        raise _unsupported(key, types, f"only {' / '.join(valid)} blocks are supported, not {block!r}")
+  ch = channels[0]
+  if any(c % ch for c in channels):
+    raise _unsupported("block_out_channels", channels, "every level's channels must be a multiple of the first")
+  time_dim = cfg["time_embedding_dim"]
+  if time_dim not in (None, 4 * ch):
+    raise _unsupported("time_embedding_dim", time_dim, f"only 4 * block_out_channels[0] = {4 * ch} is supported")
+
+  down_attn = [level for level, block in enumerate(down) if block == "AttnDownBlock2D"]
+  up_attn = [num_levels - 1 - i for i, block in enumerate(up) if block == "AttnUpBlock2D"]
+  if sorted(down_attn) != sorted(up_attn):
+    raise _unsupported("up_block_types", up, f"attention must sit at the same levels going up as going down ({down})")
+  if cfg["downsample_type"] != "conv" and any(level != num_levels - 1 for level in down_attn):
+    raise _unsupported("downsample_type", cfg["downsample_type"], "only 'conv' downsampling is supported")
+  if cfg["upsample_type"] != "conv" and any(level != 0 for level in up_attn):
+    raise _unsupported("upsample_type", cfg["upsample_type"], "only 'conv' upsampling is supported")
+  height = _sample_height(cfg)
+  if down_attn and height is None:
+    raise _unsupported("sample_size", None, "give the training resolution; it places the attention layers")
+  if height is not None and height % 2 ** (num_levels - 1):
+    raise _unsupported("sample_size", cfg["sample_size"], f"it must be divisible by 2**{num_levels - 1}")
+  attn_resolutions = tuple(height // 2**level for level in sorted(down_attn))
+
+  head_dim = cfg["attention_head_dim"]
+  if head_dim is None:
+    num_heads = 1
+  else:
+    # diffusers: heads = channels // attention_head_dim, per attention layer (mid included)
+    heads = {channels[level] // head_dim for level in down_attn} | {channels[-1] // head_dim}
+    if len(heads) != 1 or any(channels[level] % head_dim for level in down_attn + [num_levels - 1]):
+      raise _unsupported("attention_head_dim", head_dim,
+                         "every attention layer must get the same whole number of heads")
+    num_heads = heads.pop()
+
+  return dict(
+      ch=ch,
+      ch_mult=tuple(c // ch for c in channels),
+      num_res_blocks=int(cfg["layers_per_block"]),
+      attn_resolutions=attn_resolutions,
+      dropout=float(cfg["dropout"]),
+      out_channels=int(cfg["out_channels"]),
+      num_groups=int(cfg["norm_num_groups"]),
+      norm_eps=float(cfg["norm_eps"]),
+      num_heads=num_heads,
+      flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
+      freq_shift=float(cfg["freq_shift"]),
+  )
+
+
+class _StateDict:
+  """Takes tensors out of a diffusers state dict by name and remembers which were taken."""
+
+  def __init__(self, state_dict: Mapping[str, np.ndarray]):
+    self.tensors = {}
+    for key, value in state_dict.items():
+      parts = key.split(".")
+      if len(parts) >= 2 and parts[-2] in _OLD_ATTN_NAMES and "attentions" in parts:
+        key = ".".join(parts[:-2] + [_OLD_ATTN_NAMES[parts[-2]], parts[-1]])
+      self.tensors[key] = np.asarray(value, dtype=np.float32)
+    self.missing: list[str] = []
+
+  def take(self, key: str) -> np.ndarray:
+    if key not in self.tensors:
+      self.missing.append(key)
+      return np.zeros((0,), np.float32)
+    return self.tensors.pop(key)
+
+  def has(self, prefix: str) -> bool:
+    return any(k.startswith(prefix + ".") for k in self.tensors)
+
+  def conv(self, prefix: str) -> dict[str, np.ndarray]:
+    kernel = self.take(f"{prefix}.weight")
+    return {"kernel": kernel.transpose(2, 3, 1, 0) if kernel.ndim == 4 else kernel,
+            "bias": self.take(f"{prefix}.bias")}
+
+  def dense(self, prefix: str) -> dict[str, np.ndarray]:
+    return {"kernel": self.take(f"{prefix}.weight").T, "bias": self.take(f"{prefix}.bias")}
+
+  def norm(self, prefix: str) -> dict[str, np.ndarray]:
+    return {"scale": self.take(f"{prefix}.weight"), "bias": self.take(f"{prefix}.bias")}
+
+  def resnet(self, prefix: str) -> dict[str, Any]:
+    block = {
+        "norm_0": self.norm(f"{prefix}.norm1"),
+        "conv_0": self.conv(f"{prefix}.conv1"),
+        "temb_proj": self.dense(f"{prefix}.time_emb_proj"),
+        "norm_1": self.norm(f"{prefix}.norm2"),
+        "conv_1": self.conv(f"{prefix}.conv2"),
+    }
+    if self.has(f"{prefix}.conv_shortcut"):
+      block["shortcut"] = self.conv(f"{prefix}.conv_shortcut")
+    return block
+
+  def attention(self, prefix: str) -> dict[str, Any]:
+    q, k, v = (self.dense(f"{prefix}.{name}") for name in ("to_q", "to_k", "to_v"))
+    return {
+        "norm": self.norm(f"{prefix}.group_norm"),
+        "qkv": {"kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1),
+                "bias": np.concatenate([q["bias"], k["bias"], v["bias"]])},
+        "out_proj": self.dense(f"{prefix}.to_out.0"),
+    }
+
+
+def _flat_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+  """{'a/b/kernel': shape} for a nested dict of arrays or ShapeDtypeStructs."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat_shapes(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = tuple(value.shape)
+  return out
+
+
+def _expected_shapes(unet_kwargs: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
+  levels = len(unet_kwargs["ch_mult"])
+  height = _sample_height({**_DIFFUSERS_DEFAULTS, **config}) or 2 ** (levels - 1)
+  in_channels = int(config.get("in_channels", _DIFFUSERS_DEFAULTS["in_channels"]))
+  x = jax.ShapeDtypeStruct((1, height, height, in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  init = lambda x, t: UNet(**unet_kwargs).init(jax.random.key(0), x, t, train=False)  # noqa: E731
+  return jax.eval_shape(init, x, t)["params"]
+
+
+def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, Any]:
+  """Converts a diffusers `UNet2DModel` state dict to jaxdiff `UNet` params (float32).
+
+  Args:
+    state_dict: parameter name -> array, as `safetensors.numpy.load_file` returns it.
+    config: the model's `config.json` as a dict.
+
+  Returns:
+    The `params` collection of `UNet(**unet_kwargs_from_config(config))`.
+
+  Raises:
+    InputError: the config cannot be represented, or tensors are missing, left over or
+      of the wrong shape.
+  """
+  kwargs = unet_kwargs_from_config(config)
+  sd = _StateDict(state_dict)
+  num_levels = len(kwargs["ch_mult"])
+  nres = kwargs["num_res_blocks"]
+  params: dict[str, Any] = {
+      "conv_in": sd.conv("conv_in"),
+      "time_embed": {"dense_0": sd.dense("time_embedding.linear_1"),
+                     "dense_1": sd.dense("time_embedding.linear_2")},
+  }
+  for level in range(num_levels):
+    prefix = f"down_blocks.{level}"
+    for j in range(nres):
+      params[f"down_{level}_res_{j}"] = sd.resnet(f"{prefix}.resnets.{j}")
+      if sd.has(f"{prefix}.attentions.{j}"):
+        params[f"down_{level}_attn_{j}"] = sd.attention(f"{prefix}.attentions.{j}")
+    if level != num_levels - 1:
+      params[f"down_{level}_downsample"] = {"conv": sd.conv(f"{prefix}.downsamplers.0.conv")}
+  params["mid_res_0"] = sd.resnet("mid_block.resnets.0")
+  params["mid_attn"] = sd.attention("mid_block.attentions.0")
+  params["mid_res_1"] = sd.resnet("mid_block.resnets.1")
+  for level in range(num_levels):
+    prefix = f"up_blocks.{num_levels - 1 - level}"
+    for j in range(nres + 1):
+      params[f"up_{level}_res_{j}"] = sd.resnet(f"{prefix}.resnets.{j}")
+      if sd.has(f"{prefix}.attentions.{j}"):
+        params[f"up_{level}_attn_{j}"] = sd.attention(f"{prefix}.attentions.{j}")
+    if level != 0:
+      params[f"up_{level}_upsample"] = {"conv": sd.conv(f"{prefix}.upsamplers.0.conv")}
+  params["norm_out"] = sd.norm("conv_norm_out")
+  params["conv_out"] = sd.conv("conv_out")
+
+  if sd.missing:
+    raise InputError(f"state_dict lacks {len(sd.missing)} tensors the config implies, e.g. {sd.missing[:3]}; "
+                     f"pass the checkpoint that belongs to this config.json.")
+  if sd.tensors:
+    raise InputError(f"state_dict has {len(sd.tensors)} tensors the jaxdiff UNet has no place for, e.g. "
+                     f"{sorted(sd.tensors)[:3]}; pass the checkpoint that belongs to this config.json.")
+  got = _flat_shapes(params)
+  want = _flat_shapes(_expected_shapes(kwargs, config))
+  if got != want:
+    diff = [f"{k}: got {got.get(k)}, UNet wants {want.get(k)}" for k in sorted(got.keys() | want.keys())
+            if got.get(k) != want.get(k)]
+    raise InputError(f"{len(diff)} converted parameters do not fit UNet(**{kwargs}), e.g. {diff[:2]}; "
+                     f"pass the checkpoint that belongs to this config.json.")
+  return jax.tree.map(jnp.asarray, params)
+
+
+def load_diffusers_unet(path_or_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a diffusers `UNet2DModel` checkpoint; returns `(unet_kwargs, params)`.
+
+  Args:
+    path_or_dir: a directory holding `config.json` and `diffusion_pytorch_model.safetensors`
+      (or a pipeline directory with them under `unet/`), or the `.safetensors` file itself
+      with `config.json` beside it.
+
+  Returns:
+    `UNet(**unet_kwargs)` and its `params` collection.
+  """
+  path = os.fspath(path_or_dir)
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "unet")):
+      path = os.path.join(path, "unet")
+    weights = os.path.join(path, WEIGHTS_NAME)
+    config_path = os.path.join(path, CONFIG_NAME)
+  else:
+    weights = path
+    config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
+  for f in (config_path, weights):
+    if not os.path.isfile(f):
+      raise InputError(f"path_or_dir={os.fspath(path_or_dir)!r}: {f} does not exist; pass a diffusers UNet2DModel "
+                       f"directory saved with save_pretrained(dir, safe_serialization=True).")
+  try:
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise InputError("reading diffusers checkpoints needs the optional dependency safetensors; "
+                     "install it with `pip install jaxdiff[convert]` (or `pip install safetensors`).") from e
+  with open(config_path) as f:
+    config = json.load(f)
+  kwargs = unet_kwargs_from_config(config)
+  return kwargs, convert_diffusers_state_dict(load_file(weights), config)

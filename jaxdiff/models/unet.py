@@ -1,0 +1,159 @@
+"""The DDPM U-Net (Ho et al. 2020), in flax linen with NHWC images.
+
+`UNet()` with its defaults is the CIFAR-10 network of the paper, layer for layer the same as
+diffusers' `UNet2DModel` built from the `google/ddpm-cifar10-32` config (35,746,307
+parameters for 3 input channels; 2,245,763 with `ch=32`):
+
+  conv_in -> for each level l (resolution H / 2**l, channels ch * ch_mult[l]):
+               num_res_blocks x [ResnetBlock (+ AttentionBlock if H in attn_resolutions)],
+               Downsample (not at the last level)
+          -> mid: ResnetBlock, AttentionBlock, ResnetBlock
+          -> for each level, last to first:
+               (num_res_blocks + 1) x [concat skip, ResnetBlock (+ AttentionBlock)],
+               Upsample (not at the first level)
+          -> GroupNorm, SiLU, conv_out
+
+Every resnet block gets the time embedding: `timestep_embedding(t, ch)` then
+`TimeEmbedding(4 * ch)`. `t` is the network's conditioning input as a float, e.g. the
+0-based DDPM timestep 0..999.
+
+Usage:
+
+  net = UNet(ch=128, dropout=0.1)
+  params = net.init(key, x, t, train=False)["params"]
+  eps_hat = net.apply({"params": params}, x, t, train=True, rngs={"dropout": key})
+
+`jaxdiff.models.convert_diffusers.load_diffusers_unet` loads diffusers checkpoints into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.errors import ConfigError, InputError
+from jaxdiff.models import layers
+
+Array = jax.Array
+
+
+class UNet(nn.Module):
+  """DDPM U-Net: `__call__(x [B,H,W,C], t [B], *, train) -> [B,H,W,out_channels]`."""
+
+  ch: int = 128  # base channels C0; the time embedding is 4 * C0 wide
+  ch_mult: Sequence[int] = (1, 2, 2, 2)  # channels of level l = ch * ch_mult[l]
+  num_res_blocks: int = 2  # resnet blocks per level going down (+1 going up)
+  attn_resolutions: Sequence[int] = (16,)  # feature-map sizes (H) that get self-attention
+  dropout: float = 0.0  # dropout rate inside every resnet block (train=True only)
+  out_channels: int | None = None  # default: same as input channels
+  num_groups: int = 32  # GroupNorm groups
+  norm_eps: float = 1e-6  # GroupNorm epsilon
+  num_heads: int = 1  # attention heads; 1 = DDPM (one head spanning all channels)
+  flip_sin_to_cos: bool = False  # timestep embedding order: False = [sin, cos] (DDPM)
+  freq_shift: float = 1.0  # timestep embedding frequency shift: 1 = DDPM, 0 = Transformer
+  dtype: Any = jnp.float32  # compute dtype (GroupNorm statistics are always float32)
+  param_dtype: Any = jnp.float32  # parameter dtype
+  remat: bool = False  # jax.checkpoint each resnet/attention block (nn.remat)
+
+  def _check_config(self) -> None:
+    if not self.ch_mult:
+      raise ConfigError(f"UNet ch_mult={tuple(self.ch_mult)} is empty; give at least one level, e.g. (1, 2, 2, 2).")
+    for m in self.ch_mult:
+      c = self.ch * m
+      if c % self.num_groups:
+        raise ConfigError(
+            f"UNet ch={self.ch} x ch_mult {m} = {c} channels is not divisible by num_groups={self.num_groups}; "
+            f"choose ch and ch_mult so that every level's channels are a multiple of num_groups.")
+      if c % self.num_heads:
+        raise ConfigError(
+            f"UNet ch={self.ch} x ch_mult {m} = {c} channels is not divisible by num_heads={self.num_heads}; "
+            f"use a num_heads that divides every level's channels.")
+    if self.ch % self.num_groups:
+      raise ConfigError(f"UNet ch={self.ch} is not divisible by num_groups={self.num_groups}; use a multiple of it.")
+    if self.num_res_blocks < 0:
+      raise ConfigError(f"UNet num_res_blocks={self.num_res_blocks} is negative; use 1 or more (DDPM: 2).")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"UNet dropout={self.dropout} is outside [0, 1); use e.g. 0.1.")
+
+  def _check_inputs(self, x: Array, t: Array) -> Array:
+    if x.ndim != 4:
+      raise InputError(f"UNet x.shape={x.shape} must be rank 4 [B, H, W, C] (NHWC); "
+                       f"add the missing axes or transpose NCHW input with x.transpose(0, 2, 3, 1).")
+    b, h, w, _ = x.shape
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if h % factor or w % factor:
+      raise InputError(
+          f"UNet x.shape={x.shape}: H={h} and W={w} must be divisible by 2**(len(ch_mult)-1)={factor}; "
+          f"pad or resize the images, or use fewer levels in ch_mult={tuple(self.ch_mult)}.")
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+      t = jnp.broadcast_to(t, (b,))
+    if t.shape != (b,):
+      raise InputError(f"UNet t.shape={t.shape} must be [B]=({b},) or a scalar; pass one noise level per example.")
+    return t
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, *, train: bool) -> Array:
+    """Predicts the network output (e.g. eps) for noisy images.
+
+    Args:
+      x: [B, H, W, C] images; H and W divisible by 2**(len(ch_mult)-1).
+      t: [B] (or scalar) float conditioning input, e.g. the DDPM timestep 0..999.
+      train: enables dropout (drawn from the 'dropout' rng collection).
+
+    Returns:
+      [B, H, W, out_channels] in `dtype`.
+    """
+    self._check_config()
+    t = self._check_inputs(x, t)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    resnet_cls = nn.remat(layers.ResnetBlock, static_argnums=(3,)) if self.remat else layers.ResnetBlock
+    attn_cls = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
+
+    def resnet(h, out_ch, name):
+      block = resnet_cls(out_ch, num_groups=self.num_groups, norm_eps=self.norm_eps,
+                         dropout=self.dropout, name=name, **kw)
+      return block(h, temb, train)
+
+    def attention(h, name):
+      return attn_cls(num_heads=self.num_heads, num_groups=self.num_groups, norm_eps=self.norm_eps,
+                      name=name, **kw)(h)
+
+    temb = layers.timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
+                                     freq_shift=self.freq_shift)
+    temb = layers.TimeEmbedding(4 * self.ch, name="time_embed", **kw)(temb)
+
+    h = nn.Conv(self.ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.default_init,
+                name="conv_in", **kw)(x)
+    skips = [h]
+    num_levels = len(self.ch_mult)
+    for level, mult in enumerate(self.ch_mult):
+      for j in range(self.num_res_blocks):
+        h = resnet(h, self.ch * mult, f"down_{level}_res_{j}")
+        if h.shape[1] in self.attn_resolutions:
+          h = attention(h, f"down_{level}_attn_{j}")
+        skips.append(h)
+      if level != num_levels - 1:
+        h = layers.Downsample(name=f"down_{level}_downsample", **kw)(h)
+        skips.append(h)
+
+    h = resnet(h, h.shape[-1], "mid_res_0")
+    h = attention(h, "mid_attn")
+    h = resnet(h, h.shape[-1], "mid_res_1")
+
+    for level in reversed(range(num_levels)):
+      for j in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = resnet(h, self.ch * self.ch_mult[level], f"up_{level}_res_{j}")
+        if h.shape[1] in self.attn_resolutions:
+          h = attention(h, f"up_{level}_attn_{j}")
+      if level != 0:
+        h = layers.Upsample(name=f"up_{level}_upsample", **kw)(h)
+
+    h = layers.GroupNorm(self.num_groups, self.norm_eps, act=True, name="norm_out", **kw)(h)
+    out_channels = self.out_channels or x.shape[-1]
+    return nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.zeros_init,
+                   name="conv_out", **kw)(h)

@@ -1,0 +1,131 @@
+"""What a network predicts, and the conversions between the parameterizations.
+
+For `x_t = alpha x0 + sigma eps` a network may predict
+
+* `eps`   the noise (Ho et al.),
+* `x0`    the clean data,
+* `v`     `alpha eps - sigma x0` (Salimans & Ho 2022),
+* `score` `grad log p_t(x_t) = -eps / sigma`,
+* `edm`   Karras et al.'s preconditioned denoiser `D = c_skip x + c_out F(c_in x; c_noise)`
+          (only with the `EDM` process, which supplies the c's).
+
+All conversions are exact for any alpha, sigma (not only variance-preserving ones) and
+take `alpha, sigma` already broadcast to `x` (or scalars).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.errors import ConfigError
+from jaxdiff.processes import EDM, bcast
+
+Array = jax.Array
+
+PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+
+
+def check_prediction(prediction: str) -> None:
+  if prediction not in PREDICTIONS:
+    raise ConfigError(f"prediction={prediction!r} is not known; valid values are: {', '.join(PREDICTIONS)}.")
+
+
+def to_x0_eps(out: Array, x: Array, alpha, sigma, prediction: str) -> tuple[Array, Array]:
+  """Converts a network output of kind `prediction` at `x = x_t` to (x0, eps)."""
+  if prediction == "eps":
+    eps = out
+    x0 = (x - sigma * eps) / alpha
+  elif prediction in ("x0", "edm"):
+    x0 = out
+    eps = (x - alpha * x0) / sigma
+  elif prediction == "v":
+    norm = alpha**2 + sigma**2
+    x0 = (alpha * x - sigma * out) / norm
+    eps = (sigma * x + alpha * out) / norm
+  elif prediction == "score":
+    eps = -sigma * out
+    x0 = (x - sigma * eps) / alpha
+  else:
+    check_prediction(prediction)
+    raise AssertionError
+  return x0, eps
+
+
+def from_x0_eps(x0: Array, eps: Array, alpha, sigma, prediction: str) -> Array:
+  """The quantity of kind `prediction` for given x0 and eps (the regression target)."""
+  if prediction == "eps":
+    return eps
+  if prediction in ("x0", "edm"):
+    return x0
+  if prediction == "v":
+    return alpha * eps - sigma * x0
+  if prediction == "score":
+    return -eps / sigma
+  check_prediction(prediction)
+  raise AssertionError
+
+
+def convert(out: Array, x: Array, alpha, sigma, source: str, target: str) -> Array:
+  """Converts a prediction of kind `source` into kind `target` at `x = x_t`."""
+  x0, eps = to_x0_eps(out, x, alpha, sigma, source)
+  return from_x0_eps(x0, eps, alpha, sigma, target)
+
+
+def score_from_eps(eps: Array, sigma) -> Array:
+  return -eps / sigma
+
+
+def eps_from_score(score: Array, sigma) -> Array:
+  return -sigma * score
+
+
+# --------------------------------------------------------------------------------------
+# From a network to (x0, eps) and to a score function
+# --------------------------------------------------------------------------------------
+# `net(x, c) -> out` is a network with its parameters (and any conditioning) already bound;
+# `c: [B]` is the process's conditioning input `noise_cond(t)` (or EDM's c_noise).
+
+
+def predict(net, process, prediction: str, x: Array, t: Array) -> tuple[Array, Array, Array]:
+  """Evaluates `net` at (x, t) and returns (x0_hat, eps_hat, raw output)."""
+  alpha, sigma = process.alpha(t), process.sigma(t)
+  if prediction == "edm":
+    if not isinstance(process, EDM):
+      raise ConfigError(f"prediction='edm' needs the EDM process (its c_skip/c_out/c_in), "
+                        f"not {type(process).__name__}; use prediction='eps', 'x0' or 'v' instead.")
+    c_skip, c_out, c_in, c_noise = process.precond(sigma)
+    out = net(bcast(c_in, x) * x, c_noise)
+    x0 = bcast(c_skip, x) * x + bcast(c_out, x) * out.astype(x.dtype)
+    return x0, (x - x0) / bcast(sigma, x), out
+  out = net(x, process.noise_cond(t))
+  x0, eps = to_x0_eps(out.astype(x.dtype), x, bcast(alpha, x), bcast(sigma, x), prediction)
+  return x0, eps, out
+
+
+def score_fn_from_network(net, process, prediction: str):
+  """Wraps a network of any parameterization into `score_fn(x, t) -> grad log p_t(x)`."""
+  check_prediction(prediction)
+
+  def score_fn(x: Array, t: Array) -> Array:
+    _, eps, _ = predict(net, process, prediction, x, t)
+    return -eps / bcast(process.sigma(t), x)
+
+  return score_fn
+
+
+def clip_denoised(score_fn, process, lo: float = -1.0, hi: float = 1.0):
+  """Wraps a score function so its implied x0_hat is clipped to the data range [lo, hi].
+
+  Ho et al.'s `clip_denoised` (diffusers' `clip_sample`): a model that is not yet exact can
+  predict x0 far outside the data range at high noise, which deterministic samplers carry
+  to the end; clipping keeps every sampler's denoised estimate inside the data range.
+  """
+
+  def clipped(x: Array, t: Array) -> Array:
+    a, s = bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+    eps = -s * score_fn(x, t)
+    x0 = jnp.clip((x - s * eps) / a, lo, hi)
+    return -((x - a * x0) / s) / s
+
+  return clipped

@@ -1,0 +1,343 @@
+"""Training: optimizer, train state, the pure train step, and the loop behind run_train.py.
+
+The pieces are small top-level functions so they can be used and tested on their own:
+
+* `make_optimizer(...)`  optax chain: global-norm clipping, Adam/AdamW, warmup + schedule;
+* `create_train_state(key, model, optimizer, example)`  params, EMA, optimizer state;
+* `train_step(state, batch, key, *, model, loss_fn, optimizer, ema_decay)`  pure; jit,
+  shardings and donation are applied where it is called;
+* `train_and_evaluate(config, workdir)`  the loop: sharded init, resume from the latest
+  checkpoint, metrics pulled from the device only every `log_every` steps, NaN guard before
+  every checkpoint, sample grids and a loss curve under the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from jaxdiff import checkpoint as ckpt_lib
+from jaxdiff import configs as config_lib
+from jaxdiff import data as data_lib
+from jaxdiff import generate
+from jaxdiff import losses
+from jaxdiff import models
+from jaxdiff import processes
+from jaxdiff import sharding
+from jaxdiff import viz
+from jaxdiff.errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+
+class TrainState(struct.PyTreeNode):
+  step: Array  # [] int32, number of optimizer updates applied
+  params: Any
+  ema_params: Any
+  opt_state: optax.OptState
+
+
+def make_schedule(*, learning_rate: float, schedule: str = "constant", warmup_steps: int = 0,
+                  num_steps: int | None = None) -> optax.Schedule:
+  """Linear warmup from 0, then a constant or cosine-decaying learning rate."""
+  if schedule == "constant":
+    if warmup_steps:
+      return optax.linear_schedule(0.0, learning_rate, warmup_steps)  # holds the end value after
+    return optax.constant_schedule(learning_rate)
+  if schedule == "cosine":
+    if not num_steps:
+      raise ConfigError("config.optimizer.schedule='cosine' needs config.training.num_steps > 0.")
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), num_steps)
+  raise ConfigError(f"config.optimizer.schedule={schedule!r} is not known; use 'constant' or 'cosine'.")
+
+
+def make_optimizer(
+    *,
+    name: str = "adam",
+    learning_rate: float = 2e-4,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    num_steps: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
+  """Global-norm clipping -> Adam/AdamW, with `make_schedule`'s learning rate."""
+  lr = make_schedule(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+                     num_steps=num_steps)
+  if name == "adam":
+    if weight_decay:
+      raise ConfigError(f"config.optimizer.weight_decay={weight_decay} needs name='adamw' (decoupled decay).")
+    opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  elif name == "adamw":
+    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  else:
+    raise ConfigError(f"config.optimizer.name={name!r} is not known; use 'adam' or 'adamw'.")
+  chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+  return optax.chain(*chain, opt)
+
+
+def network_fn(model: nn.Module, params, *, train: bool = False, dropout_key: Array | None = None,
+               **cond) -> Callable[[Array, Array], Array]:
+  """Binds parameters (and conditioning, dropout key) into `net(x, c) -> out`."""
+  rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else {}
+
+  def net(x, c):
+    return model.apply({"params": params}, x, c, train=train, rngs=rngs, **cond)
+
+  return net
+
+
+def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
+                       example_x: Array) -> TrainState:
+  t = jnp.zeros((example_x.shape[0],), jnp.float32)
+  params = model.init({"params": key}, example_x, t, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params))
+
+
+def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+               loss_fn: Callable, optimizer: optax.GradientTransformation,
+               ema_decay: float) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer update. Pure: `(state, batch, key) -> (state, metrics)`."""
+  k_loss, k_drop = jax.random.split(key)
+  cond = {"y": batch["label"]} if "label" in batch else {}
+
+  def objective(params):
+    net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
+    loss, _ = loss_fn(net, batch["x"], k_loss)
+    return loss
+
+  loss, grads = jax.value_and_grad(objective)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+  return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+# --------------------------------------------------------------------------------------
+# Building everything from a config
+# --------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Experiment:
+  """The objects a config describes (built once, shared by training and sampling)."""
+
+  model: nn.Module = struct.field(pytree_node=False)
+  process: processes.Process
+  prediction: str = struct.field(pytree_node=False)
+  data_spec: data_lib.DataSpec = struct.field(pytree_node=False)
+  centered: bool = struct.field(pytree_node=False)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  config_lib.validate(config)
+  spec = data_lib.spec(config.data.dataset, config.data.resolution, config.data.num_channels)
+  model_kwargs = config.model.to_dict()
+  model = models.create_model(**model_kwargs)
+  process = processes.get_process(**config.process.to_dict())
+  return Experiment(model=model, process=process, prediction=config.loss.prediction,
+                    data_spec=spec, centered=bool(config.data.centered))
+
+
+def make_loss(config: ml_collections.ConfigDict, process: processes.Process):
+  kw = config.loss.to_dict()
+  kw["target"] = kw.get("target") or None
+  return losses.make_denoising_loss(process, **kw)
+
+
+def abstract_train_state(config, exp: Experiment, optimizer, mesh):
+  """The train state's shapes and shardings, without allocating it."""
+  example = jnp.zeros((1,) + exp.data_spec.shape, jnp.float32)
+  init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.state_shardings(abstract, mesh)
+  with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return init, with_sh, shardings
+
+
+class _MetricsLog:
+  """Appends metrics to `<workdir>/metrics.jsonl`; on resume drops rows past the restored step."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    rows = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            r = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if r.get("step", 0) <= resume_step:
+            rows.append(r)
+      with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    self.rows = rows
+
+  def write(self, row: dict) -> None:
+    self.rows.append(row)
+    if sharding.is_main_process():
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _fmt_time(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains as `config` says, resuming from the latest checkpoint in `workdir`.
+
+  Writes under `workdir`: `checkpoints/`, `metrics.jsonl`, `loss_curve.png`,
+  `samples_<step>.png` and `config.json`. Returns the last logged metrics.
+  """
+  exp = build_experiment(config)
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+  os.makedirs(workdir, exist_ok=True)
+  tc = config.training
+  mesh = sharding.create_mesh(config.mesh.to_dict())
+  sharding.check_batch_size(tc.batch_size, mesh)
+  optimizer = make_optimizer(**config.optimizer.to_dict(), num_steps=tc.num_steps)
+  loss_fn = make_loss(config, exp.process)
+
+  root = jax.random.key(config.seed)
+  init_key, train_key, sample_key = jax.random.split(root, 3)
+  init, abstract, state_sh = abstract_train_state(config, exp, optimizer, mesh)
+
+  shard_index, shard_count = sharding.process_shard()
+  d = config.data
+  data_iter = data_lib.create_dataset(
+      dataset=d.dataset, split=d.split, batch_size=sharding.local_batch_size(tc.batch_size),
+      resolution=d.resolution, num_channels=d.num_channels, data_dir=d.data_dir or None,
+      centered=d.centered, random_flip=d.random_flip, uniform_dequantization=d.uniform_dequantization,
+      use_labels=d.use_labels, num_examples=d.num_examples, seed=config.seed,
+      shard_index=shard_index, shard_count=shard_count, num_threads=d.num_threads,
+      num_workers=d.num_workers)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    start, state = ckpt.restore(abstract, data_iterator=data_iter)
+    log.info("Resumed from %s/%d.", ckpt.directory, start)
+  else:
+    state = jax.jit(init, out_shardings=state_sh)(init_key)
+    start = 0
+    if sharding.is_main_process():
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  log.info("Model %s: %s parameters; %s on mesh %s.", config.model.name, f"{n_params:,}",
+               type(exp.process).__name__, dict(mesh.shape))
+
+  batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.data_spec.shape))}
+  if d.use_labels:
+    batch_sh["label"] = sharding.batch_sharding(mesh, 1)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
+                        ema_decay=tc.ema_decay),
+      in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  metrics_log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
+  sampler = None
+
+  def write_samples(step_now: int) -> None:
+    nonlocal sampler
+    n = tc.num_final_samples
+    if n <= 0:
+      return
+    if sampler is None:
+      sampler = generate.make_sampler(exp, config, batch_size=n, mesh=mesh)
+    x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step_now))
+    x = sharding.to_host(x)
+    if sharding.is_main_process():
+      generate.save_samples(x, exp, os.path.join(workdir, f"samples_{step_now:06d}"), write_npz=False)
+
+  o = config.optimizer
+  lr_at = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
+                        warmup_steps=o.warmup_steps, num_steps=tc.num_steps)
+  pending: list[tuple[int, dict]] = []
+  last_good = start
+  t_last, step_last = time.time(), start
+  t_begin = time.time()
+  last_metrics: dict[str, Any] = {}
+
+  def flush(step_now: int) -> None:
+    """Pulls pending metrics to the host, checks them and logs one line."""
+    nonlocal pending, t_last, step_last, last_metrics
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending = []
+    for s, m in zip(steps, fetched):
+      if not math.isfinite(float(m["loss"])):
+        raise NonFiniteLossError(
+            f"loss became {float(m['loss'])} at step {s}; stopping before it reaches a checkpoint "
+            f"(the last good one, step {last_good}, is kept in {ckpt.directory}). Lower "
+            f"config.optimizer.learning_rate (now {config.optimizer.learning_rate}) or set "
+            f"config.optimizer.grad_clip (now {config.optimizer.grad_clip}), then rerun to resume.")
+    now = time.time()
+    rate = (step_now - step_last) / max(now - t_last, 1e-9)
+    t_last, step_last = now, step_now
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    row = {"step": step_now, **mean, "steps_per_sec": rate, "lr": float(lr_at(step_now)),
+           "elapsed_s": now - t_begin}
+    metrics_log.write(row)
+    last_metrics = row
+    eta = (tc.num_steps - step_now) / max(rate, 1e-9)
+    log.info("step %d/%d | loss %.4f | grad_norm %.3f | %.2f steps/s | ETA %s", step_now,
+                 tc.num_steps, mean["loss"], mean["grad_norm"], rate, _fmt_time(eta))
+
+  step = start
+  while step < tc.num_steps:
+    local = next(data_iter)
+    batch = sharding.global_batch(local, mesh)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
+    step += 1
+    pending.append((step, metrics))
+    is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+    if step % tc.log_every == 0 or is_ckpt:
+      flush(step)
+    if is_ckpt:
+      ckpt.save(step, state, data_iterator=data_iter, meta={"config": config.to_dict()})
+      last_good = step
+      if sharding.is_main_process():
+        _write_loss_curve(metrics_log.rows, workdir)
+    if tc.sample_every and step % tc.sample_every == 0 and step != tc.num_steps:
+      write_samples(step)
+  flush(step)
+  ckpt.wait()
+  if sharding.is_main_process():
+    _write_loss_curve(metrics_log.rows, workdir)
+  write_samples(step)
+  ckpt.close()
+  log.info("Done: %d steps in %s; outputs in %s.", step - start, _fmt_time(time.time() - t_begin), workdir)
+  return last_metrics
+
+
+def _write_loss_curve(rows, workdir: str) -> None:
+  if rows:
+    viz.save_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
+                        os.path.join(workdir, "loss_curve.png"))

@@ -1,0 +1,36 @@
+"""Test setup: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TFDS = os.path.abspath(os.path.join(ROOT, "..", "shared", "tfds"))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tfds_dir():
+  """The offline TFDS data_dir with MNIST (../shared/tfds); skips if absent."""
+  if not os.path.isdir(os.path.join(SHARED_TFDS, "mnist")):
+    msg = f"MNIST array_record data not found at {SHARED_TFDS}"
+    if os.environ.get("JAXDIFF_REQUIRE_SHARED"):  # CI: missing data is a failure, not a skip
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return SHARED_TFDS
+
+
+def load_config(name: str, arg: str | None = None):
+  """Loads configs/<name>.py's get_config (unlocked, for tests to edit)."""
+  import importlib.util
+
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg is not None else mod.get_config()
