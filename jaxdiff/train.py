@@ -129,7 +129,7 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
   new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 # --------------------------------------------------------------------------------------
@@ -311,28 +311,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  tc.num_steps, mean["loss"], mean["grad_norm"], rate, _fmt_time(eta))
 
   step = start
-  while step < tc.num_steps:
-    local = next(data_iter)
-    batch = sharding.global_batch(local, mesh)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
-    step += 1
-    pending.append((step, metrics))
-    is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
-    if step % tc.log_every == 0 or is_ckpt:
-      flush(step)
-    if is_ckpt:
-      ckpt.save(step, state, data_iterator=data_iter, meta={"config": config.to_dict()})
-      last_good = step
-      if sharding.is_main_process():
-        _write_loss_curve(metrics_log.rows, workdir)
-    if tc.sample_every and step % tc.sample_every == 0 and step != tc.num_steps:
-      write_samples(step)
-  flush(step)
-  ckpt.wait()
+  try:
+    while step < tc.num_steps:
+      local = next(data_iter)
+      batch = sharding.global_batch(local, mesh)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
+      step += 1
+      pending.append((step, metrics))
+      is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+      if step % tc.log_every == 0 or is_ckpt:
+        flush(step)  # raises NonFiniteLossError before a bad state can be saved
+      if is_ckpt:
+        ckpt.save(step, state, data_iterator=data_iter, meta={"config": config.to_dict()})
+        last_good = step
+        if sharding.is_main_process():
+          _write_loss_curve(metrics_log.rows, workdir)
+      if tc.sample_every and step % tc.sample_every == 0 and step != tc.num_steps:
+        write_samples(step)
+    flush(step)
+  finally:
+    # Whatever stopped the loop (NaN, Ctrl-C, an error), let in-flight async saves finish
+    # so the last good checkpoint is complete on disk.
+    ckpt.close()
   if sharding.is_main_process():
     _write_loss_curve(metrics_log.rows, workdir)
   write_samples(step)
-  ckpt.close()
   log.info("Done: %d steps in %s; outputs in %s.", step - start, _fmt_time(time.time() - t_begin), workdir)
   return last_metrics
 

@@ -1,0 +1,32 @@
+"""The README stays true: its API example runs, and CI's test command is the README's."""
+
+import os
+import re
+
+from conftest import ROOT
+
+
+def readme():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    return f.read()
+
+
+def python_blocks(text):
+  return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_api_example_runs():
+  blocks = python_blocks(readme())
+  assert blocks, "README has no python example"
+  for code in blocks:
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+  assert int(scope["info"]["nfe"]) == 20
+  assert scope["x"].shape == (4, 16, 16, 3)
+
+
+def test_ci_runs_the_readme_test_command():
+  text = readme()
+  assert re.search(r'^pip install -e "\.\[test\]" && python -m pytest', text, flags=re.M)
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    assert "grep -m1 -E '^pip install -e \"\\.\\[test\\]\"' README.md" in f.read()

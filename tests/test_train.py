@@ -1,0 +1,170 @@
+"""The train step and the training loop: learning, devices, checkpoints, resume, NaN guard."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from jaxdiff import checkpoint as ckpt_lib
+from jaxdiff import data as data_lib
+from jaxdiff import generate, sharding, train
+from jaxdiff.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+
+def tiny(**sections):
+  c = load_config("tiny")
+  for section, values in sections.items():
+    c[section].update(values)
+  return c
+
+
+def build(c, devices):
+  exp = train.build_experiment(c)
+  opt = train.make_optimizer(**c.optimizer.to_dict(), num_steps=c.training.num_steps)
+  mesh = sharding.create_mesh({"data": len(devices)}, devices=devices)
+  init, _, state_sh = train.abstract_train_state(c, exp, opt, mesh)
+  step = jax.jit(functools.partial(train.train_step, model=exp.model, loss_fn=train.make_loss(c, exp.process),
+                                   optimizer=opt, ema_decay=c.training.ema_decay),
+                 in_shardings=(state_sh, {"x": sharding.batch_sharding(mesh, 4)}, sharding.replicated(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  return exp, init, state_sh, step, mesh
+
+
+def fixed_batch(c, n=8):
+  it = data_lib.create_dataset(dataset="shapes", batch_size=n, resolution=c.data.resolution,
+                               num_channels=3, num_examples=64, num_threads=1)
+  return {"x": jnp.asarray(next(it)["x"])}
+
+
+def test_training_decreases_loss_on_a_fixed_batch():
+  c = tiny(optimizer=dict(learning_rate=3e-3, warmup_steps=0))
+  _, init, state_sh, step, _ = build(c, jax.devices()[:1])
+  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+  batch, key = fixed_batch(c), jax.random.key(1)
+  _, m0 = step(state, batch, key)
+  for _ in range(15):
+    state, m = step(state, batch, key)
+  assert float(m["loss"]) < 0.7 * float(m0["loss"])
+  assert int(state.step) == 15
+  # EMA moved towards the params but is not equal to them
+  d = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), state.params, state.ema_params))
+  assert 0 < max(float(x) for x in d)
+
+
+def test_one_and_eight_devices_give_the_same_step():
+  assert len(jax.devices()) == 8
+  c = tiny()
+  _, init, _, step1, mesh1 = build(c, jax.devices()[:1])
+  _, _, state_sh8, step8, _ = build(c, jax.devices())
+  state = jax.jit(init)(jax.random.key(0))
+  batch, key = fixed_batch(c), jax.random.key(3)
+  s1, m1 = step1(state, batch, key)
+  s8, m8 = step8(jax.device_put(state, state_sh8), batch, key)
+  assert len(s8.params["conv_in"]["kernel"].sharding.device_set) == 8
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(c, workdir):
+  exp = train.build_experiment(c)
+  opt = train.make_optimizer(**c.optimizer.to_dict(), num_steps=c.training.num_steps)
+  _, abstract, _ = train.abstract_train_state(c, exp, opt, sharding.create_mesh(c.mesh.to_dict()))
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract)[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The tiny config trained for 4 steps in one go."""
+  workdir = str(tmp_path_factory.mktemp("full"))
+  c = tiny()
+  train.train_and_evaluate(c, workdir)
+  return c, workdir
+
+
+def test_train_and_evaluate_writes_its_outputs(uninterrupted):
+  c, workdir = uninterrupted
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [2, 4]
+  assert all(np.isfinite(r["loss"]) and r["steps_per_sec"] > 0 for r in rows)
+  for name in ("loss_curve.png", "samples_000004.png", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_resume_continues_identically(uninterrupted, tmp_path):
+  c, full_dir = uninterrupted
+  workdir = str(tmp_path)
+  half = tiny(training=dict(num_steps=2))
+  train.train_and_evaluate(half, workdir)
+  train.train_and_evaluate(tiny(), workdir)  # resumes at 2, runs to 4
+  assert [r["loss"] for r in read_metrics(workdir)] == [r["loss"] for r in read_metrics(full_dir)]
+  a, b = final_params(c, full_dir), final_params(c, workdir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_nan_loss_stops_before_a_checkpoint(tmp_path, monkeypatch):
+  real = sharding.global_batch
+  calls = []
+
+  def poisoned(local, mesh):
+    calls.append(1)
+    if len(calls) >= 3:  # the batch of step 3 is NaN
+      local = dict(local, x=np.full_like(local["x"], np.nan))
+    return real(local, mesh)
+
+  monkeypatch.setattr(sharding, "global_batch", poisoned)
+  c = tiny(training=dict(num_steps=6, log_every=1))
+  with pytest.raises(NonFiniteLossError, match=r"step 3.*last good one, step 2"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  with pytest.raises(ConfigError, match=r"batch_size=12 is not divisible by the 8 devices.*16"):
+    train.train_and_evaluate(tiny(training=dict(batch_size=12)), str(tmp_path))
+
+
+def test_checkpoint_mismatch_and_missing_step(uninterrupted, tmp_path):
+  _, workdir = uninterrupted
+  wider = tiny(model=dict(ch=16))
+  with pytest.raises(CheckpointError, match=r"does not match the config: .*has shape"):
+    train.train_and_evaluate(wider, workdir)
+  with pytest.raises(CheckpointError, match=r"step=3 does not exist.*\[2, 4\]"):
+    generate.generate(tiny(), workdir, step=3, num_samples=8)
+  with pytest.raises(CheckpointError, match="no checkpoint found"):
+    generate.generate(tiny(), str(tmp_path), num_samples=8)
+
+
+def test_config_validation_errors():
+  with pytest.raises(ConfigError, match="resolution=12 cannot pass"):
+    train.build_experiment(tiny(data=dict(resolution=12), model=dict(ch_mult=(1, 2, 2, 2))))
+  with pytest.raises(ConfigError, match="attn_resolutions"):
+    train.build_experiment(tiny(model=dict(attn_resolutions=(3,))))
+  with pytest.raises(ConfigError, match="valid keys"):
+    c = tiny()
+    c.model.unlock()
+    c.model.chh = 3
+    train.build_experiment(c)
+  with pytest.raises(ConfigError, match="needs a multiple of 3 devices"):
+    sharding.create_mesh({"data": 3})
+
+
+def test_generate_writes_png_and_npz(uninterrupted, tmp_path):
+  c, workdir = uninterrupted
+  out = generate.generate(c, workdir, method="ddpm", num_steps=5, num_samples=12, out_dir=str(tmp_path))
+  assert out["nfe"] == 5 and out["checkpoint_step"] == 4
+  imgs = np.load(out["paths"]["npz"])["images"]
+  assert imgs.shape == (12, 8, 8, 3) and imgs.dtype == np.uint8
+  assert os.path.getsize(out["paths"]["png"]) > 0
