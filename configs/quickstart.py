@@ -18,7 +18,7 @@ def get_config():
   c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                  dropout=0.0)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=100, grad_clip=1.0)
-  c.training.update(batch_size=64, num_steps=2000, ema_decay=0.995, log_every=50,
-                    checkpoint_every=500, num_final_samples=64)
-  c.sampling.update(method="ddim", num_steps=100, eta=0.0)
+  c.training.update(batch_size=32, num_steps=1000, ema_decay=0.99, log_every=50,
+                    checkpoint_every=250, num_final_samples=64)
+  c.sampling.update(method="ancestral", num_steps=250, batch_size=64)
   return c

@@ -28,19 +28,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
-      dataset="shapes",          # see jaxdiff.data.KNOWN
-      data_dir="",               # TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-      split="train",
+      dataset="shapes",          # see jaxdiff.data.KNOWN: shapes | gmm2d | mnist | fashion_mnist |
+                                 # cifar10 | celeb_a | lsun/<category> | downsampled_imagenet/32x32 |
+                                 # imagenet_resized/64x64 | ... | folder
+      data_dir="",               # TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets), or
+                                 # the image folder for dataset='folder'
+      split="train",             # TFDS split, slicing allowed ('train[:90%]'); folders ignore it
       eval_split="test",
-      resolution=16,             # images are centre-cropped and resized to this
-      num_channels=3,
+      resolution=16,             # images are centre-cropped to a square and resized to this
+      crop_size=0,               # side of the centred crop before resizing (0 = the shorter side)
+      num_channels=3,            # 1 or 3; must match a TFDS dataset (folders are converted)
       centered=True,             # scale images to [-1, 1] (else [0, 1])
-      random_flip=False,
-      uniform_dequantization=False,
-      use_labels=False,          # yield labels (class-conditional models)
+      random_flip=False,         # random horizontal flips
+      uniform_dequantization=False,  # (pixel + U[0,1)) / 256 instead of pixel / 255
+      use_labels=False,          # yield labels (class-conditional models); needs a labelled dataset
       num_examples=20000,        # size of the embedded datasets
-      num_threads=4,             # grain reader threads
+      num_threads=4,             # grain reader threads per process (decode, resize)
       num_workers=0,             # grain worker processes (0: none)
+      prefetch_buffer_size=4,    # host batches read ahead by the reader threads
+      prefetch_to_device=2,      # global batches kept in flight on the devices (0: none)
   ))
 
   c.process = ml_collections.ConfigDict(dict(
@@ -77,15 +83,38 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       sample_every=0,            # write a sample grid every N steps (0: only at the end)
       num_final_samples=64,      # samples in the grid written at the end (0: none)
+      transfer_guard="allow",    # jax.transfer_guard around the loop: allow | log | disallow
   ))
 
+  # A method reads only its own options (defaults = the method's; see samplers.METHODS).
   c.sampling = ml_collections.ConfigDict(dict(
       method="ddim",             # see jaxdiff.samplers.METHODS
-      num_steps=100,
-      eta=0.0,                   # ddim only
+      num_steps=100,             # grid points (ignored by `ode`)
+      eta=0.0,                   # ddim; pc with predictor='ddim'
       batch_size=64,
       denoise=True,
       clip_denoised=True,        # clip x0_hat to the data range (images only)
+      # pc: predictor + Langevin corrector
+      predictor="reverse_diffusion",  # ancestral | ddim | euler_maruyama | reverse_diffusion | euler
+      snr=0.16,
+      n_corrector_steps=1,
+      # ald: annealed Langevin dynamics (VE / EDM)
+      n_steps_each=100,
+      step_lr=2e-5,              # NCSN's eps; keep step_lr / sigma_min^2 ~ 0.1-0.2
+      # heun: Karras et al. Algorithm 2
+      s_churn=0.0,
+      s_tmin=0.0,
+      s_tmax=float("inf"),
+      s_noise=1.0,
+      rho=7.0,                   # default grid: rho-spaced in sigma / alpha
+      # dpm_solver++
+      order=2,                   # 1 | 2 | 3
+      grid="logsnr",             # logsnr | time
+      # ode: adaptive probability-flow ODE (diffrax)
+      rtol=1e-5,
+      atol=1e-5,
+      solver="tsit5",            # tsit5 | dopri5
+      max_steps=4096,
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -102,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= float(t.ema_decay) < 1.0:
     raise ConfigError(f"config.training.ema_decay={t.ema_decay} must be in [0, 1).")
   d, m = config.data, config.model
+  _validate_data(d)
   if m.name == "unet" and d.dataset != "gmm2d":
     levels = len(m.ch_mult)
     div = 2 ** (levels - 1)
@@ -118,3 +148,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.name == "mlp" and d.dataset != "gmm2d":
     raise ConfigError(f"config.model.name='mlp' takes vector data, but config.data.dataset={d.dataset!r} "
                       f"is an image dataset; use model.name='unet'.")
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+  """Checks of `config.data` alone, against what is known about the dataset (no file is read)."""
+  from jaxdiff.data import catalog  # light: no grain / TFDS import
+
+  info = catalog.lookup(d.dataset)  # DataError listing the known datasets
+  for key in ("num_threads", "num_workers", "prefetch_buffer_size", "prefetch_to_device", "crop_size"):
+    if int(d[key]) < 0:
+      raise ConfigError(f"config.data.{key}={d[key]} must be >= 0.")
+  if info.kind == "folder" and not d.data_dir:
+    raise ConfigError("config.data.dataset='folder' reads images from config.data.data_dir, which is empty; "
+                      "set --config.data.data_dir=/path/to/images.")
+  if info.splits and catalog.base_split(d.split) not in info.splits:
+    raise ConfigError(f"config.data.split={d.split!r} is not a split of {d.dataset!r}; its splits are "
+                      f"{', '.join(info.splits)}.")
+  if d.use_labels and not info.has_labels:
+    raise ConfigError(f"config.data.use_labels=True but {d.dataset!r} has no labels; "
+                      f"set --config.data.use_labels=False.")
+  if not info.is_image:
+    return
+  if d.num_channels not in (1, 3):
+    raise ConfigError(f"config.data.num_channels={d.num_channels} is not supported; use 1 (grey) or 3 (RGB).")
+  if info.channels is not None and info.channels != d.num_channels:
+    raise ConfigError(f"config.data.num_channels={d.num_channels} but {d.dataset!r} images have "
+                      f"{info.channels}; set --config.data.num_channels={info.channels}.")
+  if int(d.resolution) < 1:
+    raise ConfigError(f"config.data.resolution={d.resolution} must be >= 1.")
+  side = info.min_side
+  if side is not None and d.crop_size > side:
+    raise ConfigError(f"config.data.crop_size={d.crop_size} is larger than the {d.dataset!r} images "
+                      f"({info.shape[0]}x{info.shape[1]}); use at most {side} (0 = the shorter side).")
+  source = d.crop_size or side
+  if source is not None and d.resolution > source:
+    what = f"config.data.crop_size={d.crop_size}" if d.crop_size else f"the {d.dataset!r} images ({side} px)"
+    raise ConfigError(f"config.data.resolution={d.resolution} is larger than {what}, so every image would be "
+                      f"upsampled; use resolution <= {source} (and a config.model.ch_mult it divides), "
+                      f"or a larger dataset variant.")

@@ -150,7 +150,9 @@ class Experiment:
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   config_lib.validate(config)
-  spec = data_lib.spec(config.data.dataset, config.data.resolution, config.data.num_channels)
+  d = config.data
+  spec = data_lib.spec(d.dataset, d.resolution, d.num_channels, data_dir=d.data_dir or None,
+                       use_labels=d.use_labels)
   model_kwargs = config.model.to_dict()
   model = models.create_model(**model_kwargs)
   process = processes.get_process(**config.process.to_dict())
@@ -174,35 +176,81 @@ def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   return init, with_sh, shardings
 
 
-class _MetricsLog:
-  """Appends metrics to `<workdir>/metrics.jsonl`; on resume drops rows past the restored step."""
+class _Metrics:
+  """Metrics of the steps since the last flush, kept on the device until `flush`.
 
-  def __init__(self, path: str, resume_step: int):
-    self.path = path
-    rows = []
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            r = json.loads(line)
-          except json.JSONDecodeError:
-            continue
-          if r.get("step", 0) <= resume_step:
-            rows.append(r)
+  `flush` pulls them to the host in one transfer, raises NonFiniteLossError on a NaN/inf
+  loss, logs one progress line and appends a row to `<workdir>/metrics.jsonl`. On resume,
+  rows past the restored step (written by the interrupted run) are dropped from the file.
+  """
+
+  def __init__(self, path: str, resume_step: int, num_steps: int, lr_at: Callable[[int], Any]):
+    self.path, self.num_steps, self.lr_at = path, num_steps, lr_at
+    self.rows = [r for r in self._read(path) if r.get("step", 0) <= resume_step]
+    if sharding.is_main_process():
       with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    self.rows = rows
+        f.writelines(json.dumps(r) + "\n" for r in self.rows)
+    self.pending: list[tuple[int, dict]] = []
+    self.t0 = self.t_last = time.time()
+    self.step_last = resume_step
 
-  def write(self, row: dict) -> None:
+  @staticmethod
+  def _read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+      return []
+    rows = []
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+          pass
+    return rows
+
+  def add(self, step: int, metrics: dict[str, Array]) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, step: int, on_nonfinite: Callable[[int, float], Exception]) -> dict | None:
+    if not self.pending:
+      return None
+    fetched = jax.device_get([m for _, m in self.pending])
+    for (s, _), m in zip(self.pending, fetched):
+      if not math.isfinite(float(m["loss"])):
+        self.pending = []
+        raise on_nonfinite(s, float(m["loss"]))
+    self.pending = []
+    now = time.time()
+    rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+    self.t_last, self.step_last = now, step
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    row = {"step": step, **mean, "steps_per_sec": rate, "lr": float(self.lr_at(step)),
+           "elapsed_s": now - self.t0}
     self.rows.append(row)
     if sharding.is_main_process():
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    eta = (self.num_steps - step) / max(rate, 1e-9)
+    log.info("step %d/%d | loss %.4f | grad_norm %.3f | %.2f steps/s | ETA %s", step, self.num_steps,
+             mean["loss"], mean["grad_norm"], rate, _fmt_time(eta))
+    return row
 
 
 def _fmt_time(s: float) -> str:
   s = int(max(s, 0))
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, workdir):
+  """The latest checkpoint's state (and data position), or a fresh sharded state at step 0."""
+  if ckpt.latest_step() is not None:
+    start, state = ckpt.restore(abstract, data_iterator=data_iter)
+    log.info("Resumed from %s/%d.", ckpt.directory, start)
+    return start, state
+  state = jax.jit(init, out_shardings=state_sh)(init_key)  # never materialised unsharded
+  if sharding.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  return 0, state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -215,129 +263,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
-  tc = config.training
+  tc, o = config.training, config.optimizer
   mesh = sharding.create_mesh(config.mesh.to_dict())
   sharding.check_batch_size(tc.batch_size, mesh)
-  optimizer = make_optimizer(**config.optimizer.to_dict(), num_steps=tc.num_steps)
-  loss_fn = make_loss(config, exp.process)
+  optimizer = make_optimizer(**o.to_dict(), num_steps=tc.num_steps)
 
-  root = jax.random.key(config.seed)
-  init_key, train_key, sample_key = jax.random.split(root, 3)
+  init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
+  train_key = jax.device_put(train_key, sharding.replicated(mesh))  # lives where the step runs
   init, abstract, state_sh = abstract_train_state(config, exp, optimizer, mesh)
 
   shard_index, shard_count = sharding.process_shard()
-  d = config.data
-  data_iter = data_lib.create_dataset(
-      dataset=d.dataset, split=d.split, batch_size=sharding.local_batch_size(tc.batch_size),
-      resolution=d.resolution, num_channels=d.num_channels, data_dir=d.data_dir or None,
-      centered=d.centered, random_flip=d.random_flip, uniform_dequantization=d.uniform_dequantization,
-      use_labels=d.use_labels, num_examples=d.num_examples, seed=config.seed,
-      shard_index=shard_index, shard_count=shard_count, num_threads=d.num_threads,
-      num_workers=d.num_workers)
+  host_iter = data_lib.create_dataset(
+      **data_lib.dataset_kwargs(config.data), batch_size=sharding.local_batch_size(tc.batch_size),
+      seed=config.seed, shard_index=shard_index, shard_count=shard_count)
+  # Global sharded batches, `prefetch_to_device` ahead; checkpoints save the next unconsumed one.
+  data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    start, state = ckpt.restore(abstract, data_iterator=data_iter)
-    log.info("Resumed from %s/%d.", ckpt.directory, start)
-  else:
-    state = jax.jit(init, out_shardings=state_sh)(init_key)
-    start = 0
-    if sharding.is_main_process():
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("Model %s: %s parameters; %s on mesh %s.", config.model.name, f"{n_params:,}",
-               type(exp.process).__name__, dict(mesh.shape))
+           type(exp.process).__name__, dict(mesh.shape))
 
   batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.data_spec.shape))}
-  if d.use_labels:
+  if config.data.use_labels:
     batch_sh["label"] = sharding.batch_sharding(mesh, 1)
   step_fn = jax.jit(
-      functools.partial(train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
-                        ema_decay=tc.ema_decay),
+      functools.partial(train_step, model=exp.model, loss_fn=make_loss(config, exp.process),
+                        optimizer=optimizer, ema_decay=tc.ema_decay),
       in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
-  metrics_log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
-  sampler = None
-
-  def write_samples(step_now: int) -> None:
-    nonlocal sampler
-    n = tc.num_final_samples
-    if n <= 0:
-      return
-    if sampler is None:
-      sampler = generate.make_sampler(exp, config, batch_size=n, mesh=mesh)
-    x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step_now))
-    x = sharding.to_host(x)
-    if sharding.is_main_process():
-      generate.save_samples(x, exp, os.path.join(workdir, f"samples_{step_now:06d}"), write_npz=False)
-
-  o = config.optimizer
   lr_at = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
                         warmup_steps=o.warmup_steps, num_steps=tc.num_steps)
-  pending: list[tuple[int, dict]] = []
+  metrics = _Metrics(os.path.join(workdir, "metrics.jsonl"), start, tc.num_steps, lr_at)
   last_good = start
-  t_last, step_last = time.time(), start
-  t_begin = time.time()
-  last_metrics: dict[str, Any] = {}
 
-  def flush(step_now: int) -> None:
-    """Pulls pending metrics to the host, checks them and logs one line."""
-    nonlocal pending, t_last, step_last, last_metrics
-    if not pending:
+  def nonfinite(step: int, loss: float) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"loss became {loss} at step {step}; stopping before it reaches a checkpoint (the last good "
+        f"one, step {last_good}, is kept in {ckpt.directory}). Lower config.optimizer.learning_rate "
+        f"(now {o.learning_rate}) or set config.optimizer.grad_clip (now {o.grad_clip}), then rerun "
+        f"to resume.")
+
+  sampler = None
+
+  def write_samples(step: int) -> None:
+    nonlocal sampler
+    if tc.num_final_samples <= 0:
       return
-    fetched = jax.device_get([m for _, m in pending])
-    steps = [s for s, _ in pending]
-    pending = []
-    for s, m in zip(steps, fetched):
-      if not math.isfinite(float(m["loss"])):
-        raise NonFiniteLossError(
-            f"loss became {float(m['loss'])} at step {s}; stopping before it reaches a checkpoint "
-            f"(the last good one, step {last_good}, is kept in {ckpt.directory}). Lower "
-            f"config.optimizer.learning_rate (now {config.optimizer.learning_rate}) or set "
-            f"config.optimizer.grad_clip (now {config.optimizer.grad_clip}), then rerun to resume.")
-    now = time.time()
-    rate = (step_now - step_last) / max(now - t_last, 1e-9)
-    t_last, step_last = now, step_now
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    row = {"step": step_now, **mean, "steps_per_sec": rate, "lr": float(lr_at(step_now)),
-           "elapsed_s": now - t_begin}
-    metrics_log.write(row)
-    last_metrics = row
-    eta = (tc.num_steps - step_now) / max(rate, 1e-9)
-    log.info("step %d/%d | loss %.4f | grad_norm %.3f | %.2f steps/s | ETA %s", step_now,
-                 tc.num_steps, mean["loss"], mean["grad_norm"], rate, _fmt_time(eta))
+    if sampler is None:
+      sampler = generate.make_sampler(exp, config, batch_size=tc.num_final_samples, mesh=mesh)
+    x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step))
+    x = sharding.to_host(x)
+    if sharding.is_main_process():
+      generate.save_samples(x, exp, os.path.join(workdir, f"samples_{step:06d}"), write_npz=False)
 
-  step = start
+  step, last = start, {}
   try:
     while step < tc.num_steps:
-      local = next(data_iter)
-      batch = sharding.global_batch(local, mesh)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
+      batch = next(data_iter)  # already on the devices
+      with jax.transfer_guard(tc.transfer_guard):  # 'disallow' proves there is no implicit transfer
+        # fold_in with the on-device step: no host-to-device transfer in the loop
+        state, m = step_fn(state, batch, jax.random.fold_in(train_key, state.step))
       step += 1
-      pending.append((step, metrics))
+      metrics.add(step, m)
       is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
       if step % tc.log_every == 0 or is_ckpt:
-        flush(step)  # raises NonFiniteLossError before a bad state can be saved
+        last = metrics.flush(step, nonfinite) or last  # raises before a bad state is saved
       if is_ckpt:
         ckpt.save(step, state, data_iterator=data_iter, meta={"config": config.to_dict()})
         last_good = step
         if sharding.is_main_process():
-          _write_loss_curve(metrics_log.rows, workdir)
+          _write_loss_curve(metrics.rows, workdir)
       if tc.sample_every and step % tc.sample_every == 0 and step != tc.num_steps:
         write_samples(step)
-    flush(step)
   finally:
     # Whatever stopped the loop (NaN, Ctrl-C, an error), let in-flight async saves finish
     # so the last good checkpoint is complete on disk.
+    data_iter.close()
     ckpt.close()
-  if sharding.is_main_process():
-    _write_loss_curve(metrics_log.rows, workdir)
   write_samples(step)
-  log.info("Done: %d steps in %s; outputs in %s.", step - start, _fmt_time(time.time() - t_begin), workdir)
-  return last_metrics
+  log.info("Done: %d steps in %s; outputs in %s.", step - start, _fmt_time(time.time() - metrics.t0), workdir)
+  return last
 
 
 def _write_loss_curve(rows, workdir: str) -> None:

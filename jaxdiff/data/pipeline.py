@@ -1,32 +1,41 @@
-"""Input pipelines on grain: one interface for embedded, TFDS and (later) folder datasets.
+"""Input pipelines on grain: one interface for embedded, TFDS and image-folder datasets.
 
 `create_dataset(...)` returns a checkpointable grain iterator of host-local batches
 
     {"x": float32 [local_batch, ...], "label": int32 [local_batch]}   (label if requested)
 
-Each host reads only its own shard of the records (`shard_index::shard_count`), reshuffles
+Each host reads only its own slice of the records (`shard_index::shard_count`), reshuffles
 it every epoch from `seed`, and applies per-record random transforms (flip,
-dequantization) whose randomness is a function of (seed, record position), so the stream
-is deterministic and resumes exactly from `iterator.get_state()`.
+dequantization) whose randomness is a function of (seed, shard, record position), so the
+stream is deterministic and resumes exactly from `iterator.get_state()`.
+`prefetch.prefetch_to_device` turns it into global sharded `jax.Array`s, a few batches
+ahead, keeping that exact resume.
 
-TFDS datasets are read with `tfds.data_source` (array_record) and need no TensorFlow.
+* embedded (`shapes`, `gmm2d`): drawn in memory by `synthetic`;
+* TFDS (`mnist`, `cifar10`, `celeb_a`, `lsun/<category>`, ...): array_record files read by
+  `tfds_sources` with no TensorFlow;
+* `folder`: PNG/JPEG files under `data_dir`, optionally one class per sub-folder, read by
+  `folder`, skipping (and counting) corrupt files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
 
+from jaxdiff.data import catalog
+from jaxdiff.data import folder as folder_lib
+from jaxdiff.data import imageops
 from jaxdiff.data import synthetic
+from jaxdiff.data import tfds_sources
 from jaxdiff.errors import DataError
 
-EMBEDDED = ("shapes", "gmm2d")
-TFDS_IMAGE = ("mnist", "fashion_mnist", "cifar10")
-KNOWN = EMBEDDED + TFDS_IMAGE
+KNOWN = catalog.KNOWN
+EMBEDDED = catalog.EMBEDDED
+TFDS_IMAGE = catalog.TFDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,69 +60,63 @@ class ArraySource:
     return {"image": self._x[i], "label": self._label[i]}
 
 
-def _tfds_source(name: str, split: str, data_dir: str | None):
-  import tensorflow_datasets as tfds  # reads array_record; no TensorFlow import
+def spec(name: str, resolution: int, num_channels: int, *, data_dir: str | None = None,
+         use_labels: bool = False) -> DataSpec:
+  """The shape of one example and the number of classes for `config.data.dataset=name`.
 
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-  except Exception as e:  # tfds raises several types for a missing or unprepared dataset
-    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    raise DataError(
-        f"config.data.dataset={name!r} (split {split!r}) is not prepared under "
-        f"config.data.data_dir={where!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-        f"Prepare it once with `pip install tensorflow tensorflow-datasets && tfds build {name} "
-        f"--data_dir={where} --file_format=array_record`, or point --config.data.data_dir at a "
-        f"directory holding {name}/<version>/.") from None
+  For an image folder the class count needs the folder (`data_dir`) and is only computed
+  with `use_labels`; it is 0 otherwise.
+  """
+  info = catalog.lookup(name)
+  if not info.is_image:
+    return DataSpec((2,), info.num_classes, False)
+  n = info.num_classes
+  if info.kind == "folder":
+    n = folder_lib.num_classes(data_dir) if (data_dir and use_labels) else 0
+  return DataSpec((resolution, resolution, num_channels), n, True)
 
 
-def _source(name: str, split: str, data_dir: str | None, resolution: int, num_channels: int,
-            num_examples: int):
-  if name == "shapes":
+def _check_request(info: catalog.DatasetInfo, *, num_channels: int, use_labels: bool,
+                   batch_size: int) -> None:
+  if batch_size < 1:
+    raise DataError(f"batch_size={batch_size} must be >= 1 (the per-host batch).")
+  if use_labels and not info.has_labels:
+    raise DataError(f"config.data.use_labels=True but dataset {info.name!r} has no labels; "
+                    f"set --config.data.use_labels=False.")
+  if info.is_image and num_channels not in (1, 3):
+    raise DataError(f"config.data.num_channels={num_channels} is not supported; images have 1 (grey) "
+                    f"or 3 (RGB) channels.")
+  if info.channels is not None and info.channels != num_channels:
+    raise DataError(f"dataset {info.name!r} has {info.channels}-channel images but "
+                    f"config.data.num_channels={num_channels}; "
+                    f"set --config.data.num_channels={info.channels}.")
+
+
+def _source(info: catalog.DatasetInfo, split: str, data_dir: str | None, resolution: int,
+            num_channels: int, num_examples: int):
+  if info.name == "shapes":
     # a different seed per split so 'test' is held out
     x, y = synthetic.shapes(num_examples, resolution, num_channels, seed=(0 if split == "train" else 1))
-    return ArraySource(x, y), 3
-  if name == "gmm2d":
+    return ArraySource(x, y)
+  if info.name == "gmm2d":
     x, y = synthetic.gmm2d().sample(num_examples, seed=(0 if split == "train" else 1))
-    return ArraySource(x, y), 8
-  if name in TFDS_IMAGE:
-    return _tfds_source(name, split, data_dir), 10
-  raise DataError(f"config.data.dataset={name!r} is not known; known datasets: {', '.join(KNOWN)}.")
+    return ArraySource(x, y)
+  return tfds_sources.open_source(info.name, split, data_dir)
 
 
-def spec(name: str, resolution: int, num_channels: int) -> DataSpec:
-  if name == "gmm2d":
-    return DataSpec((2,), 8, False)
-  if name == "shapes":
-    return DataSpec((resolution, resolution, num_channels), 3, True)
-  if name in TFDS_IMAGE:
-    return DataSpec((resolution, resolution, num_channels), 10, True)
-  raise DataError(f"config.data.dataset={name!r} is not known; known datasets: {', '.join(KNOWN)}.")
-
-
-def _resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
-  """Centre-crops to a square and resizes (bicubic, antialiased) to `resolution`."""
-  h, w = img.shape[:2]
-  if h == w == resolution:
-    return img
-  from PIL import Image
-
-  s = min(h, w)
-  top, left = (h - s) // 2, (w - s) // 2
-  img = img[top:top + s, left:left + s]
-  squeeze = img.ndim == 3 and img.shape[-1] == 1
-  pil = Image.fromarray(img[..., 0] if squeeze else img)
-  pil = pil.resize((resolution, resolution), Image.BICUBIC, reducing_gap=None)
-  out = np.asarray(pil)
-  return out[..., None] if squeeze else out
+def _derived_seed(seed: int, shard_index: int) -> int:
+  """A 32-bit seed for per-record randomness, different on every host."""
+  return int(np.random.SeedSequence([int(seed) % 2**32, int(shard_index), 0x6A64]).generate_state(1)[0])
 
 
 class Preprocess(grain.transforms.RandomMap):
-  """uint8 record -> {"x": float32, "label": int32}: resize, flip, dequantize, scale."""
+  """uint8 record -> {"x": float32, "label": int32}: crop/resize, flip, dequantize, scale."""
 
   def __init__(self, *, is_image: bool, resolution: int, num_channels: int, centered: bool,
-               random_flip: bool, uniform_dequantization: bool, use_labels: bool, name: str):
+               random_flip: bool, uniform_dequantization: bool, use_labels: bool, name: str,
+               crop_size: int = 0):
     self.is_image, self.resolution, self.num_channels = is_image, resolution, num_channels
-    self.centered, self.random_flip = centered, random_flip
+    self.centered, self.random_flip, self.crop_size = centered, random_flip, crop_size
     self.uniform_dequantization, self.use_labels, self.name = uniform_dequantization, use_labels, name
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -129,7 +132,8 @@ class Preprocess(grain.transforms.RandomMap):
     if img.shape[-1] != self.num_channels:
       raise DataError(f"dataset {self.name!r} has {img.shape[-1]}-channel images but "
                       f"config.data.num_channels={self.num_channels}; set it to {img.shape[-1]}.")
-    img = _resize_image(img, self.resolution)
+    if img.shape[0] != self.resolution or img.shape[1] != self.resolution or self.crop_size:
+      img = imageops.crop_resize_array(img, self.resolution, self.crop_size)
     if self.random_flip and rng.random() < 0.5:
       img = img[:, ::-1]
     x = img.astype(np.float32)
@@ -153,6 +157,7 @@ def create_dataset(
     random_flip: bool = False,
     uniform_dequantization: bool = False,
     use_labels: bool = False,
+    crop_size: int = 0,
     num_examples: int = 20000,
     seed: int = 0,
     shard_index: int = 0,
@@ -166,37 +171,112 @@ def create_dataset(
 ) -> grain.DatasetIterator:
   """A checkpointable iterator of host-local batches of `batch_size` examples.
 
-  `batch_size` is the per-host batch (the global batch divided by `shard_count`).
-  `num_epochs=None` repeats forever (training); evaluation uses `num_epochs=1`,
-  `shuffle=False`, `drop_remainder=False`.
+  Args:
+    dataset: a name from `KNOWN` (`catalog.lookup`), e.g. "mnist", "lsun/bedroom", "folder".
+    split: TFDS split (slicing allowed: "train[:90%]"); ignored by folders.
+    batch_size: the per-host batch (the global batch divided by `shard_count`).
+    resolution: images are centre-cropped to a square and resized to this side.
+    num_channels: 1 or 3; must match a TFDS dataset's images (folders are converted).
+    data_dir: the TFDS data_dir ('' / None: $TFDS_DATA_DIR or ~/tensorflow_datasets), or
+      the image folder for `dataset="folder"`.
+    centered: scale to [-1, 1] (else [0, 1]).
+    random_flip: random horizontal flips.
+    uniform_dequantization: `(pixel + U[0, 1)) / 256` instead of `pixel / 255`.
+    use_labels: yield "label" (DataError for a dataset without labels).
+    crop_size: side of the centred square cut before resizing (0: the shorter side).
+    num_examples: size of the embedded datasets.
+    seed: shuffling and per-record randomness.
+    shard_index: this host's slice (`jax.process_index()`).
+    shard_count: number of slices (`jax.process_count()`).
+    num_epochs: None repeats forever (training); evaluation uses 1 with `shuffle=False`
+      and `drop_remainder=False`.
+    shuffle: reshuffle this host's slice every epoch.
+    drop_remainder: drop a last partial batch.
+    num_threads: grain reader threads (decoding, resizing) in each process.
+    prefetch_buffer_size: batches read ahead by those threads.
+    num_workers: grain worker processes (0: none, all in this process).
+
+  Returns:
+    A `grain.DatasetIterator` with `get_state` / `set_state`.
   """
-  if dataset not in KNOWN:
-    raise DataError(f"config.data.dataset={dataset!r} is not known; known datasets: {', '.join(KNOWN)}.")
-  src, _ = _source(dataset, split, data_dir, resolution, num_channels, num_examples)
-  ds = grain.MapDataset.source(src)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
+  info = catalog.lookup(dataset)
+  _check_request(info, num_channels=num_channels, use_labels=use_labels, batch_size=batch_size)
+  if not 0 <= shard_index < shard_count:
+    raise DataError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+  if info.kind == "folder":
+    if not data_dir:
+      raise DataError("config.data.dataset='folder' needs the image folder: set "
+                      "--config.data.data_dir=/path/to/images.")
+    src = folder_lib.open_folder(data_dir, num_channels=num_channels, use_labels=use_labels,
+                                 shard_index=shard_index, shard_count=shard_count)
+    ds = grain.MapDataset.source(src)  # already this host's slice
+  else:
+    ds = grain.MapDataset.source(_source(info, split, data_dir, resolution, num_channels, num_examples))
+    if shard_count > 1:
+      ds = ds[shard_index::shard_count]
+  if len(ds) == 0:
+    raise DataError(f"dataset {dataset!r} split {split!r} has no records for shard {shard_index} of "
+                    f"{shard_count}; use a larger split or fewer hosts.")
+  if drop_remainder and num_epochs == 1 and len(ds) < batch_size:
+    raise DataError(f"dataset {dataset!r} split {split!r} has {len(ds)} records on this host, fewer than "
+                    f"batch_size={batch_size}, so one epoch with drop_remainder gives no batch.")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  is_image = dataset != "gmm2d"
-  ds = ds.random_map(Preprocess(is_image=is_image, resolution=resolution, num_channels=num_channels,
+  if info.kind == "folder":
+    ds = ds.map(folder_lib.DecodeImage(resolution=resolution, num_channels=num_channels,
+                                       crop_size=crop_size))
+    ds = ds.filter(folder_lib.HasImage())
+  ds = ds.random_map(Preprocess(is_image=info.is_image, resolution=resolution, num_channels=num_channels,
                                 centered=centered, random_flip=random_flip,
                                 uniform_dequantization=uniform_dequantization,
-                                use_labels=use_labels, name=dataset), seed=seed)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                               prefetch_buffer_size=prefetch_buffer_size))
+                                use_labels=use_labels, name=dataset,
+                                # folder images were cropped and resized when decoded
+                                crop_size=0 if info.kind == "folder" else crop_size),
+                     seed=_derived_seed(seed, shard_index))
+  # Records are read and transformed in `num_threads` threads, `prefetch_buffer_size` batches
+  # ahead, then batched; decoding failures (None) are skipped before batching.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(1, prefetch_buffer_size) * batch_size))
+  it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder)
   if num_workers > 0:
+    _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it_ds)
 
 
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (tests, notebooks,
+  scripts with argparse) nothing has parsed them, so take the defaults."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def dataset_kwargs(data_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The `create_dataset` arguments that `config.data` sets (add batch_size, seed, shards)."""
+  d = data_config
+  return dict(dataset=d["dataset"], split=d["split"], resolution=d["resolution"],
+              num_channels=d["num_channels"], data_dir=d["data_dir"] or None, centered=d["centered"],
+              random_flip=d["random_flip"], uniform_dequantization=d["uniform_dequantization"],
+              use_labels=d["use_labels"], crop_size=d["crop_size"], num_examples=d["num_examples"],
+              num_threads=d["num_threads"], prefetch_buffer_size=d["prefetch_buffer_size"],
+              num_workers=d["num_workers"])
+
+
 def dataset_size(dataset: str, split: str, data_dir: str | None, num_examples: int) -> int:
-  if dataset in EMBEDDED:
+  """Number of records of a split (all hosts together); for folders, image files found."""
+  info = catalog.lookup(dataset)
+  if info.kind == "embedded":
     return num_examples
-  return len(_tfds_source(dataset, split, data_dir))
+  if info.kind == "folder":
+    if not data_dir:
+      raise DataError("config.data.dataset='folder' needs --config.data.data_dir=/path/to/images.")
+    return len(folder_lib.list_images(data_dir).files)
+  return len(tfds_sources.open_source(dataset, split, data_dir))
 
 
-__all__: Sequence[str] = ("create_dataset", "spec", "DataSpec", "KNOWN", "dataset_size")
+__all__: Sequence[str] = ("create_dataset", "dataset_kwargs", "spec", "DataSpec", "KNOWN", "dataset_size",
+                          "Preprocess")
