@@ -14,7 +14,9 @@ from jaxdiff import parameterization
 from jaxdiff import processes
 from jaxdiff import losses
 from jaxdiff.samplers import sample
+from jaxdiff.likelihood import bits_per_dim, log_likelihood
 
 __version__ = "0.1.0"
 
 __all__ = ["errors", "parameterization", "processes", "losses", "sample", "__version__"]
+__all__ += ["log_likelihood", "bits_per_dim"]

@@ -127,17 +127,12 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
 
   Returns a dict with the paths written, the NFE per sample, wall time and images/s.
   """
-  from jaxdiff import checkpoint as ckpt_lib
+  from jaxdiff import evaluate
   from jaxdiff import train
 
   exp = train.build_experiment(config)
   mesh = sharding.create_mesh(config.mesh.to_dict())
-  optimizer = train.make_optimizer(**config.optimizer.to_dict(), num_steps=config.training.num_steps)
-  _, abstract, _ = train.abstract_train_state(config, exp, optimizer, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  step, state = ckpt.restore(abstract, step=step)
-  params = state.ema_params
-  del state
+  step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
 
   if num_samples < 1:
     raise InputError(f"--num_samples={num_samples} must be >= 1.")
