@@ -9,13 +9,31 @@ With --mode=likelihood it evaluates bits/dim on the test split instead and write
   python run_sample.py --workdir runs/quickstart --mode likelihood --likelihood_method ode
   python run_sample.py --workdir runs/quickstart --mode likelihood --likelihood_method vlb --vlb_timesteps 50
 
+Class-conditional models (configs/mnist_cond.py) draw the --labels given (cycled over
+--num_samples; default every class in turn, 'null' = unconditional) with classifier-free
+guidance scale w; any model can be steered by a noise-conditional classifier
+(configs/mnist_classifier.py):
+
+  python run_sample.py --workdir runs/mnist_cond --labels 0,1,2 --guidance_scale 3.0
+  python run_sample.py --workdir runs/mnist --labels 7 --classifier_workdir runs/mnist_clf \
+      --classifier_scale 2.0
+
+With --task it runs a controlled-generation task on --input (PNG, .npy or .npz; any
+--sampler) and writes input / mask / output side by side to <workdir>/tasks/ (jaxdiff.tasks):
+
+  python run_sample.py --workdir runs/mnist --task inpaint --input digit.png --mask mask.png
+  python run_sample.py --workdir runs/mnist --task outpaint --input small_digit.png
+  python run_sample.py --workdir runs/cifar10 --task colorize --input gray.png
+  python run_sample.py --workdir runs/mnist --task sdedit --input sketch.png --strength 0.5
+  python run_sample.py --workdir runs/mnist_superres --task superres --input low_res_14x14.png
+
 The config is read from <workdir>/config.json unless --config is given.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff import cli, errors, evaluate, generate, samplers, sharding
+from jaxdiff import cli, errors, evaluate, generate, samplers, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's).",
                                           lock_config=True)
@@ -30,7 +48,15 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (all devices tog
                              "(default: config.sampling.batch_size; likelihood: config.training.batch_size).")
 _OPTS = flags.DEFINE_list("sampler_options", [], "Method options as name=value, e.g. eta=0.5.")
 _OUT = flags.DEFINE_string("out_dir", None, "Output directory (default: <workdir>/samples; likelihood: "
-                           "<workdir>/eval).")
+                           "<workdir>/eval; --task: <workdir>/tasks).")
+_LABELS = flags.DEFINE_list("labels", None, "Class labels to draw, cycled over --num_samples (class-conditional "
+                            "models: default all classes; 'null' = unconditional; with a classifier: the "
+                            "classes to guide towards).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w: cond + w (cond - uncond); "
+                               "0 = conditional only (default: config.sampling.guidance_scale).")
+_CLF_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Run directory of a noise-conditional classifier "
+                                   "(config.model.name='classifier') for classifier guidance.")
+_CLF_SCALE = flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale (default 1.0).")
 _MODE = flags.DEFINE_enum("mode", "sample", ["sample", "likelihood"], "Draw samples, or evaluate bits/dim.")
 _LMETHOD = flags.DEFINE_enum("likelihood_method", "ode", ["ode", "vlb"],
                              "Probability-flow ODE, or the DDPM variational bound.")
@@ -40,9 +66,23 @@ _ATOL = flags.DEFINE_float("atol", 1e-5, "Likelihood ODE absolute tolerance.")
 _REPEATS = flags.DEFINE_integer("n_repeats", 1, "Dequantization draws averaged per image (ODE).")
 _VLB_T = flags.DEFINE_integer("vlb_timesteps", None, "Timesteps sampled per image for the bound "
                               "(default: all of them).")
-_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_TASK = flags.DEFINE_enum("task", None, list(tasks.TASKS), "Controlled generation from --input instead of "
+                          "sampling: inpaint (--mask), outpaint, colorize, sdedit (--strength), superres.")
+_INPUT = flags.DEFINE_string("input", None, "--task input: a PNG/JPEG, .npy or .npz (key 'images') of images; "
+                             "uint8 pixels or floats in [0, 1].")
+_MASK = flags.DEFINE_string("mask", None, "--task=inpaint mask of the input's size: white/1 = keep, black/0 = "
+                            "generate.")
+_INVERT = flags.DEFINE_bool("invert_mask", False, "Swap the mask's meaning (white = generate).")
+_STRENGTH = flags.DEFINE_float("strength", None, "--task=sdedit strength in (0, 1]: the input is noised to "
+                               "t0 = strength * T (default 0.5; 1 = sample from scratch).")
+_CONVERT = flags.DEFINE_bool("convert_channels", False, "Allow a grey input for an RGB model (repeated) or an "
+                             "RGB input where grey is needed (channel mean).")
+_CONDITIONING = flags.DEFINE_enum("conditioning", "replace", list(tasks.CONDITIONINGS),
+                                  "inpaint/outpaint/colorize: 'replace' (score_sde replacement) or 'tweedie' "
+                                  "(moment-projected conditional score; exact for Gaussian data, costlier).")
+_CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "Conjugate-gradient iterations per score with "
+                                 "--conditioning=tweedie.")
+cli.define_distributed_flags()  # --distributed, --coordinator_address, ... as in run_train.py
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -51,8 +91,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   with errors.one_line_errors():
-    if _COORD.value is not None:
-      sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    cli.initialize_distributed_from_flags()
     config = _CONFIG.value or generate.load_config(_WORKDIR.value)
     if _MODE.value == "likelihood":
       evaluate.evaluate_likelihood(config, _WORKDIR.value, step=_STEP.value, num_examples=_NUM_EX.value,
@@ -60,10 +99,18 @@ def main(argv):
                                    n_repeats=_REPEATS.value, rtol=_RTOL.value, atol=_ATOL.value,
                                    vlb_timesteps=_VLB_T.value, out_dir=_OUT.value)
       return
+    if _TASK.value is not None:
+      tasks.run_task(config, _WORKDIR.value, task=_TASK.value, input_path=_INPUT.value, mask_path=_MASK.value,
+                     invert_mask=_INVERT.value, strength=_STRENGTH.value, convert_channels=_CONVERT.value,
+                     conditioning=_CONDITIONING.value, cg_steps=_CG_STEPS.value, step=_STEP.value,
+                     method=_SAMPLER.value, num_steps=_STEPS.value, options=cli.parse_options(_OPTS.value),
+                     seed=_SEED.value, batch_size=_BATCH.value, out_dir=_OUT.value)
+      return
     generate.generate(config, _WORKDIR.value, step=_STEP.value, method=_SAMPLER.value,
                       num_steps=_STEPS.value, num_samples=_NUM.value, seed=_SEED.value,
                       batch_size=_BATCH.value, options=cli.parse_options(_OPTS.value),
-                      out_dir=_OUT.value)
+                      out_dir=_OUT.value, labels=_LABELS.value, guidance_scale=_GUIDANCE.value,
+                      classifier_workdir=_CLF_WORKDIR.value, classifier_scale=_CLF_SCALE.value)
 
 
 if __name__ == "__main__":

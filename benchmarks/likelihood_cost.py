@@ -13,7 +13,7 @@ machine hits all alike, and repeated `--repeats` times:
 
 * `forward`: the jitted bare forward `net(x, c)` at batch B (median of `--calls` calls);
 * `vf`: one jitted evaluation of what the solver calls once per NFE: the probability-flow
-  drift and one Rademacher Hutchinson probe, from one `jax.jvp` (median of `--calls`);
+  drift and one Rademacher Hutchinson probe, from one `jax.vjp` (median of `--calls`);
 * `per_nfe`: one jitted `likelihood.log_likelihood` solve (Tsit5, `--rtol`/`--atol`)
   divided by its `info["nfe"]`; nothing is subtracted (diffrax's step control included).
 

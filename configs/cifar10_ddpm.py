@@ -21,6 +21,7 @@ def get_config(arg=None):
   c = base_config()
   c.data.update(dataset="cifar10", resolution=32, num_channels=3, random_flip=True, centered=True)
   c.process.update(name="ddpm", schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+  c.model.dtype = "auto"  # mixed precision: bfloat16 compute on GPU/TPU, float32 on CPU; fp32 params
   c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, num_groups=32)
   c.loss.prediction = "eps"

@@ -53,6 +53,7 @@ def get_config(arg=None):
   c.data.update(dataset="cifar10", resolution=32, num_channels=3, random_flip=True, centered=False)
   # The process section is replaced wholesale: its keys depend on the process.
   c.process = ml_collections.ConfigDict(dict(name="ve", sigma_min=0.01, sigma_max=50.0, eps=1e-5))
+  c.model.dtype = "auto"  # mixed precision: bfloat16 compute on GPU/TPU, float32 on CPU; fp32 params
   c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                  num_groups=32)
   c.loss.update(prediction="eps", target="", weighting="none", reduce="mean", t_sampling="process")

@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.data.update(dataset="folder", data_dir="", resolution=64, num_channels=3, centered=True,
                 random_flip=True, use_labels=False, num_threads=8)
   c.process.update(name="ddpm", schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+  c.model.dtype = "auto"  # mixed precision: bfloat16 compute on GPU/TPU, float32 on CPU; fp32 params
   c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                  num_groups=32)
   c.loss.prediction = "eps"

@@ -75,11 +75,23 @@ def _type_handlers():
   )
 
 
+def checkpoint_dir(config, workdir: str) -> str:
+  """Where a run's checkpoints live: `config.checkpoint_dir`, or `<workdir>/checkpoints`.
+
+  `config.checkpoint_dir` may be any path orbax writes to, including a cloud bucket
+  (`gs://bucket/runs/c10`, through etils/tensorstore), so that every host of a pod can
+  save its shards there while metrics and images stay in a local `--workdir` of process 0.
+  """
+  return str(config.get("checkpoint_dir", "") or "") or os.path.join(workdir, "checkpoints")
+
+
 class Checkpointer:
   """Saves and restores `(state, data iterator)` under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    directory = os.fspath(directory)
+    # gs://... and other URLs go to orbax (etils.epath) as they are; local paths are made absolute.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     import grain

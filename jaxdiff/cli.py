@@ -1,4 +1,4 @@
-"""What run_train.py and run_sample.py share: flag parsing that fails in one line."""
+"""What run_train.py and run_sample.py share: one-line flag errors, options, multi-host flags."""
 
 from __future__ import annotations
 
@@ -59,3 +59,36 @@ def setup_logging() -> None:
     logger.addHandler(handler)
   logger.setLevel(py_logging.INFO)
   logger.propagate = False
+
+
+def define_distributed_flags() -> None:
+  """The multi-host flags of run_train.py and run_sample.py (call once, at import)."""
+  flags.DEFINE_enum(
+      "distributed", None, ["off", "auto", "explicit"],
+      "How processes find each other. 'auto': jax.distributed.initialize() detects Cloud TPU "
+      "(pod slices), SLURM (srun) or Open MPI (mpirun); 'explicit': --coordinator_address, "
+      "--num_processes and --process_id; 'off': one process. Default: 'explicit' when "
+      "--coordinator_address is given, else 'off'.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host; the same on all).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host; the same on all).")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (multi-host).")
+  flags.DEFINE_float("distributed_timeout", 300.0, "Seconds to wait for the coordinator and the other "
+                     "processes before failing with an error (multi-host).")
+
+
+def initialize_distributed_from_flags() -> None:
+  """Calls `sharding.initialize_distributed` as the flags of `define_distributed_flags` say."""
+  from jaxdiff import sharding
+  from jaxdiff.errors import ConfigError
+
+  f = flags.FLAGS
+  explicit = {"coordinator_address": f.coordinator_address, "num_processes": f.num_processes,
+              "process_id": f.process_id}
+  mode = f.distributed or ("explicit" if f.coordinator_address is not None else "off")
+  if mode == "off":
+    given = [k for k, v in explicit.items() if v is not None]
+    if given:
+      raise ConfigError(f"--{given[0]} is set but --distributed=off; drop it, or use --distributed=explicit "
+                        f"(with --coordinator_address, --num_processes, --process_id) or --distributed=auto.")
+    return
+  sharding.initialize_distributed(**explicit, auto=(mode == "auto"), timeout_s=f.distributed_timeout)

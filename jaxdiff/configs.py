@@ -14,6 +14,7 @@ Sections:
   training      loop: steps, batch, EMA, logging, checkpoints
   sampling      the sampler used for samples written during and after training
   mesh          device mesh axes, e.g. {"data": -1, "fsdp": 1}
+  checkpoint_dir, compilation_cache_dir   where checkpoints / the XLA cache live
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
       random_flip=False,         # random horizontal flips
       uniform_dequantization=False,  # (pixel + U[0,1)) / 256 instead of pixel / 255
       use_labels=False,          # yield labels (class-conditional models); needs a labelled dataset
+      cond_resolution=0,         # >0: super-resolution (SR3): the model also sees each image area-
+                                 # downsampled to this side, upsampled as extra input channels
       num_examples=20000,        # size of the embedded datasets
       num_threads=4,             # grain reader threads per process (decode, resize)
       num_workers=0,             # grain worker processes (0: none)
@@ -54,7 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       name="unet", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-      dropout=0.0, num_groups=8))
+      dropout=0.0, num_groups=8,
+      dtype="float32",           # compute dtype: float32 | bfloat16 | auto (bfloat16 on GPU/TPU,
+                                 # float32 on CPU); GroupNorm statistics and the loss stay float32
+      param_dtype="float32",     # parameter (and optimizer state) dtype
+      num_classes=0,             # >0: class-conditional on the dataset's labels (needs data.use_labels);
+                                 # name='classifier': the classes of a noise-conditional classifier
+  ))
 
   c.loss = ml_collections.ConfigDict(dict(
       prediction="eps",          # what the network outputs: eps | x0 | v | score | edm
@@ -84,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
       sample_every=0,            # write a sample grid every N steps (0: only at the end)
       num_final_samples=64,      # samples in the grid written at the end (0: none)
       transfer_guard="allow",    # jax.transfer_guard around the loop: allow | log | disallow
+      label_dropout=0.1,         # class-conditional models: P(label -> null label) per example, for
+                                 # classifier-free guidance (0: conditional only)
   ))
 
   # A method reads only its own options (defaults = the method's; see samplers.METHODS).
@@ -115,10 +126,15 @@ def base_config() -> ml_collections.ConfigDict:
       atol=1e-5,
       solver="tsit5",            # tsit5 | dopri5
       max_steps=4096,
+      # classifier-free guidance (class-conditional models; jaxdiff.guidance)
+      guidance_scale=0.0,        # w: cond + w (cond - uncond); 0 = conditional sampling only
+      guidance_interval=(0.0, float("inf")),  # apply w only where sigma/alpha is in [lo, hi]
+      guidance_rescale=0.0,      # Lin et al.'s rescale phi in [0, 1] (0 = off)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.compilation_cache_dir = ""   # persistent XLA cache ('' = off)
+  c.checkpoint_dir = ""          # orbax checkpoints, e.g. gs://bucket/run ('' = <workdir>/checkpoints)
   return c
 
 
@@ -148,6 +164,69 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.name == "mlp" and d.dataset != "gmm2d":
     raise ConfigError(f"config.model.name='mlp' takes vector data, but config.data.dataset={d.dataset!r} "
                       f"is an image dataset; use model.name='unet'.")
+  _validate_labels(config)
+  _validate_superres(config)
+  _validate_guidance(config.sampling)
+
+
+def _validate_labels(config: ml_collections.ConfigDict) -> None:
+  """Class-conditional models and classifiers need labels, as many as the dataset has."""
+  from jaxdiff.data import catalog
+
+  d, m = config.data, config.model
+  n = int(m.get("num_classes", 0))
+  p = float(config.training.get("label_dropout", 0.0))
+  if not 0.0 <= p < 1.0:
+    raise ConfigError(f"config.training.label_dropout={p} must be in [0, 1) (0.1 = Ho & Salimans).")
+  if n < 0:
+    raise ConfigError(f"config.model.num_classes={n} must be >= 0 (0 = unconditional).")
+  what = "a classifier" if m.name == "classifier" else "a class-conditional model"
+  if m.name == "classifier":
+    if n < 2:
+      raise ConfigError(f"config.model.name='classifier' needs config.model.num_classes >= 2 (got {n}); "
+                        f"set it to the dataset's number of classes.")
+    t_sampling = config.loss.get("t_sampling", "process")
+    if t_sampling not in ("process", "clean"):
+      raise ConfigError(f"config.loss.t_sampling={t_sampling!r} is not known for a classifier; use 'process' "
+                        f"(noisy x_t, for guidance) or 'clean' (x at t_min).")
+  if n == 0:
+    return
+  if not d.use_labels:
+    raise ConfigError(f"config.model.num_classes={n} makes {what}, which needs labels; set "
+                      f"--config.data.use_labels=True (or num_classes=0 for an unconditional model).")
+  info = catalog.lookup(d.dataset)
+  if info.num_classes > 0 and info.num_classes != n:
+    raise ConfigError(f"config.model.num_classes={n} but {d.dataset!r} has {info.num_classes} classes; "
+                      f"set --config.model.num_classes={info.num_classes}.")
+
+
+def _validate_superres(config: ml_collections.ConfigDict) -> None:
+  """Low-resolution conditioning: an image U-Net, a side that divides the resolution."""
+  d, m = config.data, config.model
+  r = int(d.get("cond_resolution", 0))
+  if not r:
+    return
+  if r < 0 or r >= d.resolution or d.resolution % r:
+    sides = [s for s in range(1, d.resolution) if d.resolution % s == 0]
+    raise ConfigError(f"config.data.cond_resolution={r} must be a side smaller than config.data.resolution="
+                      f"{d.resolution} that divides it (area downsampling); use one of {sides}.")
+  if m.name != "unet" or d.dataset == "gmm2d":
+    raise ConfigError(f"config.data.cond_resolution={r} (super-resolution) needs image data and "
+                      f"config.model.name='unet' (got {m.name!r} on {d.dataset!r}); set cond_resolution=0.")
+  if int(m.get("num_classes", 0)):
+    raise ConfigError(f"config.data.cond_resolution={r} with config.model.num_classes={m.num_classes}: a "
+                      f"class-conditional super-resolution model is not supported; set one of them to 0.")
+
+
+def _validate_guidance(s: ml_collections.ConfigDict) -> None:
+  from jaxdiff import guidance
+  from jaxdiff.errors import InputError
+
+  try:
+    guidance.check_guidance(float(s.get("guidance_scale", 0.0)), tuple(s.get("guidance_interval", (0.0, 1.0))),
+                            float(s.get("guidance_rescale", 0.0)))
+  except InputError as e:
+    raise ConfigError(f"config.sampling.{e}") from None
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:

@@ -42,7 +42,9 @@ METHODS = ("ode", "vlb")
 
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, exp, mesh, *,
                        step: int | None = None) -> tuple[int, Any]:
-  """Restores `(step, ema_params)` from `<workdir>/checkpoints` (default: the latest step).
+  """Restores `(step, ema_params)` from the run's checkpoints (default: the latest step).
+
+  The checkpoints are in `config.checkpoint_dir`, or `<workdir>/checkpoints` when it is empty.
 
   The parameters come back in the shardings `train.abstract_train_state` gives on `mesh`.
   """
@@ -51,7 +53,7 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, exp, mes
 
   optimizer = train.make_optimizer(**config.optimizer.to_dict(), num_steps=config.training.num_steps)
   _, abstract, _ = train.abstract_train_state(config, exp, optimizer, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), async_save=False)
   try:
     step, state = ckpt.restore(abstract, step=step)
   finally:

@@ -1,9 +1,14 @@
 """Sampling from a trained model: the library side of run_sample.py.
 
-* `make_sampler(exp, config, batch_size=..., mesh=...)` -> a jitted `fn(params, key) -> x`
-  running the whole sampler (one `lax.scan`) with its output sharded over the mesh;
+* `make_sampler(exp, config, batch_size=..., mesh=...)` -> a jitted
+  `fn(params, key, labels=None, classifier_params=None) -> (x, nfe)` running the whole
+  sampler (one `lax.scan`) with its output sharded over the mesh; class-conditional models
+  take `labels` and classifier-free guidance (`guidance_scale`), any model takes classifier
+  guidance from a trained noise-conditional classifier (`classifier=`, `jaxdiff.guidance`);
+  super-resolution models take `low_res=` (`jaxdiff.tasks`);
 * `generate(config, workdir, ...)` restores the EMA parameters of a checkpoint, draws
-  `num_samples` in batches and writes `samples.png` and `samples.npz`.
+  `num_samples` in batches (for the requested `labels`, cycled) and writes `samples.png`
+  and `samples.npz`.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import guidance
 from jaxdiff import parameterization
 from jaxdiff import samplers
 from jaxdiff import sharding
@@ -53,8 +59,27 @@ def sampler_options(config: ml_collections.ConfigDict, method: str, overrides: d
 
 def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mesh,
                  method: str | None = None, num_steps: int | None = None, options: dict | None = None,
-                 denoise: bool | None = None):
-  """A jitted `sample_fn(params, key) -> x [batch_size, ...]` for the experiment `exp`."""
+                 denoise: bool | None = None, guidance_scale: float | None = None, classifier=None,
+                 classifier_scale: float = 1.0):
+  """A jitted `sample_fn(params, key, labels=None, classifier_params=None) -> (x, nfe)`.
+
+  Args:
+    exp: the `train.Experiment` of the model.
+    config: its config (`config.sampling` gives the defaults of the arguments below).
+    batch_size: samples per call (divisible by the mesh's data shards).
+    mesh: the device mesh; `x` comes back sharded over its data axes.
+    method, num_steps, options, denoise: the sampler (`jaxdiff.sample`) and its settings.
+    guidance_scale: classifier-free guidance `w` (default `config.sampling.guidance_scale`;
+      class-conditional models only, applied where `labels` are given; w = 0: conditional).
+    classifier: the `train.Experiment` of a noise-conditional classifier for classifier
+      guidance towards `labels` (its parameters are `sample_fn`'s `classifier_params`).
+    classifier_scale: the classifier guidance scale.
+
+  `labels` is `[batch_size]` int32: the classes of a class-conditional model (None: the
+  null label, i.e. unconditional samples) and the classes classifier guidance steers to.
+  `low_res` `[batch_size, r, r, C]` (super-resolution models, `config.data.cond_resolution=r`)
+  holds the low-resolution images the samples are conditioned on.
+  """
   from jaxdiff.train import network_fn  # train imports this module
 
   method = resolve_method(method or config.sampling.method)
@@ -63,12 +88,45 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
   denoise = config.sampling.denoise if denoise is None else denoise
   sharding.check_batch_size(batch_size, mesh, name="sampling batch size")
   shape = (batch_size,) + tuple(exp.data_spec.shape)
-
+  w = float(config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+  interval = tuple(float(v) for v in config.sampling.guidance_interval)
+  rescale = float(config.sampling.guidance_rescale)
+  guidance.check_guidance(w, interval, rescale)
+  if w and not exp.num_classes:
+    raise InputError(f"guidance_scale={w:g} (classifier-free guidance) needs a class-conditional model, but "
+                     f"this one is unconditional (config.model.num_classes=0); train one with "
+                     f"config.model.num_classes > 0, or use classifier guidance (--classifier_workdir).")
+  if classifier is not None:
+    check_classifier(exp, classifier)
+  k = exp.num_classes
   clip = bool(config.sampling.clip_denoised) and exp.data_spec.is_image
+  # The interval (0, inf) is "everywhere": no mask in the traced function.
+  interval = None if interval[0] <= 0.0 and interval[1] == float("inf") else interval
 
-  def sample_fn(params, key):
-    score_fn = parameterization.score_fn_from_network(
-        network_fn(exp.model, params), exp.process, exp.prediction)
+  def sample_fn(params, key, labels=None, classifier_params=None, low_res=None):
+    if bool(exp.cond_resolution) != (low_res is not None):  # super-resolution models (tasks.superres)
+      raise InputError(f"this model is conditioned on {exp.cond_resolution}x{exp.cond_resolution} low-resolution "
+                       f"images (config.data.cond_resolution): give low_res and use run_sample.py --task superres"
+                       if exp.cond_resolution else "low_res was given but the model has no low-resolution "
+                       "conditioning (config.data.cond_resolution=0).")
+    if labels is not None and not k and classifier is None:
+      raise InputError("labels were given but the model is unconditional (config.model.num_classes=0) and "
+                       "there is no classifier to guide with; drop the labels, or pass a classifier.")
+    if classifier is not None and labels is None:
+      raise InputError("classifier guidance needs labels: the classes to steer towards.")
+    if k and labels is not None and w:
+      cond_net = lambda x, c, y: exp.model.apply({"params": params}, x, c, y, train=False)  # noqa: E731
+      score_fn = guidance.cfg_score_fn(cond_net, exp.process, exp.prediction, labels, w, null_label=k,
+                                       interval=interval, rescale=rescale)
+    else:
+      cond = {"y": labels} if (k and labels is not None) else {}
+      if low_res is not None:
+        cond["low_res"] = low_res
+      score_fn = parameterization.score_fn_from_network(
+          network_fn(exp.model, params, **cond), exp.process, exp.prediction)
+    if classifier is not None:
+      logp_fn = guidance.classifier_logp_fn(network_fn(classifier.model, classifier_params), exp.process)
+      score_fn = guidance.classifier_guidance_score_fn(score_fn, logp_fn, labels, classifier_scale)
     if clip:
       score_fn = parameterization.clip_denoised(score_fn, exp.process, -1.0 if exp.centered else 0.0, 1.0)
     x, info = samplers.sample(key, exp.process, score_fn, shape, method=method, num_steps=num_steps,
@@ -79,14 +137,85 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
                                            sharding.replicated(mesh)))
 
 
-def save_samples(x: np.ndarray, exp, prefix: str, write_npz: bool = True, max_grid: int = 256) -> dict[str, str]:
-  """Writes `<prefix>.png` (a grid, or a scatter for 2-D points) and optionally `<prefix>.npz`."""
+def check_classifier(exp, classifier) -> None:
+  """InputError unless `classifier` is a noise-conditional classifier of `exp`'s data and process."""
+  if not classifier.is_classifier:
+    raise InputError(f"the classifier for classifier guidance is a {type(classifier.model).__name__}, not a "
+                     f"noise-conditional classifier; train one with config.model.name='classifier' "
+                     f"(e.g. configs/mnist_classifier.py).")
+  if exp.num_classes and classifier.num_classes != exp.num_classes:
+    raise InputError(f"the classifier has {classifier.num_classes} classes but the model is conditional on "
+                     f"{exp.num_classes}; use a classifier trained on the same dataset.")
+  if tuple(classifier.data_spec.shape) != tuple(exp.data_spec.shape) or classifier.centered != exp.centered:
+    raise InputError(f"the classifier was trained on data of shape {classifier.data_spec.shape} "
+                     f"(centered={classifier.centered}) but the model makes {exp.data_spec.shape} "
+                     f"(centered={exp.centered}); use a classifier of the same data.")
+  if not _same_process(classifier.process, exp.process):
+    raise InputError(f"the classifier was trained on x_t of a different process ({_describe(classifier.process)}) "
+                     f"than the model's ({_describe(exp.process)}); train it with the model's config.process.")
+
+
+def _describe(process) -> str:
+  n = getattr(process, "num_timesteps", None)
+  return type(process).__name__ + (f" with {n} steps" if n is not None else "")
+
+
+def _same_process(a, b) -> bool:
+  if type(a) is not type(b):
+    return False
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and all(np.shape(x) == np.shape(y) and np.allclose(x, y) for x, y in zip(la, lb)))
+
+
+def cycle_labels(labels, n: int) -> np.ndarray:
+  """`n` labels `int32 [n]` taking `labels` in turn: cycle_labels([3, 5], 5) = [3, 5, 3, 5, 3]."""
+  labels = np.asarray(list(labels), np.int32).reshape(-1)
+  if labels.size == 0:
+    raise InputError("labels is empty; give at least one class label.")
+  return labels[np.arange(n) % labels.size]
+
+
+def parse_labels(labels, num_classes: int, *, allow_null: bool = False) -> list[int]:
+  """`--labels` values (ints, or 'null' with `allow_null`) -> ints in [0, num_classes).
+
+  'null' is the null label `num_classes` of a class-conditional model (unconditional
+  samples). InputError naming the bad value otherwise.
+  """
+  given = ",".join(map(str, labels))
+  out = []
+  for v in labels:
+    s = str(v).strip()
+    if allow_null and s == "null":
+      out.append(num_classes)
+      continue
+    try:
+      y = int(s)
+    except ValueError:
+      raise InputError(f"--labels={given}: {s!r} is not an integer class label"
+                       f"{' (or null)' if allow_null else ''}.") from None
+    if not 0 <= y < num_classes:
+      raise InputError(f"--labels={given}: label {y} is out of range for {num_classes} classes; use "
+                       f"0..{num_classes - 1}{' or null' if allow_null else ''}.")
+    out.append(y)
+  if not out:
+    raise InputError("--labels is empty; give at least one class label, e.g. --labels=0,1,2.")
+  return out
+
+
+def save_samples(x: np.ndarray, exp, prefix: str, write_npz: bool = True, max_grid: int = 256,
+                 labels: np.ndarray | None = None) -> dict[str, str]:
+  """Writes `<prefix>.png` (a grid, or a scatter for 2-D points) and optionally `<prefix>.npz`.
+
+  The .npz holds `images` (uint8) or `x` (points), and `labels` when given.
+  """
   paths = {}
+  extra = {} if labels is None else {"labels": np.asarray(labels, np.int32)}
   if exp.data_spec.is_image:
     imgs = viz.to_uint8(x, exp.centered)
     paths["png"] = viz.save_image_grid(imgs[:max_grid], prefix + ".png")
     if write_npz:
-      np.savez_compressed(prefix + ".npz", images=imgs)
+      np.savez_compressed(prefix + ".npz", images=imgs, **extra)
       paths["npz"] = prefix + ".npz"
   else:
     from jaxdiff.data import synthetic
@@ -94,7 +223,7 @@ def save_samples(x: np.ndarray, exp, prefix: str, write_npz: bool = True, max_gr
     ref, _ = synthetic.gmm2d().sample(2000, seed=123)
     paths["png"] = viz.save_scatter(x, prefix + ".png", reference=ref)
     if write_npz:
-      np.savez_compressed(prefix + ".npz", x=np.asarray(x, np.float32))
+      np.savez_compressed(prefix + ".npz", x=np.asarray(x, np.float32), **extra)
       paths["npz"] = prefix + ".npz"
   return paths
 
@@ -119,35 +248,99 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
+def load_classifier(workdir: str, mesh, *, step: int | None = None):
+  """(experiment, EMA params) of a noise-conditional classifier trained in `workdir`."""
+  from jaxdiff import evaluate
+  from jaxdiff import train
+
+  config = load_config(workdir)
+  exp = train.build_experiment(config)
+  if not exp.is_classifier:
+    raise InputError(f"--classifier_workdir={workdir!r} holds a {type(exp.model).__name__} "
+                     f"(config.model.name={config.model.name!r}), not a classifier; train one with "
+                     f"config.model.name='classifier' (e.g. configs/mnist_classifier.py).")
+  _, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
+  return exp, params
+
+
 def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
              method: str | None = None, num_steps: int | None = None, num_samples: int = 64,
              seed: int = 0, batch_size: int | None = None, options: dict | None = None,
-             out_dir: str | None = None) -> dict[str, Any]:
+             out_dir: str | None = None, labels: Sequence[int | str] | None = None,
+             guidance_scale: float | None = None, classifier_workdir: str | None = None,
+             classifier_scale: float | None = None) -> dict[str, Any]:
   """Restores the EMA parameters of `workdir`'s checkpoint and writes samples.
+
+  Args (beyond the sampler's):
+    labels: classes to draw, cycled over `num_samples` (class-conditional models: default
+      every class in turn; 'null' = unconditional). With a classifier, the classes it
+      guides towards.
+    guidance_scale: classifier-free guidance w (default config.sampling.guidance_scale).
+    classifier_workdir: a run of `config.model.name='classifier'` for classifier guidance.
+    classifier_scale: its guidance scale (default 1.0).
 
   Returns a dict with the paths written, the NFE per sample, wall time and images/s.
   """
   from jaxdiff import evaluate
   from jaxdiff import train
 
+  # multi-host: every process must sample the same thing (or the collectives would hang)
+  sharding.check_same_config(config, dict(step=step, method=method, num_steps=num_steps, num_samples=num_samples,
+                                          seed=seed, batch_size=batch_size, options=options, labels=labels,
+                                          guidance_scale=guidance_scale, classifier_scale=classifier_scale),
+                             what="config or flag")
   exp = train.build_experiment(config)
-  mesh = sharding.create_mesh(config.mesh.to_dict())
-  step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
-
+  if exp.is_classifier:
+    raise InputError(f"--workdir={workdir!r} holds a noise-conditional classifier, which does not draw "
+                     f"samples; pass it as --classifier_workdir of a diffusion model's run.")
+  if exp.cond_resolution:
+    raise InputError(f"--workdir={workdir!r} holds a super-resolution model (config.data.cond_resolution="
+                     f"{exp.cond_resolution}), which needs low-resolution inputs; use run_sample.py --task "
+                     f"superres --input=PATH.")
   if num_samples < 1:
     raise InputError(f"--num_samples={num_samples} must be >= 1.")
+  k = exp.num_classes
+  if guidance_scale and not k:
+    raise InputError(f"--guidance_scale={guidance_scale:g} needs a class-conditional model, but {workdir!r} "
+                     f"is unconditional (config.model.num_classes=0); train with config.model.num_classes>0 "
+                     f"(e.g. configs/mnist_cond.py) or use --classifier_workdir for classifier guidance.")
+  if classifier_workdir is None and classifier_scale is not None:
+    raise InputError(f"--classifier_scale={classifier_scale:g} needs --classifier_workdir (a classifier run).")
+  classifier_scale = 1.0 if classifier_scale is None else float(classifier_scale)
+  if labels and not k and classifier_workdir is None:
+    raise InputError(f"--labels={','.join(map(str, labels))} were given but {workdir!r} is an unconditional "
+                     f"model (config.model.num_classes=0); drop --labels, or add --classifier_workdir for "
+                     f"classifier guidance.")
+  mesh = sharding.create_mesh(config.mesh.to_dict())
+  classifier = classifier_params = None
+  if classifier_workdir is not None:
+    classifier, classifier_params = load_classifier(classifier_workdir, mesh)
+    check_classifier(exp, classifier)
+    if not labels:
+      raise InputError(f"--classifier_workdir needs --labels: the classes to guide towards, e.g. --labels=0,1,2 "
+                       f"(0..{classifier.num_classes - 1}).")
+  n_labels = k or (classifier.num_classes if classifier is not None else 0)
+  label_list = (parse_labels(labels, n_labels, allow_null=bool(k) and classifier is None) if labels
+                else list(range(k)) if k else None)
+  step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
+
   n_shards = sharding.num_data_shards(mesh)
   batch_size = batch_size or min(config.sampling.batch_size, num_samples)
   batch_size = int(math.ceil(batch_size / n_shards) * n_shards)
   fn = make_sampler(exp, config, batch_size=batch_size, mesh=mesh, method=method,
-                    num_steps=num_steps, options=options)
+                    num_steps=num_steps, options=options, guidance_scale=guidance_scale,
+                    classifier=classifier, classifier_scale=classifier_scale)
   method = resolve_method(method or config.sampling.method)
+  w = float(config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
 
   key = jax.random.key(seed)
   n_batches = int(math.ceil(num_samples / batch_size))
+  all_labels = None if label_list is None else cycle_labels(label_list, n_batches * batch_size)
+  label_sh = sharding.batch_sharding(mesh, 1)
   out, t0 = [], time.time()
   for b in range(n_batches):
-    x, nfe = fn(params, jax.random.fold_in(key, b))
+    y = None if all_labels is None else jax.device_put(all_labels[b * batch_size:(b + 1) * batch_size], label_sh)
+    x, nfe = fn(params, jax.random.fold_in(key, b), y, classifier_params)
     out.append(sharding.to_host(x))
     nfe = int(nfe)
     done = min((b + 1) * batch_size, num_samples)
@@ -158,9 +351,18 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   out_dir = out_dir or os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   prefix = os.path.join(out_dir, f"{method}_{nfe}nfe_step{step}_seed{seed}")
-  paths = save_samples(x, exp, prefix) if sharding.is_main_process() else {}
+  if k and label_list is not None and w:
+    prefix += f"_cfg{w:g}"
+  if classifier is not None:
+    prefix += f"_cg{classifier_scale:g}"
+  sample_labels = None if all_labels is None else all_labels[:num_samples]
+  paths = save_samples(x, exp, prefix, labels=sample_labels) if sharding.is_main_process() else {}
   result = {"paths": paths, "nfe": nfe, "method": method, "checkpoint_step": step,
-            "num_samples": num_samples, "wall_s": wall, "samples_per_s": num_samples / wall}
-  log.info("Wrote %s: %d samples, %s, %d NFE, %.1fs (%.2f samples/s, compile included).",
-               paths.get("png"), num_samples, method, nfe, wall, num_samples / wall)
+            "num_samples": num_samples, "wall_s": wall, "samples_per_s": num_samples / wall,
+            "labels": None if sample_labels is None else sample_labels.tolist(),
+            "guidance_scale": w if k else 0.0,
+            "classifier_scale": classifier_scale if classifier is not None else 0.0}
+  if sharding.is_main_process():
+    log.info("Wrote %s: %d samples, %s, %d NFE, %.1fs (%.2f samples/s, compile included).",
+             paths.get("png"), num_samples, method, nfe, wall, num_samples / wall)
   return result

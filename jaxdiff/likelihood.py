@@ -13,7 +13,7 @@ Two estimators, as in the literature:
 
   (`d log p_t(x_t) / dt = -div f` along a trajectory, so `log p_{t_min}(x) = log p_T(x_T)
   + int div f dt`). The divergence is exact (a full Jacobian trace, low dimension only) or
-  Hutchinson's unbiased estimate `E[eps^T J eps]` from one forward-mode JVP per probe,
+  Hutchinson's unbiased estimate `E[eps^T J eps]` from one reverse-mode VJP per probe,
   with the probes drawn once per solve, as in score_sde.
 * `bits_per_dim(key, process, score_fn, images_uint8)`: the above for 8-bit images, with
   uniform dequantization `(k + u) / 256` and the change of variables to the model's data
@@ -50,14 +50,14 @@ DIVERGENCES = ("hutchinson_rademacher", "hutchinson_gaussian", "exact")
 SOLVERS = ("tsit5", "dopri5")
 VARIANCES = ("fixed_small", "fixed_large")
 DECODERS = ("discretized", "gaussian")
-# Above this many dimensions per example the exact divergence (one JVP per dimension) is
+# Above this many dimensions per example the exact divergence (one VJP per dimension) is
 # refused: use a Hutchinson estimator.
 MAX_EXACT_DIM = 4096
 # Both solvers are 7-stage FSAL Runge-Kutta methods: the first step evaluates all 7 stages,
 # every later step (accepted or rejected) 6, so NFE = 6 * num_steps + 1, plus one for each
 # rejected attempt at the very first step (diffrax evaluates the first stage again; with
 # the default dt0 this is rare). Handing diffrax the first stage (`solver_state`) would make
-# the count exact, but compiles a second copy of the network's JVP outside the solver's
+# the count exact, but compiles a second copy of the network's VJP outside the solver's
 # stage loop (+50% compile time on the tiny U-Net).
 NFE_PER_STEP = 6
 LN2 = math.log(2.0)
@@ -162,7 +162,7 @@ def _check_ode_options(divergence, n_probes, solver, rtol, atol, max_steps, dt0)
 def _check_exact_dim(divergence: str, x) -> None:
   d = math.prod(x.shape[1:])
   if divergence == "exact" and d > MAX_EXACT_DIM:
-    raise InputError(f"divergence='exact' needs one JVP per dimension, and x has {d} > {MAX_EXACT_DIM} "
+    raise InputError(f"divergence='exact' needs one VJP per dimension, and x has {d} > {MAX_EXACT_DIM} "
                      f"dimensions per example; use divergence='hutchinson_rademacher'.")
 
 
@@ -194,40 +194,39 @@ def _drift_and_divergence_fn(drift, divergence: str, n_probes: int):
   def data_axes(a: Array, first: int = 1) -> tuple[int, ...]:
     return tuple(range(first, a.ndim))
 
+  # Reverse mode throughout (one `jax.vjp`, then J^T v products): it works for any network,
+  # including jaxdiff's U-Net, whose GroupNorm and attention have hand-written VJPs (a
+  # `custom_vjp` function cannot be differentiated in forward mode). Since eps^T J eps =
+  # eps^T J^T eps and J_ii = (J^T e_i)_i, nothing needs forward mode.
+
   if divergence == "exact":
 
     def exact(x, t, probes):
       del probes
       b, d = x.shape[0], math.prod(x.shape[1:])
-      fn = lambda z: drift(z, t)  # noqa: E731
+      f, vjp_fn = jax.vjp(lambda z: drift(z, t), x)
 
       def diagonal_entry(i):
-        # Examples are independent, so one JVP with e_i in every row gives (J_b)_{ii} for all b.
+        # Examples are independent, so one J^T e_i with e_i in every row gives (J_b)_{ii} for all b.
         e = jax.nn.one_hot(i, d, dtype=x.dtype).reshape(x.shape[1:])
-        _, jv = jax.jvp(fn, (x,), (jnp.broadcast_to(e, x.shape),))
-        return jv.reshape(b, d)[:, i]
+        (jtv,) = vjp_fn(jnp.broadcast_to(e, x.shape).astype(f.dtype))
+        return jtv.reshape(b, d)[:, i]
 
       diag = jax.lax.map(diagonal_entry, jnp.arange(d), batch_size=min(d, 64))
-      return fn(x), jnp.sum(diag, axis=0)
+      return f, jnp.sum(diag, axis=0)
 
     return exact
 
-  if n_probes == 1:
+  def hutchinson(x, t, probes):
+    # One forward pass with residuals, then one J^T eps per probe.
+    f, vjp_fn = jax.vjp(lambda z: drift(z, t), x)
+    if probes.shape[0] == 1:
+      (jtv,) = vjp_fn(probes[0].astype(f.dtype))
+      return f, jnp.sum(probes[0] * jtv, axis=data_axes(x))
+    (jtv,) = jax.vmap(vjp_fn)(probes.astype(f.dtype))
+    return f, jnp.mean(jnp.sum(probes * jtv, axis=data_axes(jtv, 2)), axis=0)
 
-    def hutchinson(x, t, probes):
-      # One forward-mode pass gives the drift and J eps together.
-      f, jv = jax.jvp(lambda z: drift(z, t), (x,), (probes[0],))
-      return f, jnp.sum(probes[0] * jv, axis=data_axes(x))
-
-    return hutchinson
-
-  def hutchinson_many(x, t, probes):
-    # Linearize once, then apply J to every probe.
-    f, jvp_fn = jax.linearize(lambda z: drift(z, t), x)
-    jv = jax.vmap(jvp_fn)(probes)
-    return f, jnp.mean(jnp.sum(probes * jv, axis=data_axes(jv, 2)), axis=0)
-
-  return hutchinson_many
+  return hutchinson
 
 
 def _draw_probes(key: Array, x: Array, divergence: str, n_probes: int) -> Array:
@@ -297,9 +296,9 @@ def log_likelihood(key: Array, process: Process, score_fn: ScoreFn, x: Array, *,
       not interact (true of diffusion networks), as the exact divergence relies on it.
     x: `[B, ...]` float data in the model's scale (e.g. [-1, 1] for centered images).
     divergence: "hutchinson_rademacher" (default; lowest variance), "hutchinson_gaussian",
-      or "exact" (trace of the Jacobian, one JVP per dimension; at most 4096 dimensions).
+      or "exact" (trace of the Jacobian, one VJP per dimension; at most 4096 dimensions).
     rtol, atol: the PID step-size controller's tolerances.
-    n_probes: Hutchinson probes per example, averaged (one linearization, vmapped JVPs).
+    n_probes: Hutchinson probes per example, averaged (one forward pass, vmapped VJPs).
     solver: "tsit5" or "dopri5" (both 5th order, 6 evaluations per step).
     max_steps: the solve fails (InputError outside jit; NaN inside) after this many steps.
     dt0: first step size (default: 1/64 of the interval); the controller adapts it.

@@ -18,6 +18,9 @@ key) bound. One function covers the objectives of the field:
 
 The per-example loss is reduced over data dimensions by `reduce` ('mean' or 'sum') and then
 averaged over the batch.
+
+`make_classifier_loss(process)` is the cross-entropy objective of a noise-conditional
+classifier for classifier guidance: `loss_fn(net, x0, labels, key) -> (loss, aux)`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import guidance
 from jaxdiff import parameterization as param_lib
 from jaxdiff.errors import ConfigError
 from jaxdiff.processes import EDM, VE, Process, bcast
@@ -133,3 +137,40 @@ def make_denoising_loss(
 
   return loss_fn
 
+
+
+CLASSIFIER_T_SAMPLINGS = ("process", "clean")
+
+
+def make_classifier_loss(process: Process, *,
+                         t_sampling: str = "process") -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds `loss_fn(net, x0, labels, key) -> (loss, aux)` for a noise-conditional classifier.
+
+  The cross-entropy of `net(x_in, c) -> logits [B, K]` on `x_t = alpha x0 + sigma eps` at
+  random times, `x_in, c = guidance.classifier_input(process, x_t, t)` (what guidance feeds
+  it), as Dhariwal & Nichol train their ImageNet classifiers. `aux` holds the batch
+  `accuracy` and the times `t`.
+
+  Args:
+    process: the diffusion process whose noised data the classifier will guide.
+    t_sampling: 'process' (the process's training times, the noise-conditional classifier
+      classifier guidance needs) or 'clean' (every example at t_min: a classifier of clean
+      data, e.g. to evaluate samples).
+  """
+  _check("t_sampling", t_sampling, CLASSIFIER_T_SAMPLINGS)
+
+  def loss_fn(net, x0: Array, labels: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+    k_t, k_eps = jax.random.split(key)
+    batch = x0.shape[0]
+    if t_sampling == "clean":
+      t = jnp.full((batch,), process.t_min, jnp.float32)
+    else:
+      t = process.sample_t(k_t, batch)
+    x_t = process.marginal(x0, t, jax.random.normal(k_eps, x0.shape, x0.dtype))
+    logits = net(*guidance.classifier_input(process, x_t, t)).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+    return jnp.mean(nll), {"accuracy": accuracy, "t": t, "loss_per_example": nll}
+
+  return loss_fn

@@ -30,6 +30,10 @@ Methods (see `METHODS` and `describe_methods()`; NFE = network evaluations):
 Every fixed-step loop is one `lax.scan`; the `ode` solve is one on-device diffrax while
 loop. The whole sampler is traceable, so wrap the call in `jax.jit` (and close over the
 parameters) to compile it once.
+
+Controlled generation (inpainting, colorization: `jaxdiff.tasks`) uses one generic hook,
+`sample(..., project=fn)`: `fn(x, t, key) -> x` is applied to the state at the time it is
+at, after every update of every method (see `sample`).
 """
 
 from __future__ import annotations
@@ -95,6 +99,13 @@ class StepContext:
   score_fn: ScoreFn
   opts: dict[str, Any]
   ts: Array | None = None  # the whole grid, `[n]` float32
+  project: Callable[[Array, Array, Array], Array] | None = None  # see `sample(project=...)`
+
+  def projected(self, x: Array, t, key: Array) -> Array:
+    """`project(x, t, key')` with a key of its own derived from `key` (x itself if no hook)."""
+    if self.project is None:
+      return x
+    return self.project(x, jnp.asarray(t, jnp.float32), jax.random.fold_in(key, _PROJECT_STREAM))
 
   def score(self, x: Array, t) -> Array:
     """The score at scalar time `t` for every example."""
@@ -104,6 +115,10 @@ class StepContext:
     """(x0_hat, eps_hat) at scalar (or `[B]`) time `t`."""
     tt = _full(t, x) if jnp.ndim(t) == 0 else t
     return x0_eps_from_score(self.process, self.score_fn(x, tt), x, tt)
+
+
+# fold_in tag of the keys `project` gets (independent of the steps' own noise).
+_PROJECT_STREAM = 0x70726F6A
 
 
 def _no_carry(x: Array, opts: dict) -> Any:
@@ -306,7 +321,7 @@ def _langevin_corrector(ctx: StepContext, x, t, alpha_i, key):
     g_norm = jnp.mean(jnp.linalg.norm(g.reshape(batch, -1), axis=-1))
     z_norm = jnp.mean(jnp.linalg.norm(z.reshape(batch, -1), axis=-1))
     eps = 2.0 * alpha_i * (snr * z_norm / jnp.maximum(g_norm, 1e-20)) ** 2
-    return x + eps * g + jnp.sqrt(2.0 * eps) * z
+    return ctx.projected(x + eps * g + jnp.sqrt(2.0 * eps) * z, t, jax.random.fold_in(key, j))
 
   if n == 0:
     return x
@@ -372,7 +387,8 @@ def _ald_langevin(ctx: StepContext, x, t, key):
 
   def body(j, x):
     z = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
-    return x + 0.5 * step * ctx.score(x, t) + jnp.sqrt(step) * z
+    x = x + 0.5 * step * ctx.score(x, t) + jnp.sqrt(step) * z
+    return ctx.projected(x, t, jax.random.fold_in(key, j))
 
   return jax.lax.fori_loop(0, int(ctx.opts["n_steps_each"]), body, x)
 
@@ -711,6 +727,7 @@ def sample(
     ts: Array | None = None,
     denoise: bool = True,
     x_init: Array | None = None,
+    project: Callable[[Array, Array, Array], Array] | None = None,
     **options,
 ) -> tuple[Array, dict[str, Any]]:
   """Draws samples of `shape = (B, ...)` from the reverse of `process`.
@@ -726,6 +743,14 @@ def sample(
       `ode`, its first and last entries are the interval to integrate over).
     denoise: finish with `x0_hat(x, ts[-1])` (one more network evaluation).
     x_init: start from this `x_T` instead of a prior draw (e.g. SDEdit).
+    project: an optional `project(x, t, key) -> x` (t a scalar time, key a fresh PRNG key)
+      applied to the state at the time it is at: to x_T at ts[0], after every step at the
+      time it reached, after every inner Langevin step of `pc` and `ald`, and, with
+      `denoise=False`, after a method's final stage at ts[-1] (the denoised output is
+      data, not a state at a grid time: callers compose it themselves). `ode` integrates
+      adaptively between consecutive grid times (`ts`, or `process.default_grid(num_steps)`
+      if `num_steps` is given) and projects at each; NFE and steps add up over the
+      segments. Inpainting and colorization (`jaxdiff.tasks`) replace the known part of x.
     **options: the method's options (e.g. `eta` for ddim); unknown ones are an error.
 
   Returns:
@@ -743,8 +768,13 @@ def sample(
   m.check(process, opts)
 
   if ts is None:
-    if m.solve is not None:
+    if m.solve is not None and (project is None or num_steps is None):
       ts = jnp.asarray([process.T, process.t_min], jnp.float32)
+    elif m.solve is not None:
+      if int(num_steps) < 2:
+        raise InputError(f"sample(method={method!r}, project=...) projects between grid times; "
+                         f"num_steps={num_steps} must be >= 2.")
+      ts = process.default_grid(int(num_steps))
     else:
       if num_steps is None:
         raise InputError(f"sample(method={method!r}) needs num_steps=<int> or an explicit ts grid.")
@@ -776,8 +806,22 @@ def sample(
       raise InputError(f"x_init has shape {tuple(x_init.shape)} but shape={tuple(shape)}.")
     x = x_init
   _check_score_fn(score_fn, x)
-  ctx = StepContext(process, score_fn, opts, ts)
+  ctx = StepContext(process, score_fn, opts, ts, project)
+  x = ctx.projected(x, ts[0], k_init)
 
+  if m.solve is not None and project is not None and n > 1:
+    def segment(x, inp):  # an adaptive solve from t to s, then the projection at s
+      i, t, s = inp
+      seg = dataclasses.replace(ctx, ts=jnp.stack([t, s]))
+      x, nfe, steps = m.solve(seg, x, jax.random.fold_in(k_loop, i))
+      return ctx.projected(x, s, jax.random.fold_in(k_loop, i)), (nfe, steps)
+
+    x, (nfes, steps) = jax.lax.scan(segment, x, (jnp.arange(n - 1), ts[:-1], ts[1:]))
+    nfe, steps = jnp.sum(nfes), jnp.sum(steps)
+    if denoise:
+      x = ctx.x0_eps(x, ts[-1])[0]
+      nfe = nfe + 1
+    return x, {"nfe": nfe, "num_steps": steps}
   if m.solve is not None:
     x, nfe, steps = m.solve(ctx, x, k_loop)
     if denoise:
@@ -788,14 +832,17 @@ def sample(
   def body(carry, inp):
     x, c = carry
     i, t, s = inp
-    x, c = m.step(ctx, x, t, s, jax.random.fold_in(k_loop, i), c)
-    return (x, c), None
+    k = jax.random.fold_in(k_loop, i)
+    x, c = m.step(ctx, x, t, s, k, c)
+    return (ctx.projected(x, s, k), c), None
 
   if n > 1:
     steps = (jnp.arange(n - 1), ts[:-1], ts[1:])
     (x, _), _ = jax.lax.scan(body, (x, m.init_carry(x, opts)), steps)
   if m.final is not None:
-    x = m.final(ctx, x, jax.random.fold_in(k_loop, n - 1), denoise)
+    k = jax.random.fold_in(k_loop, n - 1)
+    x = m.final(ctx, x, k, denoise)
+    x = x if denoise else ctx.projected(x, ts[-1], k)
   elif denoise:
     x, _ = ctx.x0_eps(x, ts[-1])
   return x, {"nfe": m.fixed_nfe(opts, n, denoise), "num_steps": n}

@@ -6,15 +6,26 @@
   EMA and optimizer state are replicated (data parallel) or, where the mesh has an `fsdp`
   axis of size > 1, sharded over it along their largest divisible dimension (FSDP); XLA
   inserts the all-gathers / reduce-scatters.
-* `global_batch(local_batch, mesh)` turns each host's numpy batch into one global `jax.Array`.
-* `initialize_distributed(...)` wraps `jax.distributed.initialize` for multi-host runs.
+* `global_batch(local_batch, mesh)` turns each host's numpy batch into one global `jax.Array`;
+  `local_batch_rows(mesh, global_batch)` says which rows of it this host reads.
+* `initialize_distributed(...)` wraps `jax.distributed.initialize` for multi-host runs (explicit
+  coordinator, or auto-detection on Cloud TPU / SLURM / Open MPI), failing in one line within
+  a timeout instead of hanging; `check_same_config(config)` stops processes started with
+  different configs.
 
 Nothing else in jaxdiff asks how many devices or processes exist.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import socket
+import sys
+import threading
+import time
 from typing import Any, Mapping
 
 import jax
@@ -73,6 +84,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(x: Any, mesh: Mesh) -> jax.Array:
+  """A value that is the same on every process (a PRNG key too) as a replicated global array.
+
+  `jax.device_put` cannot target devices of other processes; this builds the global array
+  from each process's own copy.
+  """
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+    impl = jax.random.key_impl(x)
+    return jax.random.wrap_key_data(replicate(jax.random.key_data(x), mesh), impl=impl)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "config.training.batch_size") -> None:
   n = num_data_shards(mesh)
   if global_batch % n:
@@ -90,6 +114,18 @@ def local_batch_size(global_batch: int) -> int:
 def process_shard() -> tuple[int, int]:
   """(this process's index, the number of processes): which slice of the data to read."""
   return jax.process_index(), jax.process_count()
+
+
+def local_batch_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold (sorted), int [local_batch].
+
+  `global_batch` puts a host's local batch into exactly these rows, so a host that reads
+  these rows of every global batch of one data stream makes the same global batches as a
+  single process would (`data.create_dataset(batch_rows=...)`).
+  """
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+  rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(global_batch))})
+  return np.asarray(rows, np.int64)
 
 
 def is_main_process() -> bool:
@@ -126,27 +162,171 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
           for k, v in local.items()}
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, local_device_ids=None,
-                           initialization_timeout: int = 300) -> None:
-  """Starts `jax.distributed` (a no-op for a single process with no arguments).
+def _split_address(address: str) -> tuple[str, int]:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise ConfigError(f"--coordinator_address={address!r} must look like host:port "
+                      f"(e.g. 10.0.0.2:12345, process 0's host and a free port).")
+  return host.strip("[]"), int(port)
 
-  On Cloud TPU and under SLURM / Open MPI, JAX finds the coordinator itself: pass nothing
-  and set the environment (`JAX_COORDINATOR_ADDRESS` etc.) or run under `srun` / `mpirun`.
-  On other GPU clusters pass all three of address, count and id.
+
+def _wait_for_coordinator(address: str, process_id: int, num_processes: int, timeout_s: float) -> None:
+  """Returns once something accepts TCP connections at `address`; ConfigError after `timeout_s`."""
+  host, port = _split_address(address)
+  deadline, err = time.monotonic() + timeout_s, None
+  while True:
+    left = deadline - time.monotonic()
+    try:
+      socket.create_connection((host, port), timeout=max(0.1, min(2.0, left))).close()
+      return
+    except OSError as e:
+      err = e
+    if left <= 0:
+      raise ConfigError(
+          f"--coordinator_address={address} cannot be reached from process {process_id} of {num_processes}: "
+          f"nothing accepted a connection within --distributed_timeout={timeout_s:g}s (last error: {err}); "
+          f"start process 0 (--process_id=0) on that host and port, check the address and firewall, "
+          f"or raise --distributed_timeout.")
+    time.sleep(min(0.2, max(left, 0.0)))
+
+
+class _Watchdog:
+  """Ends the process with a one-line error if `jax.distributed.initialize` outlives `timeout_s`.
+
+  JAX itself aborts the process at its own deadline (a fatal C++ error with a stack
+  trace that Python cannot catch); this says why, slightly earlier, in one line.
   """
-  explicit = [coordinator_address, num_processes, process_id]
-  if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+
+  def __init__(self, timeout_s: float, message: str):
+    self._timer = threading.Timer(timeout_s, self._fire, args=(message,))
+    self._timer.daemon = True
+
+  @staticmethod
+  def _fire(message: str) -> None:
+    print(f"error: ConfigError: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+  def __enter__(self):
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._timer.cancel()
+    return False
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto: bool = False, local_device_ids=None,
+                           timeout_s: float = 300) -> None:
+  """Starts `jax.distributed` for a multi-process run; fails in one line within `timeout_s`.
+
+  Args:
+    coordinator_address: `host:port` of process 0 (it serves there; the others connect).
+    num_processes: the number of processes (usually one per host).
+    process_id: this process's index in [0, num_processes).
+    auto: let `jax.distributed.initialize()` detect the cluster (Cloud TPU, SLURM, Open MPI);
+      the explicit values given replace the detected ones. Without `auto` all three of
+      address, count and id are required.
+    local_device_ids: the accelerators this process uses (default: all it sees).
+    timeout_s: how long to wait for the coordinator and the other processes. A process
+      other than 0 that cannot reach the coordinator raises ConfigError; one whose peers
+      do not all connect exits with a one-line error (JAX aborts the process there).
+  """
+  if jax.distributed.is_initialized():
+    return
+  given = [coordinator_address, num_processes, process_id]
+  if not auto and not all(v is not None for v in given):
     raise ConfigError(f"multi-host needs all of --coordinator_address, --num_processes and --process_id "
-                      f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}), or none of them "
-                      f"on Cloud TPU / SLURM / Open MPI.")
-  kwargs = dict(initialization_timeout=initialization_timeout)
+                      f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}); or pass "
+                      f"--distributed=auto on Cloud TPU / SLURM / Open MPI.")
+  if timeout_s <= 0:
+    raise ConfigError(f"--distributed_timeout={timeout_s} must be > 0 seconds.")
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes} must be >= 1.")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
   if coordinator_address is not None:
-    kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id)
-  if local_device_ids is not None:
-    kwargs["local_device_ids"] = local_device_ids
-  jax.distributed.initialize(**kwargs)
+    _split_address(coordinator_address)
+    if process_id not in (None, 0):  # process 0 serves the coordinator; the others wait for it
+      _wait_for_coordinator(coordinator_address, process_id, num_processes or 0, timeout_s)
+  kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                process_id=process_id, local_device_ids=local_device_ids,
+                # JAX's own deadline (a fatal abort) comes after the watchdog's one-line error
+                initialization_timeout=int(math.ceil(timeout_s)) + 30)
+  who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
+  where = coordinator_address or "the auto-detected coordinator"
+  message = (f"jax.distributed did not start within --distributed_timeout={timeout_s:g}s on {who} "
+             f"(coordinator {where}): not every process connected; start all processes with the same "
+             f"--coordinator_address and --num_processes and distinct --process_id, or raise "
+             f"--distributed_timeout.")
+  try:
+    with _Watchdog(timeout_s, message):
+      jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError, RuntimeError) as e:
+    if auto and coordinator_address is None and "coordinator_address" in str(e):
+      raise ConfigError("--distributed=auto found no Cloud TPU, SLURM or Open MPI environment to detect "
+                        "the processes from; pass --coordinator_address, --num_processes and "
+                        "--process_id instead.") from None
+    raise ConfigError(f"jax.distributed.initialize failed on {who}: {' '.join(str(e).split())}") from None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
+  """Every process's `data`, in process order (a collective: all processes must call it)."""
+  from jax.experimental import multihost_utils
+
+  lens = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32))).reshape(-1)
+  n = int(lens.max())
+  buf = np.zeros((n,), np.uint8)
+  buf[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lens), n)
+  return [bytes(r[:m]) for r, m in zip(rows, lens)]
+
+
+def check_same_config(config: Any, extra: Mapping[str, Any] | None = None, *, what: str = "config",
+                      max_keys: int = 4) -> None:
+  """ConfigError, on every process, if the processes were started with different configs.
+
+  Compares a hash of the config's JSON (plus `extra`, e.g. command-line arguments) across
+  processes; on a mismatch gathers the configs and names the keys that differ. A no-op
+  for one process. Call it on every process at the same point (it is a collective).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  tree = json.loads(config.to_json_best_effort(sort_keys=True)) if hasattr(config, "to_json_best_effort") \
+      else dict(config)
+  if extra:
+    tree = {**tree, **{f"--{k}": v for k, v in extra.items()}}
+  text = json.dumps(tree, sort_keys=True, default=repr).encode()
+  digest = np.frombuffer(hashlib.sha256(text).digest()[:16], np.int32)
+  digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  if (digests == digests[0]).all():
+    return
+  trees = [_flatten(json.loads(t)) for t in _allgather_bytes(text)]
+  ref = trees[0]
+  for pid, other in enumerate(trees[1:], start=1):
+    keys = sorted(k for k in set(ref) | set(other) if ref.get(k, "<missing>") != other.get(k, "<missing>"))
+    if keys:
+      shown = ", ".join(f"{k}={other.get(k, '<missing>')!r} (process 0: {ref.get(k, '<missing>')!r})"
+                        for k in keys[:max_keys])
+      more = f" and {len(keys) - max_keys} more" if len(keys) > max_keys else ""
+      bad = [p for p in range(1, len(trees)) if trees[p] != ref]
+      raise ConfigError(
+          f"the {len(trees)} processes were started with different {what}s: process {pid} has {shown}{more}"
+          f"{'' if len(bad) == 1 else f' (processes {bad} differ from process 0)'}; start every process "
+          f"with the same --config and --config.* overrides (and the same flags).")
+  raise ConfigError(f"the {len(trees)} processes were started with different {what}s; start every process "
+                    f"with the same --config and --config.* overrides (and the same flags).")
 
 
 def to_host(x: jax.Array) -> np.ndarray:

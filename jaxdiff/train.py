@@ -4,8 +4,11 @@ The pieces are small top-level functions so they can be used and tested on their
 
 * `make_optimizer(...)`  optax chain: global-norm clipping, Adam/AdamW, warmup + schedule;
 * `create_train_state(key, model, optimizer, example)`  params, EMA, optimizer state;
-* `train_step(state, batch, key, *, model, loss_fn, optimizer, ema_decay)`  pure; jit,
-  shardings and donation are applied where it is called;
+* `train_step(state, batch, key, *, model, loss_fn, optimizer, ema_decay, label_dropout)`
+  pure; jit, shardings and donation are applied where it is called; class-conditional
+  models get the batch's labels, dropped to the null label with `label_dropout`;
+* `classifier_train_step(...)`  the same for a noise-conditional classifier
+  (`config.model.name='classifier'`, cross-entropy on noised data);
 * `train_and_evaluate(config, workdir)`  the loop: sharded init, resume from the latest
   checkpoint, metrics pulled from the device only every `log_every` steps, NaN guard before
   every checkpoint, sample grids and a loss curve under the workdir.
@@ -37,6 +40,7 @@ from jaxdiff import losses
 from jaxdiff import models
 from jaxdiff import processes
 from jaxdiff import sharding
+from jaxdiff import tasks
 from jaxdiff import viz
 from jaxdiff.errors import ConfigError, NonFiniteLossError
 
@@ -47,7 +51,7 @@ Array = jax.Array
 class TrainState(struct.PyTreeNode):
   step: Array  # [] int32, number of optimizer updates applied
   params: Any
-  ema_params: Any
+  ema_params: Any  # exponential moving average of params (None: no EMA kept)
   opt_state: optax.OptState
 
 
@@ -94,30 +98,67 @@ def make_optimizer(
 
 
 def network_fn(model: nn.Module, params, *, train: bool = False, dropout_key: Array | None = None,
-               **cond) -> Callable[[Array, Array], Array]:
-  """Binds parameters (and conditioning, dropout key) into `net(x, c) -> out`."""
+               low_res: Array | None = None, **cond) -> Callable[[Array, Array], Array]:
+  """Binds parameters (and conditioning, dropout key) into `net(x, c) -> out`.
+
+  `low_res` (super-resolution models, `config.data.cond_resolution`): low-resolution images
+  `[B, h, w, C]`, upsampled and concatenated to x as extra input channels (`tasks.network_input`).
+  """
   rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else {}
 
   def net(x, c):
+    if low_res is not None:
+      x = tasks.network_input(x, low_res)
     return model.apply({"params": params}, x, c, train=train, rngs=rngs, **cond)
 
   return net
 
 
 def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
-                       example_x: Array) -> TrainState:
+                       example_x: Array, ema: bool = True) -> TrainState:
+  """Initial parameters, their EMA copy (None with `ema=False`) and optimizer state."""
   t = jnp.zeros((example_x.shape[0],), jnp.float32)
   params = model.init({"params": key}, example_x, t, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params))
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                    opt_state=optimizer.init(params))
+
+
+LABEL_DROPOUT_STREAM = 0x6C616265  # fold_in tag of the label-dropout key ("labe")
+
+
+def drop_labels(key: Array, labels: Array, rate: float, null_label: int) -> Array:
+  """Replaces each label by `null_label` with probability `rate` (classifier-free guidance)."""
+  drop = jax.random.bernoulli(key, rate, labels.shape)
+  return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
 def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                loss_fn: Callable, optimizer: optax.GradientTransformation,
-               ema_decay: float) -> tuple[TrainState, dict[str, Array]]:
-  """One optimizer update. Pure: `(state, batch, key) -> (state, metrics)`."""
+               ema_decay: float, label_dropout: float = 0.0,
+               cond_resolution: int = 0) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer update. Pure: `(state, batch, key) -> (state, metrics)`.
+
+  A batch with "label" trains a class-conditional `model` (`num_classes > 0`); with
+  `label_dropout > 0` each label becomes the null label `model.num_classes` with that
+  probability (key: `fold_in(key, LABEL_DROPOUT_STREAM)`), which trains the unconditional
+  model classifier-free guidance needs alongside the conditional one. With
+  `cond_resolution > 0` (super-resolution) the network also sees the batch area-downsampled
+  to that size, computed here on the device.
+  """
   k_loss, k_drop = jax.random.split(key)
-  cond = {"y": batch["label"]} if "label" in batch else {}
+  cond = {}
+  if cond_resolution:
+    cond["low_res"] = tasks.area_downsample(batch["x"], cond_resolution)
+  if "label" in batch:
+    labels = batch["label"]
+    if label_dropout > 0.0:
+      null_label = getattr(model, "num_classes", 0)
+      if not null_label:
+        raise ConfigError(f"config.training.label_dropout={label_dropout} needs a class-conditional model "
+                          f"(config.model.num_classes > 0); {type(model).__name__} has none.")
+      labels = drop_labels(jax.random.fold_in(key, LABEL_DROPOUT_STREAM), labels, label_dropout, null_label)
+    cond["y"] = labels
 
   def objective(params):
     net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
@@ -125,11 +166,33 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
     return loss
 
   loss, grads = jax.value_and_grad(objective)(state.params)
+  return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
+      "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def classifier_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                          loss_fn: Callable, optimizer: optax.GradientTransformation,
+                          ema_decay: float) -> tuple[TrainState, dict[str, Array]]:
+  """One update of a noise-conditional classifier (`losses.make_classifier_loss`). Pure."""
+  k_loss, k_drop = jax.random.split(key)
+
+  def objective(params):
+    net = network_fn(model, params, train=True, dropout_key=k_drop)
+    return loss_fn(net, batch["x"], batch["label"], k_loss)
+
+  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
+      "loss": loss, "grad_norm": optax.tree.norm(grads), "accuracy": aux["accuracy"]}
+
+
+def apply_gradients(state: TrainState, grads, *, optimizer: optax.GradientTransformation,
+                    ema_decay: float) -> TrainState:
+  """The optimizer update and the EMA of the parameters: the end of every train step."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
-  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  ema = (None if state.ema_params is None
+         else optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay))
+  return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,6 +209,17 @@ class Experiment:
   prediction: str = struct.field(pytree_node=False)
   data_spec: data_lib.DataSpec = struct.field(pytree_node=False)
   centered: bool = struct.field(pytree_node=False)
+  cond_resolution: int = struct.field(pytree_node=False, default=0)  # low-res side (super-resolution)
+
+  @property
+  def num_classes(self) -> int:
+    """Classes of a class-conditional model or classifier (0: unconditional)."""
+    return int(getattr(self.model, "num_classes", 0))
+
+  @property
+  def is_classifier(self) -> bool:
+    """A noise-conditional classifier (trained with cross-entropy, used for guidance)."""
+    return isinstance(self.model, models.NoiseClassifier)
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -154,21 +228,50 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   spec = data_lib.spec(d.dataset, d.resolution, d.num_channels, data_dir=d.data_dir or None,
                        use_labels=d.use_labels)
   model_kwargs = config.model.to_dict()
+  cond_resolution = int(d.get("cond_resolution", 0))
+  if cond_resolution:  # input: x and the upsampled low-res image (2C channels); output: C
+    model_kwargs.setdefault("out_channels", d.num_channels)
   model = models.create_model(**model_kwargs)
   process = processes.get_process(**config.process.to_dict())
-  return Experiment(model=model, process=process, prediction=config.loss.prediction,
-                    data_spec=spec, centered=bool(config.data.centered))
+  exp = Experiment(model=model, process=process, prediction=config.loss.prediction,
+                   data_spec=spec, centered=bool(config.data.centered), cond_resolution=cond_resolution)
+  if d.use_labels and not exp.num_classes:
+    raise ConfigError(f"config.data.use_labels=True but config.model.num_classes=0 (an unconditional "
+                      f"model); set --config.model.num_classes={spec.num_classes or 'K'} to condition on "
+                      f"the labels, or --config.data.use_labels=False.")
+  if exp.num_classes and spec.num_classes > 0 and spec.num_classes != exp.num_classes:
+    raise ConfigError(f"config.model.num_classes={exp.num_classes} but {d.dataset!r} has {spec.num_classes} "
+                      f"classes; set --config.model.num_classes={spec.num_classes}.")
+  return exp
 
 
 def make_loss(config: ml_collections.ConfigDict, process: processes.Process):
+  """The objective `config` describes: denoising, or cross-entropy for `model.name='classifier'`."""
+  if config.model.name == "classifier":
+    return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
   kw = config.loss.to_dict()
   kw["target"] = kw.get("target") or None
   return losses.make_denoising_loss(process, **kw)
 
 
+def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimizer) -> Callable:
+  """`step(state, batch, key) -> (state, metrics)` for `config` (not jitted)."""
+  tc = config.training
+  loss_fn = make_loss(config, exp.process)
+  if exp.is_classifier:
+    return functools.partial(classifier_train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
+                             ema_decay=tc.ema_decay)
+  return functools.partial(train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
+                           ema_decay=tc.ema_decay,
+                           label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
+                           cond_resolution=exp.cond_resolution)
+
+
 def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   """The train state's shapes and shardings, without allocating it."""
   example = jnp.zeros((1,) + exp.data_spec.shape, jnp.float32)
+  if exp.cond_resolution:  # the network also sees the upsampled low-res image as channels
+    example = jnp.concatenate([example, example], axis=-1)
   init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example)
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
@@ -230,8 +333,9 @@ class _Metrics:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
     eta = (self.num_steps - step) / max(rate, 1e-9)
-    log.info("step %d/%d | loss %.4f | grad_norm %.3f | %.2f steps/s | ETA %s", step, self.num_steps,
-             mean["loss"], mean["grad_norm"], rate, _fmt_time(eta))
+    extra = f" | accuracy {mean['accuracy']:.3f}" if "accuracy" in mean else ""  # classifiers
+    log.info("step %d/%d | loss %.4f | grad_norm %.3f%s | %.2f steps/s | ETA %s", step, self.num_steps,
+             mean["loss"], mean["grad_norm"], extra, rate, _fmt_time(eta))
     return row
 
 
@@ -259,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Writes under `workdir`: `checkpoints/`, `metrics.jsonl`, `loss_curve.png`,
   `samples_<step>.png` and `config.json`. Returns the last logged metrics.
   """
+  sharding.check_same_config(config)  # multi-host: every process must run the same config
   exp = build_experiment(config)
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
@@ -269,17 +374,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optimizer = make_optimizer(**o.to_dict(), num_steps=tc.num_steps)
 
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
-  train_key = jax.device_put(train_key, sharding.replicated(mesh))  # lives where the step runs
+  train_key = sharding.replicate(train_key, mesh)  # lives where the step runs (on every host)
   init, abstract, state_sh = abstract_train_state(config, exp, optimizer, mesh)
 
   shard_index, shard_count = sharding.process_shard()
+  # Each host reads the rows of every global batch its devices hold: the same global batches
+  # for any number of hosts.
   host_iter = data_lib.create_dataset(
       **data_lib.dataset_kwargs(config.data), batch_size=sharding.local_batch_size(tc.batch_size),
-      seed=config.seed, shard_index=shard_index, shard_count=shard_count)
+      seed=config.seed, shard_index=shard_index, shard_count=shard_count,
+      batch_rows=sharding.local_batch_rows(mesh, tc.batch_size))
   # Global sharded batches, `prefetch_to_device` ahead; checkpoints save the next unconsumed one.
   data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), max_to_keep=tc.keep_checkpoints)
   start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("Model %s: %s parameters; %s on mesh %s.", config.model.name, f"{n_params:,}",
@@ -289,8 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.data.use_labels:
     batch_sh["label"] = sharding.batch_sharding(mesh, 1)
   step_fn = jax.jit(
-      functools.partial(train_step, model=exp.model, loss_fn=make_loss(config, exp.process),
-                        optimizer=optimizer, ema_decay=tc.ema_decay),
+      make_train_step(config, exp, optimizer),
       in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
@@ -308,14 +415,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"to resume.")
 
   sampler = None
+  batch = None  # the last training batch (super-resolution samples restore its low-res images)
 
   def write_samples(step: int) -> None:
     nonlocal sampler
-    if tc.num_final_samples <= 0:
+    if tc.num_final_samples <= 0 or exp.is_classifier:
       return
+    cond = {}
+    if exp.cond_resolution:  # super-resolution: the last batch, area-downsampled and super-resolved
+      if batch is None:
+        return
+      cond["low_res"] = tasks.area_downsample(batch["x"], exp.cond_resolution)
     if sampler is None:
-      sampler = generate.make_sampler(exp, config, batch_size=tc.num_final_samples, mesh=mesh)
-    x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step))
+      n = tc.batch_size if exp.cond_resolution else tc.num_final_samples
+      sampler = generate.make_sampler(exp, config, batch_size=n, mesh=mesh)
+    # A class-conditional model draws each class in turn (guided by config.sampling.guidance_scale).
+    labels = (generate.cycle_labels(range(exp.num_classes), tc.num_final_samples)
+              if exp.num_classes else None)
+    x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step), labels, **cond)
     x = sharding.to_host(x)
     if sharding.is_main_process():
       generate.save_samples(x, exp, os.path.join(workdir, f"samples_{step:06d}"), write_npz=False)

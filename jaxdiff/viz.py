@@ -123,3 +123,63 @@ def save_scatter(points: np.ndarray, path: str, reference: np.ndarray | None = N
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img.save(path)
   return path
+
+
+def side_by_side(columns: Sequence[np.ndarray], pad: int = 1, pad_value: int = 255) -> np.ndarray:
+  """Rows of images side by side: column j holds uint8 images `[N, H_j, W_j, C_j]`.
+
+  Row i is `columns[0][i] | columns[1][i] | ...`. Grey columns are repeated to RGB when
+  any column is RGB; smaller images (e.g. a low-resolution input) are upscaled by nearest
+  neighbour to the tallest column's height (an integer factor, then padded if needed).
+  """
+  cols = [np.asarray(c) for c in columns]
+  cols = [c[..., None] if c.ndim == 3 else c for c in cols]
+  n = cols[0].shape[0]
+  if any(c.shape[0] != n for c in cols):
+    raise ValueError(f"side_by_side: every column needs the same number of images; got "
+                     f"{[c.shape[0] for c in cols]}.")
+  channels = 3 if any(c.shape[-1] == 3 for c in cols) else 1
+  h = max(c.shape[1] for c in cols)
+  fitted = []
+  for c in cols:
+    if c.shape[-1] != channels:
+      c = np.repeat(c, channels, axis=-1)
+    f = max(1, h // c.shape[1])
+    c = np.repeat(np.repeat(c, f, axis=1), f, axis=2)
+    if c.shape[1] < h:
+      c = np.pad(c, ((0, 0), (0, h - c.shape[1]), (0, 0), (0, 0)), constant_values=pad_value)
+    fitted.append(c)
+  widths = [c.shape[2] for c in fitted]
+  out = np.full((n * (h + pad) + pad, sum(widths) + pad * (len(widths) + 1), channels), pad_value, np.uint8)
+  for i in range(n):
+    x = pad
+    for c, w in zip(fitted, widths):
+      out[pad + i * (h + pad): pad + i * (h + pad) + h, x:x + w] = c[i]
+      x += w + pad
+  return out
+
+
+def save_side_by_side(columns: Sequence[np.ndarray], path: str, titles: Sequence[str] | None = None,
+                      scale: int | None = None) -> str:
+  """Writes `side_by_side(columns)` as a PNG, upscaled (nearest) to ~512 px, titled per column."""
+  grid = side_by_side(columns)
+  if scale is None:
+    scale = max(1, min(512 // grid.shape[1], 2048 // grid.shape[0]) if grid.shape[1] < 512 else 1)
+  img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  if titles:
+    head = 14
+    canvas = Image.new("RGB", (img.width, img.height + head), (255, 255, 255))
+    canvas.paste(img, (0, head))
+    draw = ImageDraw.Draw(canvas)
+    widths = [np.asarray(c).shape[2] * max(1, max(np.asarray(k).shape[1] for k in columns) // np.asarray(c).shape[1])
+              for c in columns]
+    x = 1
+    for title, w in zip(titles, widths):
+      draw.text((x * scale + 2, 1), str(title), fill=(0, 0, 0))
+      x += w + 1
+    img = canvas
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img.save(path)
+  return path

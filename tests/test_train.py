@@ -80,7 +80,7 @@ def final_params(c, workdir):
   exp = train.build_experiment(c)
   opt = train.make_optimizer(**c.optimizer.to_dict(), num_steps=c.training.num_steps)
   _, abstract, _ = train.abstract_train_state(c, exp, opt, sharding.create_mesh(c.mesh.to_dict()))
-  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract)[1]
+  return ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(c, workdir)).restore(abstract)[1]
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +103,23 @@ def test_train_and_evaluate_writes_its_outputs(uninterrupted):
 
 
 def test_resume_continues_identically(uninterrupted, tmp_path):
+  """Resume from a checkpoint_dir outside the workdir (as gs://... on a pod), then sample."""
   c, full_dir = uninterrupted
-  workdir = str(tmp_path)
+  workdir, ckpt_dir = str(tmp_path / "work"), str(tmp_path / "bucket" / "run")
   half = tiny(training=dict(num_steps=2))
+  half.checkpoint_dir = ckpt_dir
   train.train_and_evaluate(half, workdir)
-  train.train_and_evaluate(tiny(), workdir)  # resumes at 2, runs to 4
+  resumed = tiny()
+  resumed.checkpoint_dir = ckpt_dir
+  train.train_and_evaluate(resumed, workdir)  # resumes at 2, runs to 4
   assert [r["loss"] for r in read_metrics(workdir)] == [r["loss"] for r in read_metrics(full_dir)]
-  a, b = final_params(c, full_dir), final_params(c, workdir)
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4"] and not os.path.exists(os.path.join(workdir, "checkpoints"))
+  a, b = final_params(c, full_dir), final_params(resumed, workdir)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  out = generate.generate(generate.load_config(workdir), workdir, method="ddim", num_steps=2, num_samples=8,
+                          out_dir=str(tmp_path / "samples"))
+  assert out["checkpoint_step"] == 4
 
 
 def test_nan_loss_stops_before_a_checkpoint(tmp_path, monkeypatch):

@@ -177,3 +177,16 @@ def test_blocks_start_as_identity():
   assert float(jnp.std(p_res["params"]["conv_0"]["kernel"])) > 0.01
   np.testing.assert_array_equal(y_res, x)
   np.testing.assert_array_equal(y_attn, x)
+
+
+def test_dtype_names_and_auto():
+  """Config dtype strings resolve; 'auto' is float32 on CPU; param_dtype='auto' is refused."""
+  from jaxdiff.models import create_model
+  from jaxdiff.errors import ConfigError
+  assert jax.default_backend() == "cpu"
+  assert create_model("unet", **TINY, dtype="auto").dtype == jnp.float32
+  assert create_model("unet", **TINY, dtype="bfloat16").dtype == jnp.bfloat16
+  with pytest.raises(ConfigError, match=r"config.model.dtype='fp8' is not supported; use one of float32"):
+    create_model("unet", **TINY, dtype="fp8")
+  with pytest.raises(ConfigError, match=r"config.model.param_dtype='auto' is not supported"):
+    create_model("unet", **TINY, param_dtype="auto")

@@ -4,10 +4,17 @@
 
     {"x": float32 [local_batch, ...], "label": int32 [local_batch]}   (label if requested)
 
-Each host reads only its own slice of the records (`shard_index::shard_count`), reshuffles
-it every epoch from `seed`, and applies per-record random transforms (flip,
-dequantization) whose randomness is a function of (seed, shard, record position), so the
-stream is deterministic and resumes exactly from `iterator.get_state()`.
+Hosts read disjoint parts of the records, in one of two ways:
+
+* training (`batch_rows` given): one stream of global batches, the same for any number of
+  hosts: all records shuffled every epoch from `seed`, per-record randomness a function of
+  (seed, global position), and each host reads only the rows of every global batch that
+  its devices hold (`sharding.local_batch_rows`), so 2 hosts train on exactly the batches
+  of 1 host;
+* evaluation (`batch_rows=None`): host `shard_index` reads records
+  `shard_index::shard_count`, shuffled on its own (every record exactly once).
+
+Either way the stream is deterministic and resumes exactly from `iterator.get_state()`.
 `prefetch.prefetch_to_device` turns it into global sharded `jax.Array`s, a few batches
 ahead, keeping that exact resume.
 
@@ -104,6 +111,45 @@ def _source(info: catalog.DatasetInfo, split: str, data_dir: str | None, resolut
   return tfds_sources.open_source(info.name, split, data_dir)
 
 
+class _BatchRows(grain.MapDataset):
+  """This host's rows of every global batch: record `b * global_batch + rows[r]` for local `b * L + r`.
+
+  A last partial global batch (finite datasets) keeps the rows that exist, so the hosts
+  together still read every record once.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, rows: Sequence[int], global_batch: int):
+    super().__init__(parent)
+    self._rows, self._global = tuple(int(r) for r in rows), int(global_batch)
+    full, tail = divmod(len(parent), self._global)
+    self._len = full * len(self._rows) + sum(r < tail for r in self._rows)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _parent_index(self, index: int) -> int:
+    b, r = divmod(index, len(self._rows))
+    return b * self._global + self._rows[r]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"_BatchRows(rows={len(self._rows)} of {self._global})"
+
+
+def _check_rows(batch_rows: Sequence[int], batch_size: int, shard_count: int) -> list[int]:
+  rows = sorted(int(r) for r in batch_rows)
+  global_batch = batch_size * shard_count
+  if len(rows) != batch_size or len(set(rows)) != batch_size or not all(0 <= r < global_batch for r in rows):
+    raise DataError(f"batch_rows={rows[:8]}{'...' if len(rows) > 8 else ''} must be {batch_size} distinct rows "
+                    f"(batch_size) in [0, {global_batch}) (batch_size * shard_count); "
+                    f"use sharding.local_batch_rows(mesh, global_batch).")
+  return rows
+
+
 def _derived_seed(seed: int, shard_index: int) -> int:
   """A 32-bit seed for per-record randomness, different on every host."""
   return int(np.random.SeedSequence([int(seed) % 2**32, int(shard_index), 0x6A64]).generate_state(1)[0])
@@ -162,6 +208,7 @@ def create_dataset(
     seed: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
+    batch_rows: Sequence[int] | None = None,
     num_epochs: int | None = None,
     shuffle: bool = True,
     drop_remainder: bool = True,
@@ -188,6 +235,10 @@ def create_dataset(
     seed: shuffling and per-record randomness.
     shard_index: this host's slice (`jax.process_index()`).
     shard_count: number of slices (`jax.process_count()`).
+    batch_rows: the rows of every global batch (`batch_size * shard_count` records) this
+      host reads, e.g. `sharding.local_batch_rows(mesh, global_batch)`. Given, the stream of
+      global batches does not depend on the number of hosts (training); None: host
+      `shard_index` reads records `shard_index::shard_count` (evaluation).
     num_epochs: None repeats forever (training); evaluation uses 1 with `shuffle=False`
       and `drop_remainder=False`.
     shuffle: reshuffle this host's slice every epoch.
@@ -203,17 +254,20 @@ def create_dataset(
   _check_request(info, num_channels=num_channels, use_labels=use_labels, batch_size=batch_size)
   if not 0 <= shard_index < shard_count:
     raise DataError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+  rows = None if batch_rows is None else _check_rows(batch_rows, batch_size, shard_count)
+  # With batch_rows every host sees all records (and slices after the random transforms).
+  part, parts = (0, 1) if rows is not None else (shard_index, shard_count)
   if info.kind == "folder":
     if not data_dir:
       raise DataError("config.data.dataset='folder' needs the image folder: set "
                       "--config.data.data_dir=/path/to/images.")
     src = folder_lib.open_folder(data_dir, num_channels=num_channels, use_labels=use_labels,
-                                 shard_index=shard_index, shard_count=shard_count)
+                                 shard_index=part, shard_count=parts)
     ds = grain.MapDataset.source(src)  # already this host's slice
   else:
     ds = grain.MapDataset.source(_source(info, split, data_dir, resolution, num_channels, num_examples))
-    if shard_count > 1:
-      ds = ds[shard_index::shard_count]
+    if parts > 1:
+      ds = ds[part::parts]
   if len(ds) == 0:
     raise DataError(f"dataset {dataset!r} split {split!r} has no records for shard {shard_index} of "
                     f"{shard_count}; use a larger split or fewer hosts.")
@@ -234,7 +288,12 @@ def create_dataset(
                                 use_labels=use_labels, name=dataset,
                                 # folder images were cropped and resized when decoded
                                 crop_size=0 if info.kind == "folder" else crop_size),
-                     seed=_derived_seed(seed, shard_index))
+                     seed=_derived_seed(seed, part))
+  if rows is not None and shard_count > 1:
+    ds = _BatchRows(ds, rows=rows, global_batch=batch_size * shard_count)
+    if len(ds) == 0:
+      raise DataError(f"dataset {dataset!r} split {split!r} has no records for rows {rows[0]}.. of the "
+                      f"global batch of {batch_size * shard_count}; use a larger split or fewer hosts.")
   # Records are read and transformed in `num_threads` threads, `prefetch_buffer_size` batches
   # ahead, then batched; decoding failures (None) are skipped before batching.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(

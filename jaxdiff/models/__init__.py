@@ -5,12 +5,33 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from jaxdiff.errors import ConfigError
+from jaxdiff.models.classifier import NoiseClassifier
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.unet import UNet
 
-MODELS = {"unet": UNet, "mlp": MLP}
+MODELS = {"unet": UNet, "mlp": MLP, "classifier": NoiseClassifier}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str, what: str = "dtype"):
+  """A dtype name as a jnp dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU.
+
+  bfloat16 compute runs the matmuls and convolutions at the accelerators' full rate; on
+  CPU it is slower than float32 (XLA:CPU emulates most bf16 ops), so mixed precision
+  configs say 'auto' and keep float32 parameters (`param_dtype`), optimizer state and loss.
+  """
+  if name == "auto" and what.endswith("param_dtype"):
+    raise ConfigError(f"{what}='auto' is not supported; parameters stay float32 (the default) for mixed "
+                      f"precision, 'auto' is for config.model.dtype (the compute dtype).")
+  if name == "auto":
+    import jax
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+  if name not in DTYPES:
+    raise ConfigError(f"{what}={name!r} is not supported; use one of {', '.join(DTYPES)} or 'auto'.")
+  return DTYPES[name]
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -24,7 +45,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
     raise ConfigError(f"config.model has key(s) {unknown} that {cls.__name__} does not take; "
                       f"valid keys: {', '.join(sorted(fields))}.")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  for key in ("dtype", "param_dtype"):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = resolve_dtype(kwargs[key], f"config.model.{key}")
   return cls(**kwargs)
 
 
-__all__ = ["MLP", "UNet", "MODELS", "create_model"]
+__all__ = ["MLP", "UNet", "NoiseClassifier", "MODELS", "create_model"]

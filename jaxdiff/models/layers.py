@@ -17,6 +17,7 @@ starts as the identity.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -81,12 +82,79 @@ class TimeEmbedding(nn.Module):
     return h
 
 
+def _group_mean(s: Array, g: int) -> Array:
+  """Per-channel statistics [B, C] -> the mean over each channel's group, [B, C]."""
+  b, c = s.shape
+  m = s.reshape(b, g, c // g).mean(-1, keepdims=True)
+  return jnp.broadcast_to(m, (b, g, c // g)).reshape(b, c)
+
+
+def _gn_coeffs(x3: Array, scale: Array, bias: Array, g: int, eps: float):
+  """Per-(example, channel) mean, 1/std, and the folded multiply-add `y = x * a + shift`."""
+  mean = _group_mean(jnp.mean(x3, axis=1), g)
+  var = jnp.maximum(_group_mean(jnp.mean(jnp.square(x3), axis=1), g) - jnp.square(mean), 0.0)
+  inv = jax.lax.rsqrt(var + eps)
+  a = inv * scale
+  return mean, inv, a, bias - mean * a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, eps: float, act: bool) -> Array:
+  """GroupNorm (+ SiLU) of float32 `x [B, ..., C]` with per-channel `scale`, `bias` [C].
+
+  Statistics are reduced per channel over the positions first ([B, C]) and then over each
+  group's channels, and the gradient is written out by hand (`custom_vjp`): XLA's CPU
+  backend runs the autodiff of the grouped [B, HW, G, C/G] form 2-4x slower (its
+  reductions over non-minor axes), which made GroupNorm a fifth of a U-Net train step.
+  """
+  return _group_norm_fwd(x, scale, bias, num_groups, eps, act)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, eps, act):
+  x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+  mean, inv, a, shift = _gn_coeffs(x3, scale, bias, num_groups, eps)
+  y = x3 * a[:, None] + shift[:, None]
+  if act:
+    y = y * jax.nn.sigmoid(y)
+  return y.reshape(x.shape), (x, scale, bias, mean, inv)
+
+
+def _group_norm_bwd(num_groups, eps, act, res, dout):
+  del eps
+  x, scale, bias, mean, inv = res
+  x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+  dy = dout.reshape(x3.shape)
+  if act:  # d silu(y) / dy = s (1 + y (1 - s)), with y recomputed (cheaper than storing it)
+    a = inv * scale
+    y = x3 * a[:, None] + (bias - mean * a)[:, None]
+    s = jax.nn.sigmoid(y)
+    dy = dy * (s * (1.0 + y * (1.0 - s)))
+  n = x3.shape[1]
+  sdy = jnp.sum(dy, axis=1)  # [B, C]
+  sdyx = jnp.sum(dy * x3, axis=1)  # [B, C]
+  sdy_xhat = inv * (sdyx - mean * sdy)  # sum over positions of dy * xhat
+  dscale = jnp.sum(sdy_xhat, axis=0)
+  dbias = jnp.sum(sdy, axis=0)
+  # dx = inv * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * scale,
+  # folded into dx = dy * p - x * q + r per (example, channel).
+  m1 = _group_mean(sdy * scale, num_groups) / n
+  m2 = _group_mean(scale * sdy_xhat, num_groups) / n
+  p = inv * scale
+  q = inv * inv * m2
+  r = q * mean - inv * m1
+  dx = dy * p[:, None] - x3 * q[:, None] + r[:, None]
+  return dx.reshape(x.shape), dscale, dbias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
   """Group normalisation over [B, H, W, C] (any rank >= 2, channels last), in float32.
 
-  Mean and variance come from one pass over the [..., G, C/G] view (E[x^2] - E[x]^2); the
-  scale and shift are folded into one per-(example, channel) multiply-add, so the
-  normalisation (and an optional following SiLU) is a single elementwise pass.
+  Mean and variance come from one pass (E[x^2] - E[x]^2); the scale and shift are folded
+  into one per-(example, channel) multiply-add, so the normalisation (and an optional
+  following SiLU) is a single elementwise pass. See `group_norm` for the gradient.
   """
 
   num_groups: int = 32
@@ -104,18 +172,8 @@ class GroupNorm(nn.Module):
           f"GroupNorm: x.shape[-1]={c} is not divisible by num_groups={g}; use a divisor of {c}.")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    b = x.shape[0]
-    spatial = x.shape[1:-1]
-    xg = x.astype(jnp.float32).reshape(b, -1, g, c // g)
-    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)  # [B, 1, G, 1]
-    mean_sq = jnp.mean(jnp.square(xg), axis=(1, 3), keepdims=True)
-    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-    inv = jax.lax.rsqrt(var + self.epsilon)
-    a = inv * scale.astype(jnp.float32).reshape(1, 1, g, c // g)  # [B, 1, G, C/G]
-    shift = bias.astype(jnp.float32).reshape(1, 1, g, c // g) - mean * a
-    y = (xg * a + shift).reshape(b, *spatial, c)
-    if self.act:
-      y = nn.silu(y)
+    y = group_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                   g, float(self.epsilon), bool(self.act))
     return y.astype(self.dtype)
 
 
@@ -153,6 +211,41 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+@jax.custom_vjp
+def attention(q: Array, k: Array, v: Array) -> Array:
+  """softmax(q k^T / sqrt(D)) v for `q, k, v [B, T, N, D]` (N heads) -> [B, T, N, D].
+
+  The same numbers as `jax.nn.dot_product_attention` (softmax in float32), written as two
+  einsums with a hand-written gradient (dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+  dQ = dS K, dK = dS^T Q): on XLA's CPU backend this runs the forward 3-4x and the
+  backward ~2x faster than `jax.nn.dot_product_attention`'s generic path.
+  """
+  return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  scale = q.shape[-1] ** -0.5
+  s = jnp.einsum("btnd,bsnd->bnts", q * scale, k, preferred_element_type=jnp.float32)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bnts,bsnd->btnd", p.astype(v.dtype), v)
+  return o, (q, k, v, p, o)
+
+
+def _attention_bwd(res, do):
+  q, k, v, p, o = res
+  scale = q.shape[-1] ** -0.5
+  dv = jnp.einsum("bnts,btnd->bsnd", p.astype(do.dtype), do)
+  dp = jnp.einsum("btnd,bsnd->bnts", do, v, preferred_element_type=jnp.float32)
+  delta = jnp.einsum("btnd,btnd->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
+  ds = (p * (dp - delta[..., None])).astype(q.dtype)
+  dq = jnp.einsum("bnts,bsnd->btnd", ds, k) * scale
+  dk = jnp.einsum("bnts,btnd->bsnd", ds, q) * scale
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class AttentionBlock(nn.Module):
   """Self-attention over the H*W positions: GN, qkv Dense, softmax(q k^T / sqrt(d)) v, Dense.
 
@@ -179,7 +272,7 @@ class AttentionBlock(nn.Module):
     qkv = nn.Dense(3 * c, kernel_init=default_init, name="qkv", **kw)(h)
     qkv = qkv.reshape(b, height * width, 3, self.num_heads, c // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, D] each
-    h = jax.nn.dot_product_attention(q, k, v)
+    h = attention(q, k, v)
     h = h.reshape(b, height, width, c)
     h = nn.Dense(c, kernel_init=zeros_init, name="out_proj", **kw)(h)
     return x + h

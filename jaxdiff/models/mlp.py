@@ -10,10 +10,15 @@ import jax.numpy as jnp
 
 from jaxdiff.errors import InputError
 from jaxdiff.models.layers import timestep_embedding
+from jaxdiff.models.unet import label_or_null
 
 
 class MLP(nn.Module):
-  """`x: [B, d], t: [B] -> [B, d]`: time-embedded residual MLP."""
+  """`x: [B, d], t: [B], y: [B] = None -> [B, d]`: time-embedded residual MLP.
+
+  With `num_classes = K > 0` a label embedding (K + 1 rows; row K is the null label, used
+  when `y` is None) is added to the time embedding, as in the U-Net.
+  """
 
   hidden: int = 256  # width of every hidden layer
   num_layers: int = 3  # number of residual blocks
@@ -24,7 +29,7 @@ class MLP(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, *, y: jax.Array | None = None,
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
                train: bool = False) -> jax.Array:
     if x.ndim != 2:
       raise InputError(f"MLP takes x of shape [B, d]; got {x.shape}. Flatten the data or use the U-Net.")
@@ -32,9 +37,12 @@ class MLP(nn.Module):
     temb = timestep_embedding(t, self.time_dim)
     temb = dense(self.hidden)(nn.silu(dense(self.hidden)(temb)))
     if self.num_classes:
-      if y is None:
-        y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-      temb = temb + nn.Embed(self.num_classes + 1, self.hidden, param_dtype=self.param_dtype)(y)
+      y = label_or_null(y, x.shape[0], self.num_classes)
+      temb = temb + nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(1.0),
+                             param_dtype=self.param_dtype)(y)
+    elif y is not None:
+      raise InputError("MLP got labels y, but num_classes=0 (an unconditional network); set "
+                       "config.model.num_classes to the number of classes to train a conditional one.")
     h = dense(self.hidden)(x.astype(self.dtype))
     for _ in range(self.num_layers):
       r = nn.silu(nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)(h))

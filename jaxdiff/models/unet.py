@@ -17,11 +17,20 @@ Every resnet block gets the time embedding: `timestep_embedding(t, ch)` then
 `TimeEmbedding(4 * ch)`. `t` is the network's conditioning input as a float, e.g. the
 0-based DDPM timestep 0..999.
 
+With `num_classes = K > 0` the network is class-conditional (Ho & Salimans 2022, as in
+Dhariwal & Nichol's ADM): a label embedding `nn.Embed(K + 1, 4 * ch)` is added to the time
+embedding (rows drawn from N(0, 1) as in ADM), and row K is the reserved "null" label of the unconditional model that
+classifier-free guidance needs (`y=None` means the null label for every example). With
+`num_classes=0` (the default) the network and its parameters are exactly the DDPM ones.
+
 Usage:
 
   net = UNet(ch=128, dropout=0.1)
   params = net.init(key, x, t, train=False)["params"]
   eps_hat = net.apply({"params": params}, x, t, train=True, rngs={"dropout": key})
+
+  cond = UNet(ch=64, num_classes=10)          # labels 0..9; 10 is the null label
+  eps_hat = cond.apply({"params": cparams}, x, t, y, train=False)  # y: [B] int
 
 `jaxdiff.models.convert_diffusers.load_diffusers_unet` loads diffusers checkpoints into it.
 """
@@ -41,7 +50,7 @@ Array = jax.Array
 
 
 class UNet(nn.Module):
-  """DDPM U-Net: `__call__(x [B,H,W,C], t [B], *, train) -> [B,H,W,out_channels]`."""
+  """DDPM U-Net: `__call__(x [B,H,W,C], t [B], y [B] = None, *, train) -> [B,H,W,out_channels]`."""
 
   ch: int = 128  # base channels C0; the time embedding is 4 * C0 wide
   ch_mult: Sequence[int] = (1, 2, 2, 2)  # channels of level l = ch * ch_mult[l]
@@ -57,6 +66,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32  # compute dtype (GroupNorm statistics are always float32)
   param_dtype: Any = jnp.float32  # parameter dtype
   remat: bool = False  # jax.checkpoint each resnet/attention block (nn.remat)
+  num_classes: int = 0  # >0: class-conditional on labels 0..num_classes-1; num_classes = null label
 
   def _check_config(self) -> None:
     if not self.ch_mult:
@@ -77,6 +87,9 @@ class UNet(nn.Module):
       raise ConfigError(f"UNet num_res_blocks={self.num_res_blocks} is negative; use 1 or more (DDPM: 2).")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"UNet dropout={self.dropout} is outside [0, 1); use e.g. 0.1.")
+    if self.num_classes < 0:
+      raise ConfigError(f"UNet num_classes={self.num_classes} is negative; use 0 (unconditional) or the "
+                        f"number of classes.")
 
   def _check_inputs(self, x: Array, t: Array) -> Array:
     if x.ndim != 4:
@@ -96,12 +109,14 @@ class UNet(nn.Module):
     return t
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> Array:
     """Predicts the network output (e.g. eps) for noisy images.
 
     Args:
       x: [B, H, W, C] images; H and W divisible by 2**(len(ch_mult)-1).
       t: [B] (or scalar) float conditioning input, e.g. the DDPM timestep 0..999.
+      y: [B] (or scalar) int class labels in [0, num_classes], `num_classes` being the null
+        label; None = the null label. Only for a class-conditional net (`num_classes > 0`).
       train: enables dropout (drawn from the 'dropout' rng collection).
 
     Returns:
@@ -125,6 +140,14 @@ class UNet(nn.Module):
     temb = layers.timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
                                      freq_shift=self.freq_shift)
     temb = layers.TimeEmbedding(4 * self.ch, name="time_embed", **kw)(temb)
+    if self.num_classes:
+      y = label_or_null(y, x.shape[0], self.num_classes)
+      # N(0, 1) rows as in ADM (torch's nn.Embedding): as large as the time embedding at init.
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, embedding_init=nn.initializers.normal(1.0),
+                             name="label_embed", **kw)(y)
+    elif y is not None:
+      raise InputError("UNet got labels y, but num_classes=0 (an unconditional network); set "
+                       "config.model.num_classes to the number of classes to train a conditional one.")
 
     h = nn.Conv(self.ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.default_init,
                 name="conv_in", **kw)(x)
@@ -157,3 +180,19 @@ class UNet(nn.Module):
     out_channels = self.out_channels or x.shape[-1]
     return nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.zeros_init,
                    name="conv_out", **kw)(h)
+
+
+def label_or_null(y: Array | None, batch: int, num_classes: int) -> Array:
+  """Labels `[B]` int32 for a class-conditional net: `y` broadcast, or the null label if None."""
+  if y is None:
+    return jnp.full((batch,), num_classes, jnp.int32)
+  y = jnp.asarray(y)
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise InputError(f"class labels y must be integers; got dtype {y.dtype}. Pass int32 labels "
+                     f"in [0, {num_classes}] ({num_classes} = the null label).")
+  if y.ndim == 0:
+    y = jnp.broadcast_to(y, (batch,))
+  if y.shape != (batch,):
+    raise InputError(f"class labels y.shape={y.shape} must be [B]=({batch},) or a scalar; pass one label "
+                     f"per example.")
+  return y.astype(jnp.int32)

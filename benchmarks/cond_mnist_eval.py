@@ -1,0 +1,157 @@
+r"""Class-conditional MNIST: how often samples show the requested digit, with and without CFG.
+
+  python run_train.py --config configs/mnist_cond.py:runlocal --workdir runs/mnist_cond
+  python run_train.py --config configs/mnist_classifier.py:clean --workdir runs/mnist_clf_clean
+  python benchmarks/cond_mnist_eval.py --workdir runs/mnist_cond \
+      --classifier_workdir runs/mnist_clf_clean --num_samples 100 --guidance_scales 0,3
+
+For each guidance scale w it draws `--num_samples` images from the class-conditional model
+(`generate.make_sampler`, the sampler and steps of `--sampler`/`--steps`), asking for the
+digits 0..9 in turn, and classifies them with the project's clean MNIST classifier (a
+`NoiseClassifier` trained on clean images, evaluated at t_min). It also draws the same
+number with the null label (the unconditional model inside the same network), scored
+against the same requested digits: the chance baseline (~10%). The classifier's own
+accuracy on `--num_test` MNIST test images is reported alongside, so the sample accuracies
+can be read against it.
+
+Prints one JSON object: `classifier_test_accuracy`, and per setting the `accuracy`
+(fraction of samples classified as the requested digit), its binomial standard error
+and the per-digit accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxdiff import data as data_lib  # noqa: E402
+from jaxdiff import evaluate, generate, guidance, sharding, train  # noqa: E402
+
+
+def load(workdir: str, mesh):
+  """(config, experiment, EMA params) of a training run."""
+  config = generate.load_config(workdir)
+  exp = train.build_experiment(config)
+  _, params = evaluate.restore_ema_params(config, workdir, exp, mesh)
+  return config, exp, params
+
+
+def make_classify(clf_exp):
+  """A jitted `fn(params, x [B, ...]) -> predicted class [B]` of a classifier at t = t_min."""
+  process = clf_exp.process
+
+  def fn(params, x):
+    logp = guidance.classifier_logp_fn(train.network_fn(clf_exp.model, params), process)
+    return jnp.argmax(logp(x, jnp.full((x.shape[0],), process.t_min, jnp.float32)), axis=-1)
+
+  return jax.jit(fn)
+
+
+def classify(fn, params, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+  """Predicted classes of `x`, in batches (the last one padded)."""
+  out = []
+  for lo in range(0, len(x), batch_size):
+    xb = x[lo:lo + batch_size]
+    pad = batch_size - len(xb)
+    xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)]) if pad else xb
+    xb = jax.device_put(xb, sharding.batch_sharding(mesh, xb.ndim))
+    out.append(sharding.to_host(fn(params, xb))[:batch_size - pad])
+  return np.concatenate(out)
+
+
+def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) -> float:
+  """The classifier's accuracy on the first `num_test` images of the test split."""
+  kw = data_lib.dataset_kwargs(clf_config.data)
+  kw.update(split=f"{clf_config.data.eval_split}[:{num_test}]", use_labels=True, random_flip=False,
+            uniform_dequantization=False)
+  it = data_lib.create_dataset(**kw, batch_size=batch_size, num_epochs=1, shuffle=False, drop_remainder=False)
+  x, y = zip(*[(b["x"], b["label"]) for b in it])
+  x, y = np.concatenate(x), np.concatenate(y)
+  return float(np.mean(classify(fn, params, x, batch_size, mesh) == y))
+
+
+def summarize(pred: np.ndarray, want: np.ndarray, num_classes: int) -> dict:
+  acc = float(np.mean(pred == want))
+  per = [float(np.mean(pred[want == k] == k)) if np.any(want == k) else None for k in range(num_classes)]
+  return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / len(pred)), "per_class": per,
+          "n": int(len(pred))}
+
+
+def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), num_samples: int = 100,
+        method: str | None = None, num_steps: int | None = None, batch_size: int = 100, num_test: int = 1000,
+        seed: int = 0) -> dict:
+  """The evaluation as a dict (what the script prints)."""
+  mesh = sharding.create_mesh({"data": -1})
+  n_shards = sharding.num_data_shards(mesh)
+  batch_size = int(math.ceil(min(batch_size, num_samples) / n_shards) * n_shards)
+  config, exp, params = load(workdir, mesh)
+  clf_config, clf_exp, clf_params = load(classifier_workdir, mesh)
+  k = exp.num_classes
+  if not k:
+    raise SystemExit(f"error: {workdir} holds an unconditional model (config.model.num_classes=0).")
+  if not clf_exp.is_classifier or clf_exp.num_classes != k or clf_exp.data_spec.shape != exp.data_spec.shape:
+    raise SystemExit(f"error: {classifier_workdir} is not a {k}-class classifier of {exp.data_spec.shape} images.")
+  classify_fn = make_classify(clf_exp)
+  result = {"workdir": workdir, "classifier_workdir": classifier_workdir, "num_samples": num_samples,
+            "method": generate.resolve_method(method or config.sampling.method),
+            "num_steps": int(num_steps or config.sampling.num_steps),
+            "classifier_test_accuracy": test_accuracy(clf_config, classify_fn, clf_params, num_test,
+                                                      batch_size, mesh),
+            "settings": {}}
+  n_batches = int(math.ceil(num_samples / batch_size))
+  want = generate.cycle_labels(range(k), n_batches * batch_size)
+  settings = [(f"cfg_w{w:g}", float(w), want) for w in guidance_scales]
+  settings.append(("unconditional", 0.0, np.full_like(want, k)))  # the null label: chance baseline
+  for name, w, labels in settings:
+    t0 = time.time()
+    fn = generate.make_sampler(exp, config, batch_size=batch_size, mesh=mesh, method=method,
+                               num_steps=num_steps, guidance_scale=w)
+    xs = []
+    for b in range(n_batches):
+      y = jax.device_put(labels[b * batch_size:(b + 1) * batch_size], sharding.batch_sharding(mesh, 1))
+      x, _ = fn(params, jax.random.fold_in(jax.random.key(seed), b), y)
+      xs.append(sharding.to_host(x))
+    x = np.concatenate(xs)[:num_samples]
+    pred = classify(classify_fn, clf_params, x, batch_size, mesh)
+    result["settings"][name] = {"guidance_scale": w, **summarize(pred, want[:num_samples], k),
+                                "wall_s": round(time.time() - t0, 1)}
+  return result
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", required=True, help="class-conditional model run (configs/mnist_cond.py)")
+  ap.add_argument("--classifier_workdir", required=True, help="clean classifier run (mnist_classifier.py:clean)")
+  ap.add_argument("--guidance_scales", default="0,3", help="comma-separated CFG scales w")
+  ap.add_argument("--num_samples", type=int, default=100, help="samples per setting (digits 0..9 in turn)")
+  ap.add_argument("--sampler", default=None, help="sampling method (default: the run's config)")
+  ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
+  ap.add_argument("--batch_size", type=int, default=100)
+  ap.add_argument("--num_test", type=int, default=1000, help="test images to measure the classifier on")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default=None, help="also write the JSON here")
+  a = ap.parse_args()
+  result = run(a.workdir, a.classifier_workdir, guidance_scales=[float(w) for w in a.guidance_scales.split(",")],
+               num_samples=a.num_samples, method=a.sampler, num_steps=a.steps, batch_size=a.batch_size,
+               num_test=a.num_test, seed=a.seed)
+  text = json.dumps(result, indent=1)
+  print(text)
+  if a.out:
+    with open(a.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()

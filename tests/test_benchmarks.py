@@ -1,0 +1,76 @@
+"""The benchmark scripts run (so they cannot rot), and the compilation cache pays off."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "unet_bench.py")
+COMPARE = os.path.join(ROOT, "benchmarks", "compare.py")
+
+
+def _run(cmd, env=None):
+  env = dict(os.environ if env is None else env)
+  # One CPU device, as the peer harness; no inherited test-session compilation cache.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def _records(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+
+
+def test_unet_bench_small_both_modes_and_warm_cache(tmp_path):
+  cache = str(tmp_path / "xla-cache")
+  out = tmp_path / "bench.jsonl"
+  common = [BENCH, "--config", "small", "--batch", "2", "--warmup", "1", "--steps", "1",
+            "--cache_dir", cache, "--out", str(out)]
+  cold = _records(_run([*common, "--mode", "both"]))
+  assert [r["mode"] for r in cold] == ["train", "sample"]
+  for r in cold:
+    assert r["impl"] == "jaxdiff" and r["config"] == "small" and r["batch"] == 2
+    assert r["params"] == 2_245_763 and r["params_match_peer"]
+    assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["peak_rss_mb"] > 0
+    for key in ("dtype", "backend", "device_kind", "jax", "flax"):
+      assert r[key]
+  assert len(out.read_text().splitlines()) == 2  # --out appends every line
+  warm = _records(_run([*common, "--mode", "train"]))[0]
+  # The second run reads every compiled program from the persistent cache.
+  assert warm["first_step_s"] * 3 < cold[0]["first_step_s"], (warm["first_step_s"], cold[0]["first_step_s"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "huge"], "--config='huge' is not known"),
+    (["--mode", "infer"], "--mode='infer' is not known"),
+    (["--steps", "0"], "--steps=0 must be >= 1"),
+])
+def test_unet_bench_bad_flags(args, message):
+  proc = _run([BENCH, *args])
+  assert proc.returncode == 2
+  assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_unet_bench_batch_not_divisible_by_devices():
+  env = dict(os.environ)
+  proc = subprocess.run([sys.executable, BENCH, "--config", "small", "--mode", "sample", "--batch", "3"],
+                        capture_output=True, text=True, cwd=ROOT,
+                        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                 JAXDIFF_BENCH_CHILD="1"))
+  assert proc.returncode != 0
+  assert "--batch=3 is not divisible by the 2 devices" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_compare_says_how_to_make_a_missing_peer(tmp_path):
+  proc = _run([COMPARE, "--peer_python", str(tmp_path / "nope" / "python"), "--rounds", "1"])
+  assert proc.returncode == 2
+  assert "does not exist; make the peer venv with: python3 -m venv" in proc.stderr
+  bad = _run([COMPARE, "--peer_python", sys.executable, "--peer_script", COMPARE, "--rounds", "1"])
+  assert bad.returncode == 2 and "cannot import torch and diffusers" in bad.stderr
+  wl = _run([COMPARE, "--workloads", "big:eval:16"])
+  assert wl.returncode == 2 and "config:mode:batch" in wl.stderr
