@@ -13,7 +13,7 @@ machine hits all alike, and repeated `--repeats` times:
 
 * `forward`: the jitted bare forward `net(x, c)` at batch B (median of `--calls` calls);
 * `vf`: one jitted evaluation of what the solver calls once per NFE: the probability-flow
-  drift and one Rademacher Hutchinson probe, from one `jax.vjp` (median of `--calls`);
+  drift and one Rademacher Hutchinson probe, from one `jax.jvp` (median of `--calls`);
 * `per_nfe`: one jitted `likelihood.log_likelihood` solve (Tsit5, `--rtol`/`--atol`)
   divided by its `info["nfe"]`; nothing is subtracted (diffrax's step control included).
 
@@ -58,7 +58,7 @@ def _median_call_s(fn, args, calls: int) -> float:
 
 def bench(model_name: str, batch: int, calls: int, repeats: int, rtol: float, atol: float) -> dict:
   kwargs, res = MODELS[model_name]
-  model = models.create_model(**kwargs)
+  model = models.create_model(**kwargs, custom_vjp=False)  # as evaluate.make_likelihood_fn builds it
   process = processes.DDPM.linear(1000)
   key = jax.random.key(0)
   x = jax.random.uniform(jax.random.key(1), (batch, res, res, 3), minval=-1.0, maxval=1.0)

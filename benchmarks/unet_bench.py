@@ -20,7 +20,9 @@ one JSON line per measurement:
   runs K steps per call in one `lax.scan` instead), eval mode.
 
 `first_step_s` is the first call, compilation included (a warm `--cache_dir` makes it
-small); `--warmup` counts that call. `img_per_s = B * steps / sum(step times)`. Each
+small), and `first_step_breakdown_s` splits it into tracing, lowering to StableHLO, XLA
+compilation (or the cache load), and the rest (the first execution itself); `--warmup`
+counts that call. `img_per_s = B * steps / sum(step times)`. Each
 measurement runs in its own process (`--mode both` starts one per mode), so
 `peak_rss_mb` (ru_maxrss) belongs to it alone.
 """
@@ -172,9 +174,22 @@ def measure(args) -> dict:
 
     per_call = args.batch * chunk
 
+  # Where the first call's time goes: JAX reports its compile phases through jax.monitoring.
+  phases = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+            "/jax/core/compile/backend_compile_duration": "compile_or_cache_load"}
+  spent = dict.fromkeys(phases.values(), 0.0)
+
+  def listener(event, duration, **_):
+    if event in phases:
+      spent[phases[event]] += duration
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
   t0 = time.perf_counter()
   call(0)
   first = time.perf_counter() - t0
+  jax.monitoring.unregister_event_duration_listener(listener)
+  spent["execute_and_rest"] = first - sum(spent.values())
   for i in range(1, args.warmup):
     call(i)
   times = []
@@ -188,7 +203,8 @@ def measure(args) -> dict:
       impl="jaxdiff", config=args.config, mode=args.mode, batch=args.batch, params=n_params,
       params_match_peer=n_params == PEER_PARAMS[args.config], img_per_s=round(img_per_s, 3),
       step_s_median=round(float(np.median(times)), 4), step_s_min=round(min(times), 4),
-      first_step_s=round(first, 3), warmup=args.warmup, steps=args.steps, dtype=args.dtype,
+      first_step_s=round(first, 3), first_step_breakdown_s={k: round(v, 2) for k, v in spent.items()},
+      warmup=args.warmup, steps=args.steps, dtype=args.dtype,
       remat=args.remat, sample_chunk=args.sample_chunk if args.mode == "sample" else None,
       compilation_cache=bool(args.cache_dir), peak_rss_mb=round(peak_rss_mb(), 1),
       rss_after_build_mb=round(rss_before, 1), backend=jax.default_backend(),

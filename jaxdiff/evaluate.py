@@ -85,8 +85,12 @@ def make_likelihood_fn(exp, *, method: str = "ode", n_repeats: int = 1, rtol: fl
              max_steps=max_steps)
   vlb = dict(num_sampled_steps=vlb_timesteps, variance=vlb_variance, clip_denoised=clip_denoised)
 
+  # The likelihood ODE takes forward-mode Jacobian products (fastest inside its loop), which
+  # the U-Net's hand-written-VJP layers cannot give: the same network with JAX's derivatives.
+  model = exp.model.clone(custom_vjp=False) if getattr(exp.model, "custom_vjp", False) else exp.model
+
   def fn(params, key, x):
-    score_fn = parameterization.score_fn_from_network(network_fn(exp.model, params), process, exp.prediction)
+    score_fn = parameterization.score_fn_from_network(network_fn(model, params), process, exp.prediction)
     per_dim = math.prod(x.shape[1:]) * likelihood.LN2
     if method == "ode" and is_image:
       bpd, se, info = likelihood.bits_per_dim(key, process, score_fn, x, centered=centered,

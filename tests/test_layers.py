@@ -44,6 +44,31 @@ def test_attention_matches_dot_product_attention():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_unet_without_custom_vjp_is_the_same_network_and_has_forward_mode():
+  from jaxdiff.models import UNet
+  kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, dropout=0.0)
+  fast, plain = UNet(**kw), UNet(**kw, custom_vjp=False)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  t = jnp.array([10.0, 500.0])
+  params = fast.init(jax.random.key(1), x, t, train=False)["params"]
+  # the same parameter tree, so either module applies a checkpoint of the other
+  assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(1), x, t, train=False)["params"])
+  f = lambda m: (lambda p, y: m.apply({"params": p}, y, t, train=False))  # noqa: E731
+  np.testing.assert_allclose(f(fast)(params, x), f(plain)(params, x), atol=1e-6)
+  loss = lambda m: (lambda p, y: jnp.sum(jnp.sin(f(m)(p, y))))  # noqa: E731
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(fast), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(plain), (0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  v = jax.random.normal(jax.random.key(2), x.shape)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(lambda y: f(fast)(params, y), (x,), (v,))
+  _, jv = jax.jvp(lambda y: f(plain)(params, y), (x,), (v,))
+  _, vjp_fn = jax.vjp(lambda y: f(fast)(params, y), x)
+  u = jax.random.normal(jax.random.key(3), x.shape)
+  # <u, J v> computed in forward mode (plain) equals <J^T u, v> in reverse mode (custom VJPs)
+  np.testing.assert_allclose(jnp.sum(u * jv), jnp.sum(vjp_fn(u)[0] * v), rtol=1e-4)
+
+
 def _losses(dtype, steps=40):
   c = load_config("tiny")
   c.model.dtype = dtype

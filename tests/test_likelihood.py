@@ -103,6 +103,35 @@ def test_exact_divergence_matches_closed_form_2d():
   assert np.abs(np.asarray(info["prior_logp"]) - np.asarray(logp)).min() > 0.1
 
 
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson_rademacher"])
+def test_forward_and_reverse_mode_agree(divergence):
+  x = jnp.asarray(GMM2D.sample(8, seed=5)[0])
+  kw = dict(divergence=divergence, rtol=1e-6, atol=1e-6)
+  fwd, _ = jaxdiff.log_likelihood(jax.random.key(0), VP, GMM2D_SCORE, x, **kw)
+  rev, _ = jaxdiff.log_likelihood(jax.random.key(0), VP, GMM2D_SCORE, x, autodiff="reverse", **kw)
+  np.testing.assert_allclose(fwd, rev, atol=1e-4)
+
+
+def test_unet_with_custom_vjp_layers_needs_reverse_mode_or_plain_layers():
+  from jaxdiff import parameterization
+  from jaxdiff.models import UNet
+  kw = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, dropout=0.0)
+  x = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1.0, maxval=1.0)
+  ddpm = processes.DDPM.linear(100)
+  params = UNet(**kw).init(jax.random.key(1), x, jnp.zeros(2), train=False)["params"]
+
+  def score_fn(custom_vjp):
+    net = lambda y, c: UNet(**kw, custom_vjp=custom_vjp).apply({"params": params}, y, c, train=False)  # noqa: E731
+    return parameterization.score_fn_from_network(net, ddpm, "eps")
+
+  opts = dict(rtol=1e-3, atol=1e-3)
+  with pytest.raises(InputError, match="custom_vjp=False"):
+    jaxdiff.log_likelihood(jax.random.key(2), ddpm, score_fn(True), x, **opts)
+  plain, _ = jaxdiff.log_likelihood(jax.random.key(2), ddpm, score_fn(False), x, **opts)
+  rev, _ = jaxdiff.log_likelihood(jax.random.key(2), ddpm, score_fn(True), x, autodiff="reverse", **opts)
+  np.testing.assert_allclose(plain, rev, rtol=1e-4)
+
+
 def test_nfe_counts_every_network_evaluation():
   calls = []
   gmm = gaussian(0.3, 0.5, 2)
@@ -388,6 +417,7 @@ def test_bad_input_one_line_errors():
       (lambda: lk.log_likelihood(key, VP, GMM2D_SCORE, jnp.zeros((1, 4097)), divergence="exact"),
        "4097 > 4096.*hutchinson_rademacher"),
       (lambda: lk.log_likelihood(key, VP, GMM2D_SCORE, x, rtol=0.0), "rtol=0.0 must be a positive"),
+      (lambda: lk.log_likelihood(key, VP, GMM2D_SCORE, x, autodiff="jvp"), "autodiff='jvp'.*forward"),
       (lambda: lk.bits_per_dim(key, VP, GMM2D_SCORE, PIXELS / 127.5 - 1),
        r"dtype float64 \(values in \[-0.9"),
       (lambda: lk.bits_per_dim(key, VP, GMM2D_SCORE, np.full((2, 2, 2, 1), 300)),

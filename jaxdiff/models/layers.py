@@ -149,6 +149,12 @@ def _group_norm_bwd(num_groups, eps, act, res, dout):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def group_norm_plain(x: Array, scale: Array, bias: Array, num_groups: int, eps: float, act: bool) -> Array:
+  """`group_norm` with JAX's own derivatives: the same numbers, differentiable in forward mode
+  (`jax.jvp`) as well as reverse mode, which the `custom_vjp` version is not."""
+  return _group_norm_fwd(x, scale, bias, num_groups, eps, act)[0]
+
+
 class GroupNorm(nn.Module):
   """Group normalisation over [B, H, W, C] (any rank >= 2, channels last), in float32.
 
@@ -162,6 +168,7 @@ class GroupNorm(nn.Module):
   act: bool = False  # apply SiLU after the affine transform
   dtype: Dtype = jnp.float32  # output dtype
   param_dtype: Dtype = jnp.float32
+  custom_vjp: bool = True  # hand-written gradient (fast on XLA:CPU); False: plain ops, forward-mode too
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -172,8 +179,9 @@ class GroupNorm(nn.Module):
           f"GroupNorm: x.shape[-1]={c} is not divisible by num_groups={g}; use a divisor of {c}.")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    y = group_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
-                   g, float(self.epsilon), bool(self.act))
+    fn = group_norm if self.custom_vjp else group_norm_plain
+    y = fn(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+           g, float(self.epsilon), bool(self.act))
     return y.astype(self.dtype)
 
 
@@ -189,13 +197,14 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
+  custom_vjp: bool = True  # GroupNorm's hand-written gradient (see GroupNorm)
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
     """x [B, H, W, Cin], temb [B, D] -> [B, H, W, out_ch]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: GroupNorm(  # noqa: E731
-        self.num_groups, self.norm_eps, act=True, name=name, **kw)
+        self.num_groups, self.norm_eps, act=True, custom_vjp=self.custom_vjp, name=name, **kw)
     h = norm("norm_0")(x)
     h = nn.Conv(self.out_ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=default_init,
                 name="conv_0", **kw)(h)
@@ -246,6 +255,11 @@ def _attention_bwd(res, do):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def attention_plain(q: Array, k: Array, v: Array) -> Array:
+  """`attention` with JAX's own derivatives (forward mode works too); the same numbers."""
+  return _attention_fwd(q, k, v)[0]
+
+
 class AttentionBlock(nn.Module):
   """Self-attention over the H*W positions: GN, qkv Dense, softmax(q k^T / sqrt(d)) v, Dense.
 
@@ -259,6 +273,7 @@ class AttentionBlock(nn.Module):
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
+  custom_vjp: bool = True  # hand-written gradients of GroupNorm and attention (see GroupNorm)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -268,11 +283,11 @@ class AttentionBlock(nn.Module):
       raise InputError(f"AttentionBlock: x.shape[-1]={c} is not divisible by "
                        f"num_heads={self.num_heads}; use a divisor of {c}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GroupNorm(self.num_groups, self.norm_eps, name="norm", **kw)(x)
+    h = GroupNorm(self.num_groups, self.norm_eps, custom_vjp=self.custom_vjp, name="norm", **kw)(x)
     qkv = nn.Dense(3 * c, kernel_init=default_init, name="qkv", **kw)(h)
     qkv = qkv.reshape(b, height * width, 3, self.num_heads, c // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, D] each
-    h = attention(q, k, v)
+    h = (attention if self.custom_vjp else attention_plain)(q, k, v)
     h = h.reshape(b, height, width, c)
     h = nn.Dense(c, kernel_init=zeros_init, name="out_proj", **kw)(h)
     return x + h
