@@ -1,4 +1,4 @@
-"""The hand-written gradients of GroupNorm and attention, and mixed-precision training."""
+"""The hand-written gradients of GroupNorm, attention and conv2d, and mixed-precision training."""
 
 import functools
 
@@ -44,6 +44,44 @@ def test_attention_matches_dot_product_attention():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("x_shape, k_shape, strides, padding, gemm", [
+    ((2, 16, 16, 16), (3, 3, 16, 24), (1, 1), ((1, 1), (1, 1)), True),  # GEMM weight gradient
+    ((2, 16, 20, 24), (1, 1, 24, 16), (1, 1), ((0, 0), (0, 0)), True),  # 1x1: one GEMM
+    ((2, 16, 16, 16), (3, 3, 16, 8), (1, 1), ((0, 2), (2, 0)), False),  # 8 out channels: XLA's
+    ((2, 16, 16, 16), (3, 3, 16, 16), (2, 2), ((0, 1), (0, 1)), False),  # strided: XLA's
+    ((2, 8, 8, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)), False),  # small map: XLA's
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv2d_gradients_match_xla(x_shape, k_shape, strides, padding, gemm, dtype):
+  assert layers._use_matmul_weight_grad(x_shape, k_shape, strides) == gemm
+  x = jax.random.normal(jax.random.key(0), x_shape).astype(dtype)
+  k = (0.2 * jax.random.normal(jax.random.key(1), k_shape)).astype(dtype)
+  ours = functools.partial(layers.conv2d, strides=strides, padding=padding)
+  ref = functools.partial(layers.conv2d_plain, strides=strides, padding=padding)
+  y = ours(x, k)
+  assert y.dtype == dtype
+  np.testing.assert_array_equal(y, ref(x, k))
+  u = jax.random.normal(jax.random.key(2), y.shape).astype(dtype)
+  loss = lambda f: (lambda a, b: jnp.sum(f(a, b).astype(jnp.float32) * u))  # noqa: E731
+  tol = dict(rtol=1e-5, atol=1e-4) if dtype == jnp.float32 else dict(rtol=2e-2, atol=0.25)
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+    assert a.dtype == b.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def test_conv_module_has_flax_conv_parameters():
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
+  ours = layers.Conv(24, (3, 3), padding=((1, 1), (1, 1)))
+  ref = nn.Conv(24, (3, 3), padding=((1, 1), (1, 1)))
+  p = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, ref.init(jax.random.key(1), x))
+  p = jax.tree.map(lambda a: a + 0.1, p)  # nonzero bias
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(Exception, match=r"x.shape=\(16, 16, 16\) must be \[B, H, W, C\]"):
+    ours.apply(p, x[0])
+
+
 def test_unet_without_custom_vjp_is_the_same_network_and_has_forward_mode():
   from jaxdiff.models import UNet
   kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, dropout=0.0)
@@ -56,17 +94,17 @@ def test_unet_without_custom_vjp_is_the_same_network_and_has_forward_mode():
   f = lambda m: (lambda p, y: m.apply({"params": p}, y, t, train=False))  # noqa: E731
   np.testing.assert_allclose(f(fast)(params, x), f(plain)(params, x), atol=1e-6)
   loss = lambda m: (lambda p, y: jnp.sum(jnp.sin(f(m)(p, y))))  # noqa: E731
-  for a, b in zip(jax.tree.leaves(jax.grad(loss(fast), (0, 1))(params, x)),
-                  jax.tree.leaves(jax.grad(loss(plain), (0, 1))(params, x))):
+  grad = lambda m: jax.jit(jax.grad(loss(m), (0, 1)))  # noqa: E731  (jit: eager op-by-op is slow)
+  for a, b in zip(jax.tree.leaves(grad(fast)(params, x)), jax.tree.leaves(grad(plain)(params, x))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   v = jax.random.normal(jax.random.key(2), x.shape)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda y: f(fast)(params, y), (x,), (v,))
-  _, jv = jax.jvp(lambda y: f(plain)(params, y), (x,), (v,))
-  _, vjp_fn = jax.vjp(lambda y: f(fast)(params, y), x)
+  jv = jax.jit(lambda y, v: jax.jvp(lambda z: f(plain)(params, z), (y,), (v,))[1])(x, v)
   u = jax.random.normal(jax.random.key(3), x.shape)
+  vjp_u = jax.jit(lambda y, u: jax.vjp(lambda z: f(fast)(params, z), y)[1](u)[0])(x, u)
   # <u, J v> computed in forward mode (plain) equals <J^T u, v> in reverse mode (custom VJPs)
-  np.testing.assert_allclose(jnp.sum(u * jv), jnp.sum(vjp_fn(u)[0] * v), rtol=1e-4)
+  np.testing.assert_allclose(jnp.sum(u * jv), jnp.sum(vjp_u * v), rtol=1e-4)
 
 
 def _losses(dtype, steps=40):

@@ -185,6 +185,110 @@ class GroupNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+_CONV_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_CONV_DN)
+
+
+def _use_matmul_weight_grad(x_shape, kernel_shape, strides) -> bool:
+  """Whether `conv2d`'s weight gradient goes through GEMMs instead of XLA's convolution.
+
+  XLA:CPU lowers a weight gradient to a convolution whose window is the whole feature map
+  (batch = input channels, features = examples); on 32x32 maps that runs ~4x slower than
+  the forward convolution, and a 1x1 conv's weight gradient (a plain GEMM) ~15x slower.
+  As one GEMM per kernel tap over the (example, position) axis the big U-Net's train step
+  is 1.27x faster and the small one's 1.14x (2 AVX-512 cores, `benchmarks/RESULTS.md`).
+  XLA's own form stays for strided convs, maps smaller than 16x16 and 3-channel ends.
+  """
+  kh, kw, cin, cout = kernel_shape
+  if tuple(strides) != (1, 1):
+    return False
+  if kh == kw == 1:
+    return True  # a 1x1 conv is a Dense layer: its weight gradient is one GEMM
+  return x_shape[1] * x_shape[2] >= 256 and min(cin, cout) >= 16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> Array:
+  """NHWC convolution `x [B, H, W, Cin] * kernel [kh, kw, Cin, Cout]` with a CPU-friendly gradient.
+
+  The forward pass and the input gradient are XLA's; the weight gradient is computed as
+  `sum_taps shift(x)^T @ dy` GEMMs where `_use_matmul_weight_grad` says that is faster
+  (a `custom_vjp`, so reverse mode only: `conv2d_plain` is the same op with JAX's derivatives).
+  """
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, res, g):
+  x, kernel = res
+  kh, kw, cin, cout = kernel.shape
+  dx = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)[1](g)[0]
+  if not _use_matmul_weight_grad(x.shape, kernel.shape, strides):
+    return dx, jax.vjp(lambda k_: _conv(x, k_, strides, padding), kernel)[1](g)[0]
+  b, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  g2 = g.reshape(-1, cout)
+
+  # One kernel tap per iteration: a loop (not an unrolled sequence) so that only one shifted
+  # copy of x is live at a time; unrolled, XLA schedules all kh*kw copies at once.
+  def tap(k, dk):
+    xs = jax.lax.dynamic_slice(xp, (0, k // kw, k % kw, 0), (b, ho, wo, cin)).reshape(-1, cin)
+    t = jax.lax.dot_general(xs, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(dk, t, k, 0)
+
+  dk = jax.lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, cin, cout), jnp.float32))
+  dk = dk.reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dk
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv2d_plain(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> Array:
+  """`conv2d` with JAX's own derivatives (forward mode works too); the same numbers."""
+  return _conv(x, kernel, strides, padding)
+
+
+class Conv(nn.Module):
+  """2-D convolution, NHWC, explicit padding; the parameters of `flax.linen.Conv` (`kernel`
+  [kh, kw, Cin, Cout], `bias` [Cout]) so checkpoints and converters see the same tree.
+
+  With `custom_vjp` (the default) the weight gradient uses `conv2d`'s GEMM form where that is
+  faster on XLA:CPU; `custom_vjp=False` is the plain `lax.conv_general_dilated` (forward mode).
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+  use_bias: bool = True
+  kernel_init: Any = default_init
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32
+  custom_vjp: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, H, W, Cin] -> [B, H', W', features] in `dtype`."""
+    if x.ndim != 4:
+      raise InputError(f"Conv: x.shape={x.shape} must be [B, H, W, C] (NHWC).")
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+    fn = conv2d if self.custom_vjp else conv2d_plain
+    padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
+    y = fn(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), padding)
+    if self.use_bias:
+      bias = self.param("bias", zeros_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class ResnetBlock(nn.Module):
   """DDPM residual block: GN, SiLU, conv3x3, + Dense(SiLU(temb)), GN, SiLU, Dropout, conv3x3.
 
@@ -197,26 +301,26 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
-  custom_vjp: bool = True  # GroupNorm's hand-written gradient (see GroupNorm)
+  custom_vjp: bool = True  # hand-written gradients of GroupNorm and the convs (see GroupNorm, conv2d)
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
     """x [B, H, W, Cin], temb [B, D] -> [B, H, W, out_ch]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, custom_vjp=self.custom_vjp)
     norm = lambda name: GroupNorm(  # noqa: E731
         self.num_groups, self.norm_eps, act=True, custom_vjp=self.custom_vjp, name=name, **kw)
     h = norm("norm_0")(x)
-    h = nn.Conv(self.out_ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=default_init,
-                name="conv_0", **kw)(h)
+    h = Conv(self.out_ch, kernel_init=default_init, name="conv_0", **ckw)(h)
     h = h + nn.Dense(self.out_ch, kernel_init=default_init, name="temb_proj",
                      **kw)(nn.silu(temb))[:, None, None, :]
     h = norm("norm_1")(h)
     if self.dropout > 0.0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=zeros_init,
-                name="conv_1", **kw)(h)
+    h = Conv(self.out_ch, kernel_init=zeros_init, name="conv_1", **ckw)(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), kernel_init=default_init, name="shortcut", **kw)(x)
+      x = Conv(self.out_ch, (1, 1), padding=((0, 0), (0, 0)), kernel_init=default_init, name="shortcut",
+               **ckw)(x)
     return x + h
 
 
@@ -298,13 +402,13 @@ class Downsample(nn.Module):
 
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
+  custom_vjp: bool = True  # `conv2d`'s GEMM weight gradient; False: plain conv (forward mode)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, H, W, C] -> [B, H/2, W/2, C]."""
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
-                   kernel_init=default_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="conv")(x)
+    return Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), kernel_init=default_init,
+                dtype=self.dtype, param_dtype=self.param_dtype, custom_vjp=self.custom_vjp, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -312,11 +416,12 @@ class Upsample(nn.Module):
 
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
+  custom_vjp: bool = True  # `conv2d`'s GEMM weight gradient; False: plain conv (forward mode)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, H, W, C] -> [B, 2H, 2W, C]."""
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    return nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=default_init,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    return Conv(c, kernel_init=default_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                custom_vjp=self.custom_vjp, name="conv")(x)

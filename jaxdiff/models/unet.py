@@ -154,8 +154,7 @@ class UNet(nn.Module):
       raise InputError("UNet got labels y, but num_classes=0 (an unconditional network); set "
                        "config.model.num_classes to the number of classes to train a conditional one.")
 
-    h = nn.Conv(self.ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.default_init,
-                name="conv_in", **kw)(x)
+    h = layers.Conv(self.ch, kernel_init=layers.default_init, name="conv_in", **nkw)(x)
     skips = [h]
     num_levels = len(self.ch_mult)
     for level, mult in enumerate(self.ch_mult):
@@ -165,7 +164,7 @@ class UNet(nn.Module):
           h = attention(h, f"down_{level}_attn_{j}")
         skips.append(h)
       if level != num_levels - 1:
-        h = layers.Downsample(name=f"down_{level}_downsample", **kw)(h)
+        h = layers.Downsample(name=f"down_{level}_downsample", **nkw)(h)
         skips.append(h)
 
     h = resnet(h, h.shape[-1], "mid_res_0")
@@ -179,12 +178,11 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attention(h, f"up_{level}_attn_{j}")
       if level != 0:
-        h = layers.Upsample(name=f"up_{level}_upsample", **kw)(h)
+        h = layers.Upsample(name=f"up_{level}_upsample", **nkw)(h)
 
     h = layers.GroupNorm(self.num_groups, self.norm_eps, act=True, name="norm_out", **nkw)(h)
     out_channels = self.out_channels or x.shape[-1]
-    return nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.zeros_init,
-                   name="conv_out", **kw)(h)
+    return layers.Conv(out_channels, kernel_init=layers.zeros_init, name="conv_out", **nkw)(h)
 
 
 def label_or_null(y: Array | None, batch: int, num_classes: int) -> Array:
