@@ -9,12 +9,16 @@ The pure functions researchers import:
 See README.md for the API tour.
 """
 
-from jaxdiff import errors
-from jaxdiff import parameterization
-from jaxdiff import processes
-from jaxdiff import losses
-from jaxdiff.samplers import sample
-from jaxdiff.likelihood import bits_per_dim, log_likelihood
+from jaxdiff import xla_flags
+
+xla_flags.apply_defaults()  # before any JAX computation runs; see jaxdiff/xla_flags.py
+
+from jaxdiff import errors  # noqa: E402
+from jaxdiff import parameterization  # noqa: E402
+from jaxdiff import processes  # noqa: E402
+from jaxdiff import losses  # noqa: E402
+from jaxdiff.samplers import sample  # noqa: E402
+from jaxdiff.likelihood import bits_per_dim, log_likelihood  # noqa: E402
 
 __version__ = "0.1.0"
 

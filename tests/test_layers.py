@@ -52,7 +52,10 @@ def test_attention_matches_dot_product_attention():
     ((2, 8, 8, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)), False),  # small map: XLA's
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv2d_gradients_match_xla(x_shape, k_shape, strides, padding, gemm, dtype):
+def test_conv2d_gradients_match_xla(x_shape, k_shape, strides, padding, gemm, dtype, monkeypatch):
+  # The 3x3 GEMM path is taken when XLA runs convolutions through YNNPACK (jaxlib's default,
+  # which jaxdiff's XLA flag turns off); force that case so both paths are checked.
+  monkeypatch.setattr(layers.xla_flags, "ynn_convolutions_enabled", lambda environ=None: True)
   assert layers._use_matmul_weight_grad(x_shape, k_shape, strides) == gemm
   x = jax.random.normal(jax.random.key(0), x_shape).astype(dtype)
   k = (0.2 * jax.random.normal(jax.random.key(1), k_shape)).astype(dtype)
@@ -141,3 +144,32 @@ def test_bf16_training_follows_the_fp32_loss_curve():
   smooth = lambda a: np.convolve(a, np.ones(8) / 8, mode="valid")  # noqa: E731
   np.testing.assert_allclose(smooth(bf16), smooth(fp32), rtol=0.1)
   assert smooth(bf16)[-1] < 0.6 * smooth(bf16)[0]
+
+
+def test_xla_cpu_flag_defaults():
+  from jaxdiff import xla_flags
+  flag = xla_flags.CPU_CONV_FLAG
+  assert xla_flags.default_flags({}, (0, 10)) == flag
+  assert xla_flags.default_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, (0, 11)) == flag
+  assert xla_flags.default_flags({}, (0, 99)) == ""  # untested jaxlib: an unknown flag would abort XLA
+  assert xla_flags.default_flags({"JAXDIFF_XLA_DEFAULTS": "0"}, (0, 10)) == ""
+  mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=reduce"}
+  assert xla_flags.default_flags(mine, (0, 10)) == ""  # the user's own setting wins
+  env = {"XLA_FLAGS": "--a=1"}
+  added = xla_flags.apply_defaults(env)
+  assert env["XLA_FLAGS"] == ("--a=1 " + added).strip()
+  assert xla_flags.ynn_convolutions_enabled({"XLA_FLAGS": flag}) is False
+  assert xla_flags.ynn_convolutions_enabled({}) is True
+
+
+def test_jaxdiff_import_put_convolutions_on_xla_eigen_kernels():
+  """Importing jaxdiff (conftest's flags set first) keeps this process's convs off YNNPACK."""
+  import os
+
+  from jaxdiff import xla_flags
+  if not xla_flags.default_flags({}):
+    pytest.skip("jaxlib version outside the tested range: jaxdiff sets no flag")
+  assert xla_flags.CPU_CONV_FLAG in os.environ["XLA_FLAGS"]
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+  hlo = jax.jit(layers.conv2d_plain, static_argnums=(2, 3)).lower(x, w, (1, 1), ((1, 1), (1, 1))).compile().as_text()
+  assert "convolution(" in hlo and "__ynn_fusion" not in hlo

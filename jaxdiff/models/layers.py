@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import xla_flags
 from jaxdiff.errors import InputError
 
 Array = jax.Array
@@ -196,18 +197,21 @@ def _use_matmul_weight_grad(x_shape, kernel_shape, strides) -> bool:
   """Whether `conv2d`'s weight gradient goes through GEMMs instead of XLA's convolution.
 
   XLA:CPU lowers a weight gradient to a convolution whose window is the whole feature map
-  (batch = input channels, features = examples); on 32x32 maps that runs ~4x slower than
-  the forward convolution, and a 1x1 conv's weight gradient (a plain GEMM) ~15x slower.
-  As one GEMM per kernel tap over the (example, position) axis the big U-Net's train step
-  is 1.27x faster and the small one's 1.14x (2 AVX-512 cores, `benchmarks/RESULTS.md`).
-  XLA's own form stays for strided convs, maps smaller than 16x16 and 3-channel ends.
+  (batch = input channels, features = examples). With YNNPACK's convolutions (jaxlib's
+  default, see `jaxdiff.xla_flags`) that runs ~4x slower than the forward on 32x32 maps and
+  a 1x1 conv's weight gradient ~15x slower than the GEMM it is; as one GEMM per kernel tap
+  over the (example, position) axis the big U-Net's train step is 1.27x faster and the
+  small one's 1.14x. With XLA's Eigen convolutions (jaxdiff's default flag) XLA's own
+  weight gradient is as fast or faster, so only 1x1 convs (plain GEMMs) take this path.
+  Strided convs, maps under 16x16 and 3-channel ends always keep XLA's.
   """
   kh, kw, cin, cout = kernel_shape
   if tuple(strides) != (1, 1):
     return False
   if kh == kw == 1:
     return True  # a 1x1 conv is a Dense layer: its weight gradient is one GEMM
-  return x_shape[1] * x_shape[2] >= 256 and min(cin, cout) >= 16
+  return (xla_flags.ynn_convolutions_enabled() and x_shape[1] * x_shape[2] >= 256
+          and min(cin, cout) >= 16)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
