@@ -189,7 +189,8 @@ class GroupNorm(nn.Module):
 _CONV_DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> Array:
+def conv2d_plain(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> Array:
+  """`conv2d` with JAX's own derivatives (forward mode works too); the same numbers."""
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_CONV_DN)
 
 
@@ -222,19 +223,19 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tup
   `sum_taps shift(x)^T @ dy` GEMMs where `_use_matmul_weight_grad` says that is faster
   (a `custom_vjp`, so reverse mode only: `conv2d_plain` is the same op with JAX's derivatives).
   """
-  return _conv(x, kernel, strides, padding)
+  return conv2d_plain(x, kernel, strides, padding)
 
 
 def _conv2d_fwd(x, kernel, strides, padding):
-  return _conv(x, kernel, strides, padding), (x, kernel)
+  return conv2d_plain(x, kernel, strides, padding), (x, kernel)
 
 
 def _conv2d_bwd(strides, padding, res, g):
   x, kernel = res
   kh, kw, cin, cout = kernel.shape
-  dx = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)[1](g)[0]
   if not _use_matmul_weight_grad(x.shape, kernel.shape, strides):
-    return dx, jax.vjp(lambda k_: _conv(x, k_, strides, padding), kernel)[1](g)[0]
+    return jax.vjp(lambda a, k: conv2d_plain(a, k, strides, padding), x, kernel)[1](g)
+  dx = jax.vjp(lambda a: conv2d_plain(a, kernel, strides, padding), x)[1](g)[0]
   b, ho, wo, _ = g.shape
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   g2 = g.reshape(-1, cout)
@@ -252,11 +253,6 @@ def _conv2d_bwd(strides, padding, res, g):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-def conv2d_plain(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> Array:
-  """`conv2d` with JAX's own derivatives (forward mode works too); the same numbers."""
-  return _conv(x, kernel, strides, padding)
 
 
 class Conv(nn.Module):
