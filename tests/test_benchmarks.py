@@ -14,9 +14,11 @@ COMPARE = os.path.join(ROOT, "benchmarks", "compare.py")
 
 def _run(cmd, env=None):
   env = dict(os.environ if env is None else env)
-  # One CPU device, as the peer harness; no inherited test-session compilation cache.
+  # One CPU device, as the peer harness, fully optimized code (conftest's -O0 is for the tests'
+  # compile time); no inherited test-session compilation cache.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
+                              if not f.startswith(("--xla_force_host_platform_device_count",
+                                                   "--xla_backend_optimization_level")))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
 

@@ -153,7 +153,10 @@ METHODS = [("ancestral", {}, 20), ("ddim", {}, 20), ("heun", {}, 10), ("dpm_solv
 def test_cfg_at_w0_is_conditional_sampling(method, opts, steps):
   labels = jnp.arange(64, dtype=jnp.int32) % K
   guided, plain = draw(cfg(labels, 0.0), cond_score_fn(labels), method=method, num_steps=steps, n=64, **opts)
-  np.testing.assert_allclose(guided, plain, rtol=1e-5, atol=1e-5)
+  # The adaptive ODE solver's step control reacts to rounding (the guided score is computed on a
+  # batch of 2B), so its paths agree to its own tolerance; the fixed-step methods to rounding.
+  tol = 1e-3 if method == "ode" else 1e-5
+  np.testing.assert_allclose(guided, plain, rtol=tol, atol=tol)
   assert np.std(plain) > 0.5  # real samples, not a degenerate run
 
 

@@ -118,7 +118,7 @@ def test_unet_with_custom_vjp_layers_needs_reverse_mode_or_plain_layers():
   kw = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, dropout=0.0)
   x = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1.0, maxval=1.0)
   ddpm = processes.DDPM.linear(100)
-  params = UNet(**kw).init(jax.random.key(1), x, jnp.zeros(2), train=False)["params"]
+  params = jax.jit(lambda k: UNet(**kw).init(k, x, jnp.zeros(2), train=False)["params"])(jax.random.key(1))
 
   def score_fn(custom_vjp):
     net = lambda y, c: UNet(**kw, custom_vjp=custom_vjp).apply({"params": params}, y, c, train=False)  # noqa: E731

@@ -85,8 +85,12 @@ def test_fsdp_state_is_sharded_and_steps_like_one_device():
 def test_sampling_is_the_same_on_one_and_eight_devices():
   c = load_config("tiny")
   exp = train.build_experiment(c)
-  params = exp.model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), train=False)["params"]
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  @jax.jit  # (eager init compiles op by op)
+  def init(key):
+    params = exp.model.init(key, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), train=False)["params"]
+    return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+
+  params = init(jax.random.key(0))
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.create_mesh({"data": len(devices)}, devices=devices)
