@@ -17,8 +17,10 @@ machine hits all alike, and repeated `--repeats` times:
 * `per_nfe`: one jitted `likelihood.log_likelihood` solve (Tsit5, `--rtol`/`--atol`)
   divided by its `info["nfe"]`; nothing is subtracted (diffrax's step control included).
 
-It prints one JSON line per model with the medians over repeats of `ratio = per_nfe /
-forward` (the issue's criterion: <= 3) and `ratio_vf = vf / forward`.
+It prints one JSON line per model and `--autodiff` mode (`forward`: one `jax.jvp` through
+the plain layers, what `evaluate` uses; `reverse`: `jax.vjp` through the default custom-VJP
+layers) with the medians over repeats of `ratio = per_nfe / forward` (the issue's
+criterion: <= 3) and `ratio_vf = vf / forward`.
 """
 
 from __future__ import annotations
@@ -56,9 +58,12 @@ def _median_call_s(fn, args, calls: int) -> float:
   return statistics.median(times)
 
 
-def bench(model_name: str, batch: int, calls: int, repeats: int, rtol: float, atol: float) -> dict:
+def bench(model_name: str, batch: int, calls: int, repeats: int, rtol: float, atol: float,
+          autodiff: str = "forward") -> dict:
   kwargs, res = MODELS[model_name]
-  model = models.create_model(**kwargs, custom_vjp=False)  # as evaluate.make_likelihood_fn builds it
+  # forward mode: plain layers, as evaluate.make_likelihood_fn builds the model; reverse mode:
+  # the default custom-VJP layers (what a user's own network usually is).
+  model = models.create_model(**kwargs, custom_vjp=autodiff == "reverse")
   process = processes.DDPM.linear(1000)
   key = jax.random.key(0)
   x = jax.random.uniform(jax.random.key(1), (batch, res, res, 3), minval=-1.0, maxval=1.0)
@@ -73,7 +78,7 @@ def bench(model_name: str, batch: int, calls: int, repeats: int, rtol: float, at
   def one_vf(p, y, probe):
     score_fn = parameterization.score_fn_from_network(net_for(p), process, "eps")
     fn = likelihood._drift_and_divergence_fn(likelihood._drift_fn(process, score_fn),  # noqa: SLF001
-                                             "hutchinson_rademacher", 1)
+                                             "hutchinson_rademacher", 1, autodiff)
     return fn(y, jnp.asarray(500.0), probe[None])
 
   vf = jax.jit(one_vf)
@@ -81,7 +86,7 @@ def bench(model_name: str, batch: int, calls: int, repeats: int, rtol: float, at
 
   def solve(p, k, y):
     score_fn = parameterization.score_fn_from_network(net_for(p), process, "eps")
-    logp, info = likelihood.log_likelihood(k, process, score_fn, y, rtol=rtol, atol=atol)
+    logp, info = likelihood.log_likelihood(k, process, score_fn, y, rtol=rtol, atol=atol, autodiff=autodiff)
     return logp, info["nfe"]
 
   solve_jit = jax.jit(solve)
@@ -99,7 +104,7 @@ def bench(model_name: str, batch: int, calls: int, repeats: int, rtol: float, at
     rows.append((f, v, s / nfe))
   f_med = statistics.median(r[0] for r in rows)
   return {
-      "model": model_name, "resolution": res, "batch": batch, "backend": jax.default_backend(),
+      "model": model_name, "autodiff": autodiff, "resolution": res, "batch": batch, "backend": jax.default_backend(),
       "devices": jax.device_count(), "nfe": nfe, "rtol": rtol, "atol": atol,
       "forward_ms": 1e3 * f_med,
       "vf_ms": 1e3 * statistics.median(r[1] for r in rows),
@@ -118,10 +123,14 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--rtol", type=float, default=1e-3)
   parser.add_argument("--atol", type=float, default=1e-3)
+  parser.add_argument("--autodiff", choices=["forward", "reverse", "both"], default="both",
+                      help="the divergence's Jacobian products: jax.jvp (plain layers) or jax.vjp")
   args = parser.parse_args()
   names = sorted(MODELS) if args.model == "all" else [args.model]
+  modes = ["forward", "reverse"] if args.autodiff == "both" else [args.autodiff]
   for name in names:
-    print(json.dumps(bench(name, args.batch, args.calls, args.repeats, args.rtol, args.atol)), flush=True)
+    for mode in modes:
+      print(json.dumps(bench(name, args.batch, args.calls, args.repeats, args.rtol, args.atol, mode)), flush=True)
 
 
 if __name__ == "__main__":

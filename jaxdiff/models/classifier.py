@@ -94,8 +94,9 @@ class NoiseClassifier(nn.Module):
       return layers.AttentionBlock(num_heads=self.num_heads, num_groups=self.num_groups,
                                    norm_eps=self.norm_eps, name=name, **kw)(h)
 
-    h = nn.Conv(self.ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.default_init,
-                name="conv_in", **kw)(x)
+    # layers.Conv: flax.linen.Conv's parameters, with gradients that stay fast inside the
+    # sampling loop (classifier guidance differentiates the classifier at every step).
+    h = layers.Conv(self.ch, kernel_init=layers.default_init, name="conv_in", **kw)(x)
     for level, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
         h = resnet(h, self.ch * mult, f"down_{level}_res_{j}")
