@@ -101,6 +101,26 @@ def test_conv2d_gradients_inside_a_loop_are_canonical_convolutions():
   assert set(plain) != {"b01f_01io->b01f"}, plain
 
 
+def test_silu_output_is_materialised_for_the_weight_gradient_transpose():
+  # The weight gradient of a conv after GroupNorm + SiLU transposes the conv's input to
+  # [C, H, W, B]. Written as y * sigmoid(y), XLA:CPU recomputed the cheap product inside that
+  # transpose, in transposed order (5x slower); group_norm's y / (1 + e^-y) is materialised once.
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+  k = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+
+  def loss(x, k):
+    h = layers.group_norm(x, jnp.ones(32), jnp.zeros(32), 8, 1e-6, True)
+    return jnp.sum(jnp.tanh(layers.conv2d(h, k, (1, 1), ((1, 1), (1, 1)))))
+
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, k).compile().as_text()
+  transposes = [c for c in re.split(r"\n(?=\S)", hlo) if re.search(r"ROOT \S+ = \S+ copy\(%transpose", c)]
+  to_cfhw = [c for c in transposes if re.search(r"-> f32\[32,16,16,4\]", c)]
+  assert to_cfhw, transposes
+  for c in to_cfhw:
+    ops = set(re.findall(r"= \S+ ([a-z-]+)\(", c))
+    assert ops <= {"parameter", "bitcast", "transpose", "copy"}, (ops, c)
+
+
 def test_conv_module_has_flax_conv_parameters():
   import flax.linen as nn
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))

@@ -116,7 +116,12 @@ def _group_norm_fwd(x, scale, bias, num_groups, eps, act):
   mean, inv, a, shift = _gn_coeffs(x3, scale, bias, num_groups, eps)
   y = x3 * a[:, None] + shift[:, None]
   if act:
-    y = y * jax.nn.sigmoid(y)
+    # SiLU as y / (1 + e^-y), not y * sigmoid(y): XLA:CPU copies cheap elementwise producers
+    # into each consumer, and a product it would recompute inside the transpose that feeds
+    # the next conv's weight gradient ([B,H,W,C] -> [C,H,W,B]), in transposed order with
+    # strided reads (45 ms vs 9 ms for a [64,32,32,64] map). A division is not copied: the
+    # output is materialised once (small train step 2.0 -> 1.85 s, big 3.3 -> 3.2 s).
+    y = y / (1.0 + jnp.exp(-y))
   return y.reshape(x.shape), (x, scale, bias, mean, inv)
 
 
