@@ -35,14 +35,22 @@ def test_group_norm_values_and_gradients(shape, groups, act):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_matches_dot_product_attention():
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, 10, 2, 4)) for i in range(3))
-  np.testing.assert_allclose(layers.attention(q, k, v), jax.nn.dot_product_attention(q, k, v), atol=1e-6)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_matches_dot_product_attention(heads):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 10, heads, 4)) for i in range(3))
+  ref_out = jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_allclose(layers.attention(q, k, v), ref_out, atol=1e-6)
   loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))  # noqa: E731
   ours = jax.grad(loss(layers.attention), (0, 1, 2))(q, k, v)
   ref = jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, atol=1e-6)
+  # attention_plain: the same numbers, and forward mode
+  np.testing.assert_allclose(layers.attention_plain(q, k, v), ref_out, atol=1e-6)
+  tangents = (q, k, v)
+  ours_t = jax.jvp(layers.attention_plain, (q, k, v), tangents)[1]
+  ref_t = jax.jvp(jax.nn.dot_product_attention, (q, k, v), tangents)[1]
+  np.testing.assert_allclose(ours_t, ref_t, atol=1e-5)
 
 
 @pytest.mark.parametrize("x_shape, k_shape, strides, padding, gemm", [
