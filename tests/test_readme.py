@@ -21,9 +21,13 @@ def python_blocks(text):
 BLOCKS = python_blocks(readme())
 
 
+def is_library_tour(code):
+  return "UNet(" in code and "method=\"ddim\"" in code
+
+
 def test_readme_has_its_python_examples():
   assert len(BLOCKS) >= 3, "README lost its python examples"
-  assert sum("UNet(" in code and "method=\"ddim\"" in code for code in BLOCKS) == 1  # the library tour
+  assert sum(map(is_library_tour, BLOCKS)) == 1
 
 
 # One test per block, so pytest-xdist spreads them over its workers.
@@ -32,7 +36,7 @@ def test_python_example_runs(index):
   code = BLOCKS[index]
   scope = {}
   exec(compile(code, f"README.md python block {index}", "exec"), scope)  # noqa: S102
-  if "UNet(" in code and "method=\"ddim\"" in code:  # the library tour
+  if is_library_tour(code):
     assert int(scope["info"]["nfe"]) == 20
     assert scope["x"].shape == (4, 16, 16, 3)
   for name in ("x", "logp", "bpd", "vlb"):
