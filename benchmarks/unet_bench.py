@@ -19,10 +19,11 @@ one JSON line per measurement:
   `jaxdiff.sample(..., method="ancestral", ts=[t, t-1], denoise=False)` (`--sample_chunk K`
   runs K steps per call in one `lax.scan` instead), eval mode.
 
-`first_step_s` is the first call, compilation included (a warm `--cache_dir` makes it
-small), and `first_step_breakdown_s` splits it into tracing, lowering to StableHLO, XLA
-compilation (or the cache load), and the rest (the first execution itself); `--warmup`
-counts that call. `img_per_s = B * steps / sum(step times)`. Each
+`first_step_s` is the first call, compilation included, and `first_step_breakdown_s` splits
+it into tracing, lowering to StableHLO, XLA compilation, and the rest (the first execution
+itself). A warm `--cache_dir` skips all three: the measured step's compiled executable is
+loaded (`jaxdiff.aot`, `load_executable`, `executable_loaded: true`); JAX's persistent cache
+serves the small jits around it. `--warmup` counts that call. `img_per_s = B * steps / sum(step times)`. Each
 measurement runs in its own process (`--mode both` starts one per mode), so
 `peak_rss_mb` (ru_maxrss) belongs to it alone.
 """
@@ -45,6 +46,7 @@ if ROOT not in sys.path:
 CONFIGS = ("big", "small")
 MODES = ("train", "sample", "both")
 DEFAULT_BATCH = {"big": 16, "small": 64}
+PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk")  # what the step depends on
 PEER_PARAMS = {"big": 35_746_307, "small": 2_245_763}
 # The peer's counts (README of ../shared/bench): 2 FLOPs per MAC, conv + linear + attention.
 TRAIN_FLOPS_PER_IMG = {"big": 37.32e9, "small": 2.528e9}
@@ -67,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (params stay fp32)")
   p.add_argument("--remat", action="store_true", help="jax.checkpoint every resnet/attention block")
   p.add_argument("--sample_chunk", type=int, default=1, help="ancestral steps per sampling call")
-  p.add_argument("--cache_dir", default="", help="persistent XLA compilation cache ('' = off)")
+  p.add_argument("--cache_dir", default="", help="persistent XLA compilation cache and compiled steps ('' = off)")
   p.add_argument("--threads", type=int, default=None, help="informational: cores given to the run")
   args = p.parse_args(argv)
   errors = []
@@ -115,7 +117,7 @@ def measure(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxdiff import losses, parameterization, processes, samplers, sharding, train
+  from jaxdiff import aot, losses, parameterization, processes, samplers, sharding, train
 
   model, config = build(args.config, args.dtype, args.remat)
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
@@ -126,6 +128,13 @@ def measure(args) -> dict:
   repl = sharding.replicated(mesh)
   key = jax.random.key(0)
   rss_before = peak_rss_mb()
+
+  def cached(jitted):
+    """With --cache_dir, a warm run loads the compiled step without tracing it (jaxdiff.aot)."""
+    if not args.cache_dir:
+      return jitted
+    return aot.CachedJit(jitted, cache_dir=args.cache_dir, name=f"unet_bench_{args.mode}",
+                         fingerprint=json.dumps({k: getattr(args, k) for k in PROGRAM_FLAGS}))
 
   if args.mode == "train":
     optimizer = train.make_optimizer(name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8,
@@ -140,7 +149,7 @@ def measure(args) -> dict:
       return train.train_step(state, {"x": x0}, k, model=model, loss_fn=loss_fn, optimizer=optimizer,
                               ema_decay=None)
 
-    step = jax.jit(step, donate_argnums=0, in_shardings=(repl, x_sh, repl), out_shardings=(repl, repl))
+    step = cached(jax.jit(step, donate_argnums=0, in_shardings=(repl, x_sh, repl), out_shardings=(repl, repl)))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
     def call(i):
@@ -164,7 +173,7 @@ def measure(args) -> dict:
       x, info = samplers.sample(k, process, score_fn, shape, method="ancestral", ts=ts, denoise=False)
       return x
 
-    fn = jax.jit(sample_chunk, out_shardings=x_sh)
+    fn = cached(jax.jit(sample_chunk, out_shardings=x_sh))
     t_now = [1000.0]
 
     def call(i):
@@ -189,6 +198,9 @@ def measure(args) -> dict:
   call(0)
   first = time.perf_counter() - t0
   jax.monitoring.unregister_event_duration_listener(listener)
+  timed = step if args.mode == "train" else fn
+  if isinstance(timed, aot.CachedJit) and timed.loaded:
+    spent["load_executable"] = timed.compile_s  # no trace, lowering or compile
   spent["execute_and_rest"] = first - sum(spent.values())
   for i in range(1, args.warmup):
     call(i)
@@ -206,7 +218,8 @@ def measure(args) -> dict:
       first_step_s=round(first, 3), first_step_breakdown_s={k: round(v, 2) for k, v in spent.items()},
       warmup=args.warmup, steps=args.steps, dtype=args.dtype,
       remat=args.remat, sample_chunk=args.sample_chunk if args.mode == "sample" else None,
-      compilation_cache=bool(args.cache_dir), peak_rss_mb=round(peak_rss_mb(), 1),
+      compilation_cache=bool(args.cache_dir),
+      executable_loaded=bool(args.cache_dir) and bool(timed.loaded), peak_rss_mb=round(peak_rss_mb(), 1),
       rss_after_build_mb=round(rss_before, 1), backend=jax.default_backend(),
       device_kind=dev.device_kind, num_devices=jax.device_count(),
       threads=args.threads or os.cpu_count(), python=platform.python_version(),

@@ -15,6 +15,7 @@ Sections:
   sampling      the sampler used for samples written during and after training
   mesh          device mesh axes, e.g. {"data": -1, "fsdp": 1}
   checkpoint_dir, compilation_cache_dir   where checkpoints / the XLA cache live
+  cache_executables   with a cache dir, also keep the compiled train step (`jaxdiff.aot`)
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.compilation_cache_dir = ""   # persistent XLA cache ('' = off)
+  c.cache_executables = True     # with a cache dir: also save the compiled train step (jaxdiff.aot)
   c.checkpoint_dir = ""          # orbax checkpoints, e.g. gs://bucket/run ('' = <workdir>/checkpoints)
   return c
 

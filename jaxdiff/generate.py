@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import aot
 from jaxdiff import guidance
 from jaxdiff import parameterization
 from jaxdiff import samplers
@@ -289,6 +290,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
                                           seed=seed, batch_size=batch_size, options=options, labels=labels,
                                           guidance_scale=guidance_scale, classifier_scale=classifier_scale),
                              what="config or flag")
+  aot.use_compilation_cache(config.get("compilation_cache_dir", ""))  # the training run's cache
   exp = train.build_experiment(config)
   if exp.is_classifier:
     raise InputError(f"--workdir={workdir!r} holds a noise-conditional classifier, which does not draw "

@@ -132,6 +132,14 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def device_fingerprint() -> str:
+  """The devices a compiled program is tied to: platform and version, each device's kind and
+  id, and this process's index among all processes (for `aot`'s cache key)."""
+  devices = jax.devices()
+  return repr((devices[0].platform, devices[0].client.platform_version, jax.process_index(),
+               jax.process_count(), [(d.id, d.device_kind, d.process_index) for d in devices]))
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**12) -> P:
   """Shards the largest dimension divisible by `fsdp_size`; small arrays stay replicated."""
   if fsdp_size <= 1 or math.prod(shape) < min_size:

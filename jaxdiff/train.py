@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jaxdiff import aot
 from jaxdiff import checkpoint as ckpt_lib
 from jaxdiff import configs as config_lib
 from jaxdiff import data as data_lib
@@ -365,8 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   sharding.check_same_config(config)  # multi-host: every process must run the same config
   exp = build_experiment(config)
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+  aot.use_compilation_cache(config.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   tc, o = config.training, config.optimizer
   mesh = sharding.create_mesh(config.mesh.to_dict())
@@ -401,6 +401,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
+  if config.compilation_cache_dir and config.cache_executables:
+    # A warm restart loads the compiled step without tracing it (the config is the key).
+    step_fn = aot.CachedJit(step_fn, cache_dir=config.compilation_cache_dir,
+                            fingerprint=config.to_json_best_effort(), name="train_step")
 
   lr_at = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
                         warmup_steps=o.warmup_steps, num_steps=tc.num_steps)
