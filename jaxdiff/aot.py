@@ -22,6 +22,7 @@ temporary file and renamed, so a crash mid-write never leaves a truncated entry.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import importlib.metadata
@@ -116,15 +117,24 @@ def _device_ids(compiled: jax.stages.Compiled) -> list[int]:
   return [d.id for d in shardings[0]._device_assignment]
 
 
-def compile_cached(fn: Callable, *args: Any, cache_dir: str, fingerprint: str,
+def compile_cached(fn: Callable, *args: Any, cache_dir: str = "", fingerprint: str = "",
                    name: str = "step") -> tuple[jax.stages.Compiled, bool]:
   """`fn.lower(*args).compile()`, or the executable saved by an earlier run with the same key.
 
   `fn` is a `jax.jit`-wrapped function and `args` example arguments (arrays or
-  `jax.ShapeDtypeStruct`s with shardings). Returns the compiled step and whether it was loaded
-  from `cache_dir`. The returned object only accepts arguments with exactly these shapes,
-  dtypes and shardings.
+  `jax.ShapeDtypeStruct`s with shardings); `cache_dir=''` compiles without saving. Returns the
+  compiled step and whether it was loaded from `cache_dir`. The returned object only accepts
+  arguments with exactly these shapes, dtypes and shardings. Either way, the heap memory the
+  compiler freed is then returned to the OS (`release_host_memory`).
   """
+  compiled, loaded = _load_or_compile(fn, args, cache_dir, fingerprint, name)
+  release_host_memory()
+  return compiled, loaded
+
+
+def _load_or_compile(fn, args, cache_dir, fingerprint, name):
+  if not cache_dir:
+    return fn.lower(*args).compile(), False
   os.makedirs(cache_dir, exist_ok=True)
   path = os.path.join(cache_dir, f"jaxdiff-{name}-{cache_key(fingerprint, args)}.exe")
   if os.path.exists(path):
@@ -149,14 +159,38 @@ def compile_cached(fn: Callable, *args: Any, cache_dir: str, fingerprint: str,
   return compiled, False
 
 
-class CachedJit:
-  """A `jax.jit`-wrapped function compiled (or loaded) through `compile_cached` at its first call.
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+  try:
+    return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS and musl
+  except (OSError, AttributeError):
+    return None
 
-  Later calls must pass arguments with the first call's shapes, dtypes and shardings (a train
-  or sampling loop does). `loaded` and `compile_s` say how the first call got its executable.
+
+def release_host_memory() -> bool:
+  """Returns the host heap's free pages to the OS (glibc `malloc_trim(0)`); False where unsupported.
+
+  XLA's compiler allocates and frees hundreds of MB in small pieces; glibc keeps those pages
+  resident, and a step's buffers are mapped fresh beside them, so without this the process
+  holds both at once (small U-Net train step on CPU: peak RSS 2400 -> 1930 MB).
+  """
+  trim = _malloc_trim()
+  if trim is None:
+    return False
+  trim(0)
+  return True
+
+
+class AotJit:
+  """A `jax.jit`-wrapped function compiled ahead of its first execution, at its first call.
+
+  The compile goes through `compile_cached`: from/into `cache_dir` when one is given, and
+  followed by `release_host_memory` before the step's own buffers are allocated. Later calls
+  must pass arguments with the first call's shapes, dtypes and shardings (a train or sampling
+  loop does). `loaded` and `compile_s` say how the first call got its executable.
   """
 
-  def __init__(self, fn: Callable, *, cache_dir: str, fingerprint: str, name: str = "step"):
+  def __init__(self, fn: Callable, *, cache_dir: str = "", fingerprint: str = "", name: str = "step"):
     self._fn, self._cache_dir, self._fingerprint, self._name = fn, cache_dir, fingerprint, name
     self._compiled = None
     self.loaded: bool | None = None

@@ -329,9 +329,10 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   n_shards = sharding.num_data_shards(mesh)
   batch_size = batch_size or min(config.sampling.batch_size, num_samples)
   batch_size = int(math.ceil(batch_size / n_shards) * n_shards)
-  fn = make_sampler(exp, config, batch_size=batch_size, mesh=mesh, method=method,
-                    num_steps=num_steps, options=options, guidance_scale=guidance_scale,
-                    classifier=classifier, classifier_scale=classifier_scale)
+  # compiled ahead of the first batch, so the compiler's freed heap is returned first (aot)
+  fn = aot.AotJit(make_sampler(exp, config, batch_size=batch_size, mesh=mesh, method=method,
+                               num_steps=num_steps, options=options, guidance_scale=guidance_scale,
+                               classifier=classifier, classifier_scale=classifier_scale), name="sampler")
   method = resolve_method(method or config.sampling.method)
   w = float(config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
 

@@ -351,7 +351,8 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     start, state = ckpt.restore(abstract, data_iterator=data_iter)
     log.info("Resumed from %s/%d.", ckpt.directory, start)
     return start, state
-  state = jax.jit(init, out_shardings=state_sh)(init_key)  # never materialised unsharded
+  # never materialised unsharded; compiled ahead so the compiler's freed heap is returned first
+  state = aot.AotJit(jax.jit(init, out_shardings=state_sh), name="init")(init_key)
   if sharding.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -396,15 +397,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.data_spec.shape))}
   if config.data.use_labels:
     batch_sh["label"] = sharding.batch_sharding(mesh, 1)
-  step_fn = jax.jit(
-      make_train_step(config, exp, optimizer),
-      in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  if config.compilation_cache_dir and config.cache_executables:
-    # A warm restart loads the compiled step without tracing it (the config is the key).
-    step_fn = aot.CachedJit(step_fn, cache_dir=config.compilation_cache_dir,
-                            fingerprint=config.to_json_best_effort(), name="train_step")
+  # Compiled at the first step, ahead of running it (the compiler's freed heap is returned
+  # before the step's buffers are allocated); with a cache dir, a warm restart loads the
+  # compiled step without tracing it (the config is the key).
+  step_fn = aot.AotJit(
+      jax.jit(make_train_step(config, exp, optimizer),
+              in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+              out_shardings=(state_sh, sharding.replicated(mesh)),
+              donate_argnums=(0,)),
+      cache_dir=config.compilation_cache_dir if config.cache_executables else "",
+      fingerprint=config.to_json_best_effort(), name="train_step")
 
   lr_at = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
                         warmup_steps=o.warmup_steps, num_steps=tc.num_steps)

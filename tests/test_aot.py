@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,7 @@ def test_cached_jit_compiles_at_its_first_call(tmp_path):
     return x + 1
 
   for expect_loaded in (False, True):
-    fn = aot.CachedJit(jax.jit(f), cache_dir=str(tmp_path), fingerprint="f", name="plus")
+    fn = aot.AotJit(jax.jit(f), cache_dir=str(tmp_path), fingerprint="f", name="plus")
     assert fn.loaded is None
     np.testing.assert_array_equal(fn(jnp.zeros(2)), 1.0)
     np.testing.assert_array_equal(fn(jnp.ones(2)), 2.0)
@@ -150,10 +151,21 @@ def test_a_second_training_run_loads_the_step_and_trains_identically(tmp_path, c
                     out_dir=str(tmp_path / "samples"))
   assert jax.config.values["jax_compilation_cache_dir"] == str(tmp_path / "cache")
   # cache_executables=False: only JAX's own cache, no entry is read or written
-  def refuse(*args, **kwargs):
-    raise AssertionError("aot.compile_cached called with cache_executables=False")
-
-  monkeypatch.setattr(aot, "compile_cached", refuse)
+  asked = []
+  compile_cached = aot.compile_cached
+  monkeypatch.setattr(aot, "compile_cached",
+                      lambda *a, **kw: asked.append((kw["name"], kw["cache_dir"])) or compile_cached(*a, **kw))
   c = load_config("tiny")
   c.compilation_cache_dir, c.cache_executables = str(tmp_path / "cache"), False
   train.train_and_evaluate(c, str(tmp_path / "run2"))
+  assert asked == [("init", ""), ("train_step", "")]
+
+
+def test_compiling_returns_the_freed_heap_to_the_os(monkeypatch):
+  assert aot.release_host_memory() is (sys.platform == "linux")  # glibc's malloc_trim
+  released = []
+  monkeypatch.setattr(aot, "release_host_memory", lambda: released.append(1))
+  fn = aot.AotJit(jax.jit(jnp.cos))  # no cache dir: compiled ahead, not saved
+  np.testing.assert_array_equal(fn(jnp.zeros(2)), 1.0)
+  fn(jnp.zeros(2))
+  assert released == [1] and fn.loaded is False
