@@ -114,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.restart_with_tcmalloc()  # when installed: faster CPU steps (see jaxdiff/cli.py)
   app.run(main, flags_parser=cli.parse_flags_one_line)

@@ -221,6 +221,7 @@ def measure(args) -> dict:
       rss_after_build_mb=round(rss_before, 1), backend=jax.default_backend(),
       device_kind=dev.device_kind, num_devices=jax.device_count(),
       threads=args.threads or os.cpu_count(), python=platform.python_version(),
+      malloc="tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
   )
   flops = (TRAIN_FLOPS_PER_IMG if args.mode == "train" else FWD_FLOPS_PER_IMG)[args.config]
   rec["achieved_gflops"] = round(img_per_s * flops / 1e9, 1)
@@ -262,7 +263,10 @@ def main(argv=None) -> int:
     for mode in (("train", "sample") if args.mode == "both" else (args.mode,)):
       child = _without_flag(argv, "--mode")
       cmd = [sys.executable, os.path.abspath(__file__), *child, "--mode", mode]
-      env = dict(os.environ, JAXDIFF_BENCH_CHILD="1")
+      # as run_train.py / run_sample.py run: with tcmalloc preloaded when it is installed
+      from jaxdiff import cli
+
+      env = dict(cli.tcmalloc_env() or os.environ, JAXDIFF_BENCH_CHILD="1")
       rc = subprocess.call(cmd, env=env) or rc
     return rc
   rec = measure(args)
