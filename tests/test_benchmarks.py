@@ -39,7 +39,7 @@ def test_unet_bench_small_both_modes_and_warm_cache(tmp_path):
     assert r["impl"] == "jaxdiff" and r["config"] == "small" and r["batch"] == 2
     assert r["params"] == 2_245_763 and r["params_match_peer"]
     assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["peak_rss_mb"] > 0
-    for key in ("dtype", "backend", "device_kind", "jax", "flax"):
+    for key in ("dtype", "backend", "device_kind", "jax", "flax", "malloc"):
       assert r[key]
   assert len(out.read_text().splitlines()) == 2  # --out appends every line
   assert not any(r["executable_loaded"] for r in cold)
