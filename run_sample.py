@@ -114,5 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.restart_with_tcmalloc()  # when installed: faster CPU steps (see jaxdiff/cli.py)
+  cli.restart_with_tcmalloc()  # JAXDIFF_TCMALLOC=1: faster CPU steps, more memory (jaxdiff/cli.py)
   app.run(main, flags_parser=cli.parse_flags_one_line)

@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     for mode in (("train", "sample") if args.mode == "both" else (args.mode,)):
       child = _without_flag(argv, "--mode")
       cmd = [sys.executable, os.path.abspath(__file__), *child, "--mode", mode]
-      # as run_train.py / run_sample.py run: with tcmalloc preloaded when it is installed
+      # as run_train.py / run_sample.py run: tcmalloc preloaded if JAXDIFF_TCMALLOC=1
       from jaxdiff import cli
 
       env = dict(cli.tcmalloc_env() or os.environ, JAXDIFF_BENCH_CHILD="1")

@@ -95,26 +95,28 @@ def initialize_distributed_from_flags() -> None:
   sharding.initialize_distributed(**explicit, auto=(mode == "auto"), timeout_s=f.distributed_timeout)
 
 
-# tcmalloc: XLA:CPU maps each step's temporary buffer (1.2 GB for the small U-Net's train step)
-# fresh from the OS and unmaps it afterwards, because glibc serves allocations that large with
-# mmap and cannot be told to keep them; every step then page-faults its whole working set in
-# again. tcmalloc keeps freed spans for reuse: the small train step on 2 CPU cores ran 1.88 ->
-# 1.62 s with the same peak memory (benchmarks/RESULTS.md). It has to be preloaded before the
-# process starts, so the entry scripts restart themselves once with it when it is installed
-# (`apt-get install libtcmalloc-minimal4`) and not already preloaded; JAXDIFF_TCMALLOC=0 turns
-# this off. TPU VM images preload tcmalloc for the same reason.
+# tcmalloc, opt-in with JAXDIFF_TCMALLOC=1. XLA:CPU maps each step's temporary buffer (1.2 GB
+# for the DDPM U-Net train steps) fresh from the OS and unmaps it afterwards, because glibc
+# serves allocations that large with mmap and cannot be told to keep them, so every step
+# page-faults its whole working set in again. tcmalloc keeps freed spans for reuse: the small
+# train step on 2 CPU cores ran 1.88 -> 1.62 s. The price is memory: the next step's buffer is
+# allocated while the current one still runs (asynchronous dispatch), so two stay resident
+# (big train peak RSS 2.2 -> 3.3 GB), which is why it is not the default
+# (benchmarks/RESULTS.md). It has to be preloaded before the process starts, so the entry
+# scripts restart themselves once with it when asked and it is installed
+# (`apt-get install libtcmalloc-minimal4`). TPU VM images preload tcmalloc for the same reason.
 TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
 
 
 def tcmalloc_env(environ=None, find_library=None) -> dict | None:
-  """`environ` with tcmalloc added to LD_PRELOAD, or None (not Linux, not installed, already
-  preloaded, or JAXDIFF_TCMALLOC=0)."""
+  """`environ` with tcmalloc added to LD_PRELOAD, or None (JAXDIFF_TCMALLOC is not 1, not
+  Linux, not installed, or already preloaded)."""
   import ctypes.util
   import os
 
   environ = dict(os.environ if environ is None else environ)
   find_library = find_library or ctypes.util.find_library
-  if (not sys.platform.startswith("linux") or environ.get("JAXDIFF_TCMALLOC", "1") == "0"
+  if (not sys.platform.startswith("linux") or environ.get("JAXDIFF_TCMALLOC", "0") != "1"
       or "tcmalloc" in environ.get("LD_PRELOAD", "")):
     return None
   lib = next((path for path in map(find_library, TCMALLOC) if path), None)
@@ -127,7 +129,8 @@ def tcmalloc_env(environ=None, find_library=None) -> dict | None:
 
 
 def restart_with_tcmalloc() -> None:
-  """Re-executes this script with tcmalloc preloaded (see `tcmalloc_env`); returns if not."""
+  """Re-executes this script with tcmalloc preloaded if JAXDIFF_TCMALLOC=1 and it is installed
+  (see `tcmalloc_env`); returns otherwise."""
   import os
 
   env = tcmalloc_env()

@@ -86,17 +86,19 @@ def test_tcmalloc_env():
   from jaxdiff import cli
 
   found = lambda name: "libtcmalloc_minimal.so.4" if name == "tcmalloc_minimal" else None  # noqa: E731
-  env = cli.tcmalloc_env({"LD_PRELOAD": "libfoo.so"}, find_library=found)
+  on = {"JAXDIFF_TCMALLOC": "1"}
+  env = cli.tcmalloc_env({**on, "LD_PRELOAD": "libfoo.so"}, find_library=found)
   assert env["LD_PRELOAD"] == "libfoo.so libtcmalloc_minimal.so.4"
   assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40  # no "large alloc" lines
-  assert cli.tcmalloc_env({}, find_library=found)["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
-  assert cli.tcmalloc_env({"LD_PRELOAD": "/x/libtcmalloc.so.4"}, find_library=found) is None  # already
-  assert cli.tcmalloc_env({"JAXDIFF_TCMALLOC": "0"}, find_library=found) is None  # turned off
-  assert cli.tcmalloc_env({}, find_library=lambda name: None) is None  # not installed
+  assert cli.tcmalloc_env(on, find_library=found)["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+  assert cli.tcmalloc_env({**on, "LD_PRELOAD": "/x/libtcmalloc.so.4"}, find_library=found) is None  # already
+  assert cli.tcmalloc_env({}, find_library=found) is None  # opt-in: off by default
+  assert cli.tcmalloc_env({"JAXDIFF_TCMALLOC": "0"}, find_library=found) is None
+  assert cli.tcmalloc_env(on, find_library=lambda name: None) is None  # not installed
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
-def test_scripts_restart_once_with_tcmalloc_when_installed():
+def test_scripts_restart_once_with_tcmalloc_when_asked():
   import ctypes.util
 
   if not any(ctypes.util.find_library(n) for n in ("tcmalloc_minimal", "tcmalloc")):
@@ -106,9 +108,9 @@ def test_scripts_restart_once_with_tcmalloc_when_installed():
           "print('tcmalloc' in open('/proc/self/maps').read(), "
           "'MallocExtension_ReleaseFreeMemory' in [f.__name__ for f, _ in aot._release_functions()])")
   env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JAXDIFF_TCMALLOC")}
-  proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env=dict(env, JAXDIFF_TCMALLOC="1"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["True", "True"]  # restarted once, with tcmalloc mapped
-  off = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(env, JAXDIFF_TCMALLOC="0"))
-  assert off.stdout.split() == ["False", "False"]
+  off = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  assert off.stdout.split() == ["False", "False"]  # the default: glibc
