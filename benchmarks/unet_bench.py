@@ -23,9 +23,10 @@ one JSON line per measurement:
 it into tracing, lowering to StableHLO, XLA compilation, and the rest (the first execution
 itself). A warm `--cache_dir` skips all three: the measured step's compiled executable is
 loaded (`jaxdiff.aot`, `load_executable`, `executable_loaded: true`); JAX's persistent cache
-serves the small jits around it. `--warmup` counts that call. `img_per_s = B * steps / sum(step times)`. Each
-measurement runs in its own process (`--mode both` starts one per mode), so
-`peak_rss_mb` (ru_maxrss) belongs to it alone.
+serves the small jits around it. `--warmup` counts that call. `img_per_s = B * steps /
+sum(step times)`. Each measurement runs in its own process (`--mode both` starts one per
+mode), so `peak_rss_mb` (ru_maxrss) belongs to it alone; `JAXDIFF_TCMALLOC=1` runs it with
+tcmalloc preloaded, as the entry scripts would (`malloc` in the record).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def measure(args) -> dict:
   key = jax.random.key(0)
   rss_before = peak_rss_mb()
 
-  def cached(jitted):
+  def compiled_ahead(jitted):
     """Compiled ahead of its first execution, as run_train does (jaxdiff.aot); with --cache_dir
     a warm run loads the compiled step without tracing it."""
     return aot.AotJit(jitted, cache_dir=args.cache_dir, name=f"unet_bench_{args.mode}",
@@ -138,16 +139,19 @@ def measure(args) -> dict:
   if args.mode == "train":
     optimizer = train.make_optimizer(name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8,
                                      weight_decay=0.01, grad_clip=0.0)
-    state = aot.AotJit(jax.jit(lambda k: train.create_train_state(k, model=model, optimizer=optimizer,
-                                                                  example_x=jnp.zeros((1, 32, 32, 3)), ema=False),
-                               out_shardings=repl), name="init")(key)
+    # (a throwaway jit: nothing keeps the init's executable alive after this call)
+    state = aot.AotJit(jax.jit(
+        lambda k: train.create_train_state(k, model=model, optimizer=optimizer,
+                                           example_x=jnp.zeros((1, 32, 32, 3)), ema=False),
+        out_shardings=repl), name="init")(key)
     loss_fn = losses.make_denoising_loss(process, prediction="eps")
 
     def step(state, x0, k):
       return train.train_step(state, {"x": x0}, k, model=model, loss_fn=loss_fn, optimizer=optimizer,
                               ema_decay=None)
 
-    step = cached(jax.jit(step, donate_argnums=0, in_shardings=(repl, x_sh, repl), out_shardings=(repl, repl)))
+    step = compiled_ahead(jax.jit(step, donate_argnums=0, in_shardings=(repl, x_sh, repl),
+                                  out_shardings=(repl, repl)))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
     def call(i):
@@ -159,8 +163,9 @@ def measure(args) -> dict:
 
     per_call = args.batch
   else:
-    params = aot.AotJit(jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)),
-                                                     train=False)["params"], out_shardings=repl), name="init")(key)
+    params = aot.AotJit(jax.jit(
+        lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)), train=False)["params"],
+        out_shardings=repl), name="init")(key)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     chunk = args.sample_chunk
 
@@ -171,7 +176,7 @@ def measure(args) -> dict:
       x, info = samplers.sample(k, process, score_fn, shape, method="ancestral", ts=ts, denoise=False)
       return x
 
-    fn = cached(jax.jit(sample_chunk, out_shardings=x_sh))
+    fn = compiled_ahead(jax.jit(sample_chunk, out_shardings=x_sh))
     t_now = [1000.0]
 
     def call(i):

@@ -1,4 +1,9 @@
-"""Compiled steps saved to disk and loaded back without tracing.
+"""Steps compiled ahead of their first run, saved to disk and loaded back without tracing.
+
+`AotJit(jax.jit(step), cache_dir=..., fingerprint=...)` compiles `step` at its first call,
+before running it, and then hands the heap the compiler freed back to the OS
+(`release_host_memory`), so the step's buffers do not come on top of it; the train loop,
+`run_sample.py` and the benchmarks run their steps this way.
 
 JAX's persistent compilation cache (`config.compilation_cache_dir`) skips XLA's compile on a
 second run, but its key is the lowered program, so every run still traces and lowers the step

@@ -153,8 +153,12 @@ def test_a_second_training_run_loads_the_step_and_trains_identically(tmp_path, c
   # cache_executables=False: only JAX's own cache, no entry is read or written
   asked = []
   compile_cached = aot.compile_cached
-  monkeypatch.setattr(aot, "compile_cached",
-                      lambda *a, **kw: asked.append((kw["name"], kw["cache_dir"])) or compile_cached(*a, **kw))
+
+  def spy(*args, **kw):
+    asked.append((kw["name"], kw["cache_dir"]))
+    return compile_cached(*args, **kw)
+
+  monkeypatch.setattr(aot, "compile_cached", spy)
   c = load_config("tiny")
   c.compilation_cache_dir, c.cache_executables = str(tmp_path / "cache"), False
   train.train_and_evaluate(c, str(tmp_path / "run2"))
