@@ -110,15 +110,15 @@ def build(config_name: str, dtype: str, remat: bool):
 def measure(args) -> dict:
   """One measurement in this process; returns the JSON record."""
   import jax
-
-  if args.cache_dir:
-    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   import jax.numpy as jnp
   import numpy as np
 
   from jaxdiff import aot, losses, parameterization, processes, samplers, sharding, train
+
+  if args.cache_dir:  # before anything compiles
+    aot.use_compilation_cache(args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
   model, config = build(args.config, args.dtype, args.remat)
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
@@ -263,15 +263,15 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.mode == "both" or not os.environ.get("JAXDIFF_BENCH_CHILD"):
     # One process per measurement: its peak RSS and thread pools are its own.
+    from jaxdiff import cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # as run_train.py / run_sample.py run: tcmalloc preloaded if JAXDIFF_TCMALLOC=1
+    env = dict(cli.tcmalloc_env() or os.environ, JAXDIFF_BENCH_CHILD="1")
     rc = 0
     for mode in (("train", "sample") if args.mode == "both" else (args.mode,)):
       child = _without_flag(argv, "--mode")
       cmd = [sys.executable, os.path.abspath(__file__), *child, "--mode", mode]
-      # as run_train.py / run_sample.py run: tcmalloc preloaded if JAXDIFF_TCMALLOC=1
-      from jaxdiff import cli
-
-      env = dict(cli.tcmalloc_env() or os.environ, JAXDIFF_BENCH_CHILD="1")
       rc = subprocess.call(cmd, env=env) or rc
     return rc
   rec = measure(args)
