@@ -231,3 +231,62 @@ def test_jaxdiff_import_put_convolutions_on_xla_eigen_kernels():
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
   hlo = jax.jit(layers.conv2d_plain, static_argnums=(2, 3)).lower(x, w, (1, 1), ((1, 1), (1, 1))).compile().as_text()
   assert "convolution(" in hlo and "__ynn_fusion" not in hlo
+
+
+def test_threefry2x32_is_jax_threefry():
+  from jax.extend.random import threefry_2x32
+
+  rng = np.random.default_rng(0)
+  for n in (1, 37):
+    k = rng.integers(0, 2**32, 2, dtype=np.uint32)
+    c = rng.integers(0, 2**32, 2 * n, dtype=np.uint32)
+    a, b = layers.threefry2x32(k[0], k[1], c[:n], c[n:])
+    ref = threefry_2x32((jnp.uint32(k[0]), jnp.uint32(k[1])), jnp.asarray(c))
+    np.testing.assert_array_equal(np.concatenate([a, b]), ref)
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 16, 32), (33, 7, 9, 5), (40001,), (3, 1)])
+def test_dropout_mask_is_bernoulli(shape):
+  keep = 0.9
+  m = np.asarray(layers.dropout_mask(jax.random.key(0), shape, keep))
+  assert m.shape == shape and m.dtype == bool
+  tol = lambda p, n: 5 * np.sqrt(p * (1 - p) / n) + 1e-9  # noqa: E731
+  assert abs(m.mean() - keep) < tol(keep, m.size) or m.size < 10
+  if m.ndim == 4:  # neighbours along every axis, and channels c and c + C/2 (one hash), independent
+    pairs = [(m[1:], m[:-1]), (m[:, 1:], m[:, :-1]), (m[:, :, 1:], m[:, :, :-1]), (m[..., 1:], m[..., :-1])]
+    if shape[-1] % 2 == 0:
+      pairs.append((m[..., : shape[-1] // 2], m[..., shape[-1] // 2:]))
+    for u, v in pairs:
+      assert abs((u & v).mean() - keep**2) < tol(keep**2, u.size)
+    other = np.asarray(layers.dropout_mask(jax.random.key(1), shape, keep))
+    assert abs((m == other).mean() - (keep**2 + (1 - keep) ** 2)) < tol(0.82, m.size)
+  np.testing.assert_array_equal(m, layers.dropout_mask(jax.random.key(0), shape, keep))
+
+
+def test_dropout_values_module_and_bad_rate():
+  x = jnp.full((8, 16, 16, 12), 2.0)
+  y = np.asarray(layers.dropout(x, 0.25, jax.random.key(3)))
+  assert set(np.unique(y)) <= {0.0, np.float32(2.0 / 0.75)}
+  assert abs(y.mean() - 2.0) < 0.05  # inverted dropout keeps the mean
+  assert layers.dropout(x, 0.0, jax.random.key(3)) is x
+  for rate in (1.0, -0.1):
+    with pytest.raises(Exception, match="rate"):
+      layers.dropout(x, rate, jax.random.key(3))
+  mod = layers.Dropout(0.25)
+  np.testing.assert_array_equal(mod.apply({}, x, deterministic=True), x)
+  z = mod.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  assert 0 < float(jnp.mean(z == 0)) < 0.5
+  # bfloat16 stays bfloat16; a legacy uint32 key works too
+  assert layers.dropout(x.astype(jnp.bfloat16), 0.1, jax.random.PRNGKey(0)).dtype == jnp.bfloat16
+
+
+def test_dropout_mask_is_one_loop_free_fusion_and_sharding_invariant():
+  shape = (16, 8, 8, 32)
+  f = jax.jit(lambda k: layers.dropout_mask(k, shape, 0.9))
+  # jax.random.bernoulli's threefry is a while loop over the whole array on CPU (12x slower)
+  assert " while(" not in f.lower(jax.random.key(0)).compile().as_text()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, None, "model"))
+  sharded = jax.jit(lambda k: layers.dropout_mask(k, shape, 0.9), out_shardings=spec)(jax.random.key(0))
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(f(jax.random.key(0))))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.errors import InputError
-from jaxdiff.models.layers import timestep_embedding
+from jaxdiff.models.layers import Dropout, timestep_embedding
 from jaxdiff.models.unet import label_or_null
 
 
@@ -48,7 +48,7 @@ class MLP(nn.Module):
       r = nn.silu(nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)(h))
       r = dense(self.hidden)(r) + dense(self.hidden)(nn.silu(temb))
       r = nn.silu(r)
-      r = nn.Dropout(self.dropout, deterministic=not train)(r)
+      r = Dropout(self.dropout, deterministic=not train)(r)
       h = h + dense(self.hidden)(r)
     h = nn.silu(nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)(h))
     return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
