@@ -14,7 +14,9 @@ one JSON line per measurement:
   eps-MSE loss on the linear 1000-step DDPM process (`t` uniform over the integer steps,
   dropout active), AdamW(2e-4, 0.9, 0.999, 1e-8, weight_decay=0.01) on all parameters, no
   clipping, no EMA, no schedule; jitted with the state donated; every timed step waits for
-  the new state and the loss.
+  the new state and the loss. `--steps_per_call K` runs K steps (K fresh batches) per call
+  in one `lax.scan` (`jaxdiff.train.train_steps`, `config.training.steps_per_call`); then
+  `--steps` train steps are timed as ceil(steps / K) calls.
 * `sample` (images x NFE/s): DDPM ancestral steps from t = 1000 down, each call one
   `jaxdiff.sample(..., method="ancestral", ts=[t, t-1], denoise=False)` (`--sample_chunk K`
   runs K steps per call in one `lax.scan` instead), eval mode.
@@ -32,6 +34,7 @@ tcmalloc preloaded, as the entry scripts would (`malloc` in the record).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,7 +50,7 @@ if ROOT not in sys.path:
 CONFIGS = ("big", "small")
 MODES = ("train", "sample", "both")
 DEFAULT_BATCH = {"big": 16, "small": 64}
-PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk")  # what the step depends on
+PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk", "steps_per_call")  # what the step depends on
 PEER_PARAMS = {"big": 35_746_307, "small": 2_245_763}
 # The peer's counts (README of ../shared/bench): 2 FLOPs per MAC, conv + linear + attention.
 TRAIN_FLOPS_PER_IMG = {"big": 37.32e9, "small": 2.528e9}
@@ -70,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (params stay fp32)")
   p.add_argument("--remat", action="store_true", help="jax.checkpoint every resnet/attention block")
   p.add_argument("--sample_chunk", type=int, default=1, help="ancestral steps per sampling call")
+  p.add_argument("--steps_per_call", type=int, default=1, help="train steps per call (one lax.scan)")
   p.add_argument("--cache_dir", default="", help="persistent XLA compilation cache and compiled steps ('' = off)")
   p.add_argument("--threads", type=int, default=None, help="informational: cores given to the run")
   args = p.parse_args(argv)
@@ -80,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     errors.append(f"--mode={args.mode!r} is not known; use one of {', '.join(MODES)}.")
   if args.dtype not in ("float32", "bfloat16"):
     errors.append(f"--dtype={args.dtype!r} is not supported; use float32 or bfloat16.")
-  for name in ("steps", "warmup", "sample_chunk"):
+  for name in ("steps", "warmup", "sample_chunk", "steps_per_call"):
     if getattr(args, name) < (0 if name == "warmup" else 1):
       errors.append(f"--{name}={getattr(args, name)} must be >= {0 if name == 'warmup' else 1}.")
   if args.batch is not None and args.batch < 1:
@@ -146,22 +150,28 @@ def measure(args) -> dict:
         out_shardings=repl), name="init")(key)
     loss_fn = losses.make_denoising_loss(process, prediction="eps")
 
-    def step(state, x0, k):
-      return train.train_step(state, {"x": x0}, k, model=model, loss_fn=loss_fn, optimizer=optimizer,
+    def one_step(state, batch, k):
+      return train.train_step(state, batch, k, model=model, loss_fn=loss_fn, optimizer=optimizer,
                               ema_decay=None)
 
-    step = compiled_ahead(jax.jit(step, donate_argnums=0, in_shardings=(repl, x_sh, repl),
-                                  out_shardings=(repl, repl)))
+    n_steps = args.steps_per_call
+    if n_steps == 1:
+      step = jax.jit(one_step, donate_argnums=0, in_shardings=(repl, {"x": x_sh}, repl),
+                     out_shardings=(repl, repl))
+    else:  # the training loop's calls of K steps; step i draws with fold_in(k, state.step)
+      step = jax.jit(functools.partial(train.train_steps, step_fn=one_step), donate_argnums=0,
+                     in_shardings=(repl, ({"x": x_sh},) * n_steps, repl), out_shardings=(repl, repl))
+    step = compiled_ahead(step)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
     def call(i):
       nonlocal state
       k = jax.random.fold_in(key, i)
-      x0 = jax.random.normal(jax.random.fold_in(k, 1), shape)
-      state, metrics = step(state, x0, k)
+      xs = tuple({"x": jax.random.normal(jax.random.fold_in(k, 1 + j), shape)} for j in range(n_steps))
+      state, metrics = step(state, xs[0] if n_steps == 1 else xs, k)
       jax.block_until_ready((state, metrics["loss"]))
 
-    per_call = args.batch
+    per_call = args.batch * n_steps
   else:
     params = aot.AotJit(jax.jit(
         lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)), train=False)["params"],
@@ -208,11 +218,12 @@ def measure(args) -> dict:
   for i in range(1, args.warmup):
     call(i)
   times = []
-  for i in range(args.steps):
+  n_timed = -(-args.steps // args.steps_per_call) if args.mode == "train" else args.steps
+  for i in range(n_timed):
     t0 = time.perf_counter()
     call(args.warmup + i)
     times.append(time.perf_counter() - t0)
-  img_per_s = per_call * args.steps / sum(times)
+  img_per_s = per_call * n_timed / sum(times)
   dev = jax.devices()[0]
   rec = dict(
       impl="jaxdiff", config=args.config, mode=args.mode, batch=args.batch, params=n_params,
@@ -221,6 +232,7 @@ def measure(args) -> dict:
       first_step_s=round(first, 3), first_step_breakdown_s={k: round(v, 2) for k, v in spent.items()},
       warmup=args.warmup, steps=args.steps, dtype=args.dtype,
       remat=args.remat, sample_chunk=args.sample_chunk if args.mode == "sample" else None,
+      steps_per_call=args.steps_per_call if args.mode == "train" else None,
       compilation_cache=bool(args.cache_dir),
       executable_loaded=timed.loaded, peak_rss_mb=round(peak_rss_mb(), 1),
       rss_after_build_mb=round(rss_before, 1), backend=jax.default_backend(),

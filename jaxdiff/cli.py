@@ -99,12 +99,14 @@ def initialize_distributed_from_flags() -> None:
 # for the DDPM U-Net train steps) fresh from the OS and unmaps it afterwards, because glibc
 # serves allocations that large with mmap and cannot be told to keep them, so every step
 # page-faults its whole working set in again. tcmalloc keeps freed spans for reuse: the small
-# train step on 2 CPU cores ran 1.88 -> 1.62 s. The price is memory: the next step's buffer is
-# allocated while the current one still runs (asynchronous dispatch), so two stay resident
-# (big train peak RSS 2.2 -> 3.3 GB), which is why it is not the default
-# (benchmarks/RESULTS.md). It has to be preloaded before the process starts, so the entry
-# scripts restart themselves once with it when asked and it is installed
-# (`apt-get install libtcmalloc-minimal4`). TPU VM images preload tcmalloc for the same reason.
+# train step on 2 CPU cores ran 1.88 -> 1.62 s. The price is memory: in some runs a second
+# step-sized span stays resident (big train peak RSS 2.2 -> 3.3 GB), with asynchronous
+# dispatch and, less often, without it (JAX_CPU_ENABLE_ASYNC_DISPATCH=false: 1 of 4 small
+# train runs), so it is not the default (benchmarks/RESULTS.md); with glibc,
+# `config.training.steps_per_call` > 1 gets most of the speed (one mapping per call). tcmalloc
+# has to be preloaded before the process starts, so the entry scripts restart themselves once
+# with it when asked and it is installed (`apt-get install libtcmalloc-minimal4`). TPU VM
+# images preload tcmalloc for the same reason.
 TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
 
 

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       sample_every=0,            # write a sample grid every N steps (0: only at the end)
       num_final_samples=64,      # samples in the grid written at the end (0: none)
+      steps_per_call=1,          # train steps per compiled call (one lax.scan over that many
+                                 # batches): on CPU the step's temporary buffers are mapped once
+                                 # per call, not per step (small U-Net, 4: 1.68 -> 1.49 s/step)
       transfer_guard="allow",    # jax.transfer_guard around the loop: allow | log | disallow
       label_dropout=0.1,         # class-conditional models: P(label -> null label) per example, for
                                  # classifier-free guidance (0: conditional only)
@@ -143,7 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that depend on each other; raises ConfigError naming the key and the fix."""
   t = config.training
-  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+              "steps_per_call"):
     if int(t[key]) < 1:
       raise ConfigError(f"config.training.{key}={t[key]} must be >= 1.")
   if not 0.0 <= float(t.ema_decay) < 1.0:

@@ -171,6 +171,22 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
       "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
+def train_steps(state: TrainState, batches: tuple[dict[str, Array], ...], key: Array, *,
+                step_fn: Callable) -> tuple[TrainState, dict[str, Array]]:
+  """`len(batches)` steps of `step_fn(state, batch, key)` in one `lax.scan`.
+
+  Step i draws with `fold_in(key, state.step)`, as the training loop's single steps do, so a
+  run gives the same numbers for any `config.training.steps_per_call`. Returns the state
+  after the last step and each metric stacked over the steps ([len(batches)]).
+  """
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+  def body(s, batch):
+    return step_fn(s, batch, jax.random.fold_in(key, s.step))
+
+  return jax.lax.scan(body, state, stacked)
+
+
 def classifier_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                           loss_fn: Callable, optimizer: optax.GradientTransformation,
                           ema_decay: float) -> tuple[TrainState, dict[str, Array]]:
@@ -312,17 +328,22 @@ class _Metrics:
     return rows
 
   def add(self, step: int, metrics: dict[str, Array]) -> None:
+    """Metrics of the step(s) ending at `step`: scalars, or [n] for the n steps of one call."""
     self.pending.append((step, metrics))
 
   def flush(self, step: int, on_nonfinite: Callable[[int, float], Exception]) -> dict | None:
     if not self.pending:
       return None
-    fetched = jax.device_get([m for _, m in self.pending])
-    for (s, _), m in zip(self.pending, fetched):
-      if not math.isfinite(float(m["loss"])):
-        self.pending = []
-        raise on_nonfinite(s, float(m["loss"]))
+    fetched = []  # one dict of floats per step
+    for (last, _), m in zip(self.pending, jax.device_get([m for _, m in self.pending])):
+      m = {k: np.atleast_1d(v) for k, v in m.items()}
+      n = len(m["loss"])
+      fetched += [(last - n + 1 + i, {k: float(v[i]) for k, v in m.items()}) for i in range(n)]
     self.pending = []
+    for s, m in fetched:
+      if not math.isfinite(m["loss"]):
+        raise on_nonfinite(s, m["loss"])
+    fetched = [m for _, m in fetched]
     now = time.time()
     rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
     self.t_last, self.step_last = now, step
@@ -397,16 +418,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.data_spec.shape))}
   if config.data.use_labels:
     batch_sh["label"] = sharding.batch_sharding(mesh, 1)
-  # Compiled at the first step, ahead of running it (the compiler's freed heap is returned
+  # Compiled at the first call, ahead of running it (the compiler's freed heap is returned
   # before the step's buffers are allocated); with a cache dir, a warm restart loads the
-  # compiled step without tracing it (the config is the key).
-  step_fn = aot.AotJit(
-      jax.jit(make_train_step(config, exp, optimizer),
-              in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-              out_shardings=(state_sh, sharding.replicated(mesh)),
-              donate_argnums=(0,)),
-      cache_dir=config.compilation_cache_dir if config.cache_executables else "",
-      fingerprint=config.to_json_best_effort(), name="train_step")
+  # compiled step without tracing it (the config is the key). `steps_per_call` k > 1: calls
+  # of k steps (`train_steps`), and single steps only where a log, checkpoint or sample step
+  # falls inside a call (a second program, compiled only if needed).
+  one_step = make_train_step(config, exp, optimizer)
+  k = int(tc.steps_per_call)
+  programs: dict[int, aot.AotJit] = {}
+
+  def step_program(n: int) -> aot.AotJit:
+    if n not in programs:
+      fn = one_step if n == 1 else functools.partial(train_steps, step_fn=one_step)
+      programs[n] = aot.AotJit(
+          jax.jit(fn, in_shardings=(state_sh, batch_sh if n == 1 else (batch_sh,) * n,
+                                    sharding.replicated(mesh)),
+                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)),
+          cache_dir=config.compilation_cache_dir if config.cache_executables else "",
+          fingerprint=config.to_json_best_effort(), name="train_step" if n == 1 else f"train_steps_{n}")
+    return programs[n]
+
+  def is_event(s: int) -> bool:  # a step after which the loop logs, saves or samples
+    return (s % tc.log_every == 0 or s % tc.checkpoint_every == 0 or s == tc.num_steps
+            or bool(tc.sample_every and s % tc.sample_every == 0))
+
+  if k > 1:
+    misaligned = [f"{name}={v}" for name, v in (
+        ("training.log_every", tc.log_every), ("training.checkpoint_every", tc.checkpoint_every),
+        ("training.sample_every", tc.sample_every), ("training.num_steps", tc.num_steps),
+        ("the resumed step", start)) if v % k]
+    if misaligned:
+      log.warning("config.training.steps_per_call=%d does not divide %s: the steps up to those "
+                  "points run one at a time, in a second compiled program.", k, ", ".join(misaligned))
 
   lr_at = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
                         warmup_steps=o.warmup_steps, num_steps=tc.num_steps)
@@ -446,11 +489,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step, last = start, {}
   try:
     while step < tc.num_steps:
-      batch = next(data_iter)  # already on the devices
+      n = k if step + k <= tc.num_steps and not any(is_event(step + j) for j in range(1, k)) else 1
+      batches = tuple(next(data_iter) for _ in range(n))  # already on the devices
+      batch = batches[-1]
       with jax.transfer_guard(tc.transfer_guard):  # 'disallow' proves there is no implicit transfer
         # fold_in with the on-device step: no host-to-device transfer in the loop
-        state, m = step_fn(state, batch, jax.random.fold_in(train_key, state.step))
-      step += 1
+        if n == 1:
+          state, m = step_program(1)(state, batch, jax.random.fold_in(train_key, state.step))
+        else:
+          state, m = step_program(n)(state, batches, train_key)
+      step += n
       metrics.add(step, m)
       is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
       if step % tc.log_every == 0 or is_ckpt:

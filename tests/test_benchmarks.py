@@ -52,7 +52,17 @@ def test_unet_bench_small_both_modes_and_warm_cache(tmp_path):
   assert warm[0]["first_step_s"] * 3 < cold[0]["first_step_s"], (warm[0]["first_step_s"], cold[0]["first_step_s"])
 
 
+def test_unet_bench_steps_per_call():
+  """The training loop's calls of K steps (train.train_steps): --steps counts train steps."""
+  proc = _run([BENCH, "--config", "small", "--mode", "train", "--batch", "2", "--warmup", "1",
+               "--steps", "2", "--steps_per_call", "2"])
+  (rec,) = _records(proc)
+  assert rec["steps_per_call"] == 2 and rec["img_per_s"] > 0
+  assert rec["step_s_median"] == rec["step_s_min"]  # 2 steps = one timed call
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--steps_per_call", "0"], "--steps_per_call=0 must be >= 1"),
     (["--config", "huge"], "--config='huge' is not known"),
     (["--mode", "infer"], "--mode='infer' is not known"),
     (["--steps", "0"], "--steps=0 must be >= 1"),

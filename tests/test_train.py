@@ -122,6 +122,52 @@ def test_resume_continues_identically(uninterrupted, tmp_path):
   assert out["checkpoint_step"] == 4
 
 
+def test_steps_per_call_gives_the_same_run(tmp_path, caplog, monkeypatch):
+  """Calls of 2 steps (a lax.scan), with single steps where a log step falls inside a call."""
+  traced, real = [], train.train_steps
+
+  def spy(state, batches, key, **kw):
+    traced.append(len(batches))
+    return real(state, batches, key, **kw)
+
+  monkeypatch.setattr(train, "train_steps", spy)
+  runs = {}
+  for k in (1, 2):
+    c = tiny(training=dict(num_steps=6, log_every=3, checkpoint_every=6, steps_per_call=k,
+                           num_final_samples=0))
+    workdir = str(tmp_path / f"k{k}")
+    with caplog.at_level("WARNING"):
+      train.train_and_evaluate(c, workdir)
+    runs[k] = read_metrics(workdir), final_params(c, workdir)
+  assert "steps_per_call=2 does not divide training.log_every=3" in caplog.text
+  assert traced == [2]  # the 2-step program was built (once) and used
+  (rows1, state1), (rows2, state2) = runs[1], runs[2]
+  assert [r["step"] for r in rows2] == [3, 6]
+  np.testing.assert_allclose([r["loss"] for r in rows2], [r["loss"] for r in rows1], rtol=1e-5)
+  np.testing.assert_allclose([r["grad_norm"] for r in rows2], [r["grad_norm"] for r in rows1], rtol=1e-5)
+  assert int(state2.step) == 6
+  for x, y in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state2.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_train_steps_reports_each_steps_nan(tmp_path, monkeypatch):
+  """A NaN inside a multi-step call is reported at its own step, before any checkpoint."""
+  real = sharding.global_batch
+  calls = []
+
+  def poisoned(local, mesh):
+    calls.append(1)
+    if len(calls) == 4:  # the batch of step 4: the second step of the call covering 3-4
+      local = dict(local, x=np.full_like(local["x"], np.nan))
+    return real(local, mesh)
+
+  monkeypatch.setattr(sharding, "global_batch", poisoned)
+  c = tiny(training=dict(num_steps=8, log_every=4, checkpoint_every=2, steps_per_call=2))
+  with pytest.raises(NonFiniteLossError, match=r"step 4.*last good one, step 2"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
 def test_nan_loss_stops_before_a_checkpoint(tmp_path, monkeypatch):
   real = sharding.global_batch
   calls = []
