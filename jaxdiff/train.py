@@ -438,9 +438,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           fingerprint=config.to_json_best_effort(), name="train_step" if n == 1 else f"train_steps_{n}")
     return programs[n]
 
-  def is_event(s: int) -> bool:  # a step after which the loop logs, saves or samples
-    return (s % tc.log_every == 0 or s % tc.checkpoint_every == 0 or s == tc.num_steps
-            or bool(tc.sample_every and s % tc.sample_every == 0))
+  # the steps after which the loop saves, logs or samples (no call of k steps runs past one)
+  def is_ckpt(s: int) -> bool:
+    return s % tc.checkpoint_every == 0 or s == tc.num_steps
+
+  def is_log(s: int) -> bool:
+    return s % tc.log_every == 0 or is_ckpt(s)
+
+  def is_sample(s: int) -> bool:
+    return bool(tc.sample_every) and s % tc.sample_every == 0 and s != tc.num_steps
 
   if k > 1:
     misaligned = [f"{name}={v}" for name, v in (
@@ -489,7 +495,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step, last = start, {}
   try:
     while step < tc.num_steps:
-      n = k if step + k <= tc.num_steps and not any(is_event(step + j) for j in range(1, k)) else 1
+      inside = range(step + 1, step + k)
+      n = k if step + k <= tc.num_steps and not any(is_log(s) or is_sample(s) for s in inside) else 1
       batches = tuple(next(data_iter) for _ in range(n))  # already on the devices
       batch = batches[-1]
       with jax.transfer_guard(tc.transfer_guard):  # 'disallow' proves there is no implicit transfer
@@ -500,15 +507,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           state, m = step_program(n)(state, batches, train_key)
       step += n
       metrics.add(step, m)
-      is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
-      if step % tc.log_every == 0 or is_ckpt:
+      if is_log(step):
         last = metrics.flush(step, nonfinite) or last  # raises before a bad state is saved
-      if is_ckpt:
+      if is_ckpt(step):
         ckpt.save(step, state, data_iterator=data_iter, meta={"config": config.to_dict()})
         last_good = step
         if sharding.is_main_process():
           _write_loss_curve(metrics.rows, workdir)
-      if tc.sample_every and step % tc.sample_every == 0 and step != tc.num_steps:
+      if is_sample(step):
         write_samples(step)
   finally:
     # Whatever stopped the loop (NaN, Ctrl-C, an error), let in-flight async saves finish
