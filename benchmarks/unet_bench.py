@@ -50,7 +50,8 @@ if ROOT not in sys.path:
 CONFIGS = ("big", "small")
 MODES = ("train", "sample", "both")
 DEFAULT_BATCH = {"big": 16, "small": 64}
-PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk", "steps_per_call")  # what the step depends on
+# what the measured program depends on (the key of its cached executable)
+PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk", "steps_per_call")
 PEER_PARAMS = {"big": 35_746_307, "small": 2_245_763}
 # The peer's counts (README of ../shared/bench): 2 FLOPs per MAC, conv + linear + attention.
 TRAIN_FLOPS_PER_IMG = {"big": 37.32e9, "small": 2.528e9}
