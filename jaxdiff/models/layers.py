@@ -472,28 +472,59 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   einsums with a hand-written gradient (dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
   dQ = dS K, dK = dS^T Q): on XLA's CPU backend this runs the forward 3-4x and the
   backward ~2x faster than `jax.nn.dot_product_attention`'s generic path.
+
+  Under differentiation (the train step) the heads are folded into the batch, [B*N, T, D]
+  (free for one head), and dK, dV are computed transposed (Q^T dS, dO^T P), so XLA:CPU
+  transposes the [.., D] operands instead of copying each [B, T, T] matrix into another
+  layout: forward + backward of one small-U-Net block (B=64, T=256, D=64) 58 -> 33 ms.
+  Without differentiation (sampling) the head axis stays: there XLA fuses the softmax's
+  reductions with the neighbouring projections, which is faster for the whole network.
   """
-  return _attention_fwd(q, k, v)[0]
+  return _attention_4d(q, k, v)
 
 
-def _attention_fwd(q, k, v):
+def _attention_4d(q, k, v):
   scale = q.shape[-1] ** -0.5
   s = jnp.einsum("btnd,bsnd->bnts", q * scale, k, preferred_element_type=jnp.float32)
   p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bnts,bsnd->btnd", p.astype(v.dtype), v)
-  return o, (q, k, v, p, o)
+  return jnp.einsum("bnts,bsnd->btnd", p.astype(v.dtype), v)
+
+
+def _fold_heads(a: Array) -> Array:
+  """[B, T, N, D] -> [B*N, T, D] (a bitcast when N == 1)."""
+  b, t, n, d = a.shape
+  return a.transpose(0, 2, 1, 3).reshape(b * n, t, d)
+
+
+def _unfold_heads(a: Array, n: int) -> Array:
+  """[B*N, T, D] -> [B, T, N, D]."""
+  bn, t, d = a.shape
+  return a.reshape(bn // n, n, t, d).transpose(0, 2, 1, 3)
+
+
+def _attention_fwd(q, k, v):
+  n = q.shape[2]
+  scale = q.shape[-1] ** -0.5
+  q3, k3, v3 = _fold_heads(q), _fold_heads(k), _fold_heads(v)
+  s = jnp.einsum("btd,bsd->bts", q3 * scale, k3, preferred_element_type=jnp.float32)
+  p = jax.nn.softmax(s, axis=-1)
+  o3 = jnp.einsum("bts,bsd->btd", p.astype(v.dtype), v3)
+  return _unfold_heads(o3, n), (q3, k3, v3, p, o3)
 
 
 def _attention_bwd(res, do):
-  q, k, v, p, o = res
-  scale = q.shape[-1] ** -0.5
-  dv = jnp.einsum("bnts,btnd->bsnd", p.astype(do.dtype), do)
-  dp = jnp.einsum("btnd,bsnd->bnts", do, v, preferred_element_type=jnp.float32)
-  delta = jnp.einsum("btnd,btnd->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
-  ds = (p * (dp - delta[..., None])).astype(q.dtype)
-  dq = jnp.einsum("bnts,bsnd->btnd", ds, k) * scale
-  dk = jnp.einsum("bnts,btnd->bsnd", ds, q) * scale
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  q3, k3, v3, p, o3 = res
+  n = do.shape[2]
+  scale = q3.shape[-1] ** -0.5
+  do3 = _fold_heads(do)
+  dv_t = jnp.einsum("btd,bts->bds", do3, p.astype(do.dtype))
+  dp = jnp.einsum("btd,bsd->bts", do3, v3, preferred_element_type=jnp.float32)
+  delta = jnp.sum(do3.astype(jnp.float32) * o3.astype(jnp.float32), axis=-1)
+  ds = (p * (dp - delta[..., None])).astype(q3.dtype)
+  dq = jnp.einsum("bts,bsd->btd", ds, k3) * scale
+  dk_t = jnp.einsum("btd,bts->bds", q3, ds) * scale
+  dq, dk, dv = (_unfold_heads(a, n) for a in (dq, dk_t.transpose(0, 2, 1), dv_t.transpose(0, 2, 1)))
+  return dq.astype(q3.dtype), dk.astype(k3.dtype), dv.astype(v3.dtype)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
@@ -501,7 +532,7 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention_plain(q: Array, k: Array, v: Array) -> Array:
   """`attention` with JAX's own derivatives (forward mode works too); the same numbers."""
-  return _attention_fwd(q, k, v)[0]
+  return _attention_4d(q, k, v)
 
 
 class QKVProjection(nn.Module):
