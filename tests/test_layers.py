@@ -1,4 +1,5 @@
-"""The hand-written gradients of GroupNorm, attention and conv2d, and mixed-precision training."""
+"""The hand-written gradients of GroupNorm, attention and conv2d, the phase-split upsampling conv,
+and mixed-precision training."""
 
 import functools
 import re
@@ -142,6 +143,36 @@ def test_conv_module_has_flax_conv_parameters():
   np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
   with pytest.raises(Exception, match=r"x.shape=\(16, 16, 16\) must be \[B, H, W, C\]"):
     ours.apply(p, x[0])
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (3, 4, 4, 16)])
+@pytest.mark.parametrize("custom_vjp", [True, False])
+def test_upsample_is_conv3x3_of_the_nearest_upsampled_map(shape, custom_vjp):
+  """Four 2x2 phase convs on x == nearest 2x upsampling then Conv 3x3: values, gradients, params."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  up = layers.Upsample(custom_vjp=custom_vjp)
+  params = up.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == {"params": {"conv": {"bias": (shape[-1],),
+                                                                  "kernel": (3, 3, shape[-1], shape[-1])}}}
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+
+  def reference(p, x):
+    b, h, w, c = x.shape
+    u = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return jax.lax.conv_general_dilated(u, p["params"]["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["params"]["conv"]["bias"]
+
+  np.testing.assert_allclose(up.apply(params, x), reference(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda f: (lambda p, x: jnp.sum(jnp.sin(f(p, x))))  # noqa: E731
+  ours = jax.grad(loss(up.apply), (0, 1))(params, x)
+  ref = jax.grad(loss(reference), (0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours, ref)
+  if not custom_vjp:  # forward mode as well
+    v = jax.random.normal(jax.random.key(3), x.shape)
+    np.testing.assert_allclose(jax.jvp(lambda y: up.apply(params, y), (x,), (v,))[1],
+                               jax.jvp(lambda y: reference(params, y), (x,), (v,))[1], rtol=1e-4, atol=1e-4)
+  with pytest.raises(Exception, match=r"kernel.shape=\(1, 1, 8, 8\) must be \[3, 3, Cin, Cout\]"):
+    layers.upsample_conv3x3(x[..., :8], jnp.ones((1, 1, 8, 8)))
 
 
 def test_unet_without_custom_vjp_is_the_same_network_and_has_forward_mode():
