@@ -612,7 +612,7 @@ def upsample_conv3x3(x: Array, kernel: Array, conv=conv2d) -> Array:
   (row a = 0: [w0, w1 + w2]; a = 1: [w0 + w1, w2]). That is 4/9 of the FLOPs, and the
   upsampled map is never built: on XLA:CPU the forward of the small U-Net's 32x32
   upsampling conv takes 11 instead of 22 ms (B=64) and forward + backward 87 instead of
-  124 ms; the big U-Net's (B=16, 256 channels) 35-38 vs 71-75 ms and 150 vs 275 ms. The
+  124 ms; the big U-Net's (B=16, 256 channels) 35-48 vs 71-75 ms and 150 vs 275 ms. The
   same numbers up to float rounding (the tap sums). `conv(x, kernel, strides, padding)` is
   `conv2d` or `conv2d_plain`; x [B, H, W, Cin], kernel [3, 3, Cin, Cout] -> [B, 2H, 2W, Cout].
   """
@@ -649,9 +649,10 @@ class UpsampleConv(nn.Module):
       raise InputError(f"UpsampleConv: x.shape={x.shape} must be [B, H, W, C] (NHWC).")
     kernel = self.param("kernel", default_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", zeros_init, (self.features,), self.param_dtype)
+    fn = conv2d if self.custom_vjp else conv2d_plain
     # The tap sums in the parameter dtype, then the compute dtype (bf16 sums would round more).
-    y = upsample_conv3x3(x.astype(self.dtype), kernel, conv=lambda x, k, s, p: (
-        conv2d if self.custom_vjp else conv2d_plain)(x, k.astype(self.dtype), s, p))
+    y = upsample_conv3x3(x.astype(self.dtype), kernel,
+                         conv=lambda x, k, s, p: fn(x, k.astype(self.dtype), s, p))
     return y + bias.astype(self.dtype)
 
 
