@@ -132,6 +132,23 @@ def test_silu_output_is_materialised_for_the_weight_gradient_transpose():
     assert ops <= {"parameter", "bitcast", "transpose", "copy"}, (ops, c)
 
 
+def test_silu_keeps_no_extra_buffer_for_the_backward():
+  # The backward's sigmoid must not share e^-y with the forward's SiLU: XLA would CSE the two,
+  # compute e^-y in a pass of its own and keep it from the forward to the backward, one more
+  # feature map per GroupNorm (the small U-Net's train step: 1083 -> 905 MB of temporaries).
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 64))
+  k = 0.05 * jax.random.normal(jax.random.key(1), (3, 3, 64, 64))
+
+  def temp_bytes(act):
+    def loss(x, k):
+      h = layers.group_norm(x, jnp.ones(64), jnp.zeros(64), 32, 1e-6, act)
+      return jnp.sum(layers.conv2d(h, k, (1, 1), ((1, 1), (1, 1))) ** 2)
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, k).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(True) < temp_bytes(False) + x.nbytes // 2, (temp_bytes(True), temp_bytes(False), x.nbytes)
+
+
 def test_conv_module_has_flax_conv_parameters():
   import flax.linen as nn
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))

@@ -227,7 +227,9 @@ def _group_norm_bwd(num_groups, eps, act, res, dout):
   if act:  # d silu(y) / dy = s (1 + y (1 - s)), with y recomputed (cheaper than storing it)
     a = inv * scale
     y = x3 * a[:, None] + (bias - mean * a)[:, None]
-    s = jax.nn.sigmoid(y)
+    # sigmoid as (1 + tanh(y/2)) / 2, not 1 / (1 + e^-y): XLA would CSE that e^-y with the
+    # forward's, split the forward into two passes and keep e^-y from the forward to here.
+    s = 0.5 * jnp.tanh(0.5 * y) + 0.5
     dy = dy * (s * (1.0 + y * (1.0 - s)))
   n = x3.shape[1]
   sdy = jnp.sum(dy, axis=1)  # [B, C]
