@@ -91,3 +91,37 @@ def test_compare_says_how_to_make_a_missing_peer(tmp_path):
   assert bad.returncode == 2 and "cannot import torch and diffusers" in bad.stderr
   wl = _run([COMPARE, "--workloads", "big:eval:16"])
   assert wl.returncode == 2 and "config:mode:batch" in wl.stderr
+
+
+GPU_SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+
+
+def test_gpu_suite_smoke_records_and_mfu(tmp_path):
+  # The GPU suite's jaxdiff jobs at tiny sizes on the CPU: records, MFU against a given peak,
+  # the sampling wall time. (Compiled at the tests' -O0: only the plumbing is checked here.)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  proc = subprocess.run([sys.executable, GPU_SUITE, "--out", str(tmp_path), "--smoke", "--peak_tflops", "2,1",
+                         "--jobs", "jax_train_bf16,jax_sample_fp32"],
+                        capture_output=True, text=True, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  recs = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert [r["job"] for r in recs] == ["jax_train_bf16", "jax_sample_fp32"]
+  train, sample = recs
+  assert train["dtype"] == "bfloat16" and train["mode"] == "train" and sample["sample_chunk"] == 2
+  summary = (tmp_path / "summary.md").read_text()
+  mfu = 100 * train["img_per_s"] * 2.528e9 / 2e12  # small U-Net train FLOPs / the bf16 peak given
+  assert f"| {mfu:.1f}% |" in summary, summary
+  assert f"{2 * 2 / sample['img_per_s']:.2f} (2 x 2)" in summary, summary
+
+
+def test_gpu_suite_bad_flags(tmp_path):
+  unknown = _run([GPU_SUITE, "--out", str(tmp_path), "--jobs", "jax_train_fp64"])
+  assert unknown.returncode == 2 and "unknown job 'jax_train_fp64'" in unknown.stderr
+  peer = _run([GPU_SUITE, "--out", str(tmp_path), "--jobs", "peer_train_fp32_eager",
+               "--peer_script", str(tmp_path / "nope.py")])
+  assert peer.returncode == 2 and "nope.py' does not exist" in peer.stderr
+  peak = _run([GPU_SUITE, "--out", str(tmp_path), "--peak_tflops", "fast"])
+  assert peak.returncode == 2 and "--peak_tflops='fast' is not 'BF16,TF32'" in peak.stderr
