@@ -129,16 +129,16 @@ def main(argv=None) -> int:
   unknown = [n for n in names if n not in table]
   if unknown:
     p.error(f"--jobs: unknown job {unknown[0]!r}; known: {', '.join(table)}.")
-  if args.no_peer or args.smoke:
-    names = [n for n in names if table[n][0] == "jax"]
-  elif any(table[n][0] == "peer" for n in names) and not os.path.exists(args.peer_script):
-    p.error(f"--peer_script={args.peer_script!r} does not exist; pass the peer's torch_unet_bench.py "
-            f"or --no_peer.")
   if args.peak_tflops is not None:
     try:
       peak_for("", args.peak_tflops)
     except ValueError:
       p.error(f"--peak_tflops={args.peak_tflops!r} is not 'BF16,TF32', e.g. 989.4,494.7.")
+  if args.no_peer or args.smoke:
+    names = [n for n in names if table[n][0] == "jax"]
+  elif any(table[n][0] == "peer" for n in names) and not os.path.exists(args.peer_script):
+    p.error(f"--peer_script={args.peer_script!r} does not exist; pass the peer's torch_unet_bench.py "
+            f"or --no_peer.")
   os.makedirs(args.out, exist_ok=True)
   records, errors = {}, {}
   for name in names:
