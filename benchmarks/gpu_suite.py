@@ -21,8 +21,9 @@ and matmuls in TF32 on Ampere and later). Known peaks are in `PEAK_TFLOPS`; `--p
 BF16,TF32` overrides them. `--smoke` runs the jaxdiff jobs on the small U-Net with tiny
 sizes (any backend), so the script can be tested without a GPU.
 
-On a machine without the test extras (the GPU image lacks ml_collections, grain and
-tensorflow-datasets; diffusers for the peer), carry wheels: see benchmarks/RESULTS.md, "GPU".
+On a machine without the test extras (the GPU image lacks ml_collections, grain,
+array_record and portpicker; diffusers and importlib_metadata for the peer), carry wheels:
+see benchmarks/RESULTS.md, "GPU / TPU".
 """
 
 from __future__ import annotations
@@ -45,27 +46,29 @@ PEAK_TFLOPS = {"H200": (989.4, 494.7), "H100": (989.4, 494.7), "A100": (312.0, 1
                "L4": (121.0, 60.0)}
 
 
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
 def jobs(smoke: bool) -> dict[str, tuple[str, list[str]]]:
   """name -> (impl, argv)."""
+  gpu_train = ["--config", "big", "--mode", "train", "--batch", "128", "--warmup", "3", "--steps", "20"]
   if smoke:
     train = ["--config", "small", "--mode", "train", "--batch", "2", "--warmup", "1", "--steps", "1"]
     sample = ["--config", "small", "--mode", "sample", "--batch", "2", "--sample_chunk", "2",
               "--warmup", "1", "--steps", "1"]
   else:
-    train = ["--config", "big", "--mode", "train", "--batch", "128", "--warmup", "3", "--steps", "20"]
+    train = gpu_train
     sample = ["--config", "big", "--mode", "sample", "--batch", "256", "--sample_chunk", "1000",
               "--warmup", "1", "--steps", "1"]
-  out = {
-      "jax_train_bf16": ("jax", train + ["--dtype", "bfloat16"]),
-      "jax_train_fp32": ("jax", train + ["--dtype", "float32"]),
-      "jax_sample_fp32": ("jax", sample + ["--dtype", "float32"]),
-      "jax_sample_bf16": ("jax", sample + ["--dtype", "bfloat16"]),
-  }
-  peer_train = ["--config", "big", "--mode", "train", "--batch", "128", "--warmup", "3", "--steps", "20"]
+  out = {}
+  for dtype in ("bf16", "fp32"):
+    out[f"jax_train_{dtype}"] = ("jax", train + ["--dtype", DTYPES[dtype]])
+  for dtype in ("fp32", "bf16"):
+    out[f"jax_sample_{dtype}"] = ("jax", sample + ["--dtype", DTYPES[dtype]])
   for dtype in ("fp32", "bf16"):
     for comp in ("eager", "compile"):
-      out[f"peer_train_{dtype}_{comp}"] = ("peer", peer_train + [
-          "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype], "--compile", "on" if comp == "compile" else "off"])
+      out[f"peer_train_{dtype}_{comp}"] = ("peer", gpu_train + [
+          "--dtype", DTYPES[dtype], "--compile", "on" if comp == "compile" else "off"])
   out["peer_sample_bf16_eager"] = ("peer", ["--config", "big", "--mode", "sample", "--batch", "256",
                                             "--sample_steps", "1000", "--warmup", "1", "--steps", "1",
                                             "--dtype", "bfloat16"])
