@@ -7,7 +7,7 @@ _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_co
 # The tests check numbers, not speed, and most of their time is XLA:CPU compiling many small
 # programs: LLVM at -O0 halves that (the suite: 10m10s -> ~7m on 2 cores). HLO optimization and
 # fusion are unchanged. XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite fully
-# optimized; the benchmark tests drop this flag for the processes they time.
+# optimized (the benchmark scripts' tests keep -O0 too: they check records, not speed).
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
