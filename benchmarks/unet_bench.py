@@ -16,7 +16,9 @@ one JSON line per measurement:
   clipping, no EMA, no schedule; jitted with the state donated; every timed step waits for
   the new state and the loss. `--steps_per_call K` runs K steps (K fresh batches) per call
   in one `lax.scan` (`jaxdiff.train.train_steps`, `config.training.steps_per_call`); then
-  `--steps` train steps are timed as ceil(steps / K) calls.
+  `--steps` train steps are timed as ceil(steps / K) calls. `--microbatches M` computes each
+  step's gradient over M parts of the batch, one at a time (`config.training.microbatches`):
+  the same update, a 1/M-sized activation working set.
 * `sample` (images x NFE/s): DDPM ancestral steps from t = 1000 down, each call one
   `jaxdiff.sample(..., method="ancestral", ts=[t, t-1], denoise=False)` (`--sample_chunk K`
   runs K steps per call in one `lax.scan` instead), eval mode.
@@ -51,7 +53,8 @@ CONFIGS = ("big", "small")
 MODES = ("train", "sample", "both")
 DEFAULT_BATCH = {"big": 16, "small": 64}
 # what the measured program depends on (the key of its cached executable)
-PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk", "steps_per_call")
+PROGRAM_FLAGS = ("config", "mode", "batch", "dtype", "remat", "sample_chunk", "steps_per_call",
+                 "microbatches")
 PEER_PARAMS = {"big": 35_746_307, "small": 2_245_763}
 # The peer's counts (README of ../shared/bench): 2 FLOPs per MAC, conv + linear + attention.
 TRAIN_FLOPS_PER_IMG = {"big": 37.32e9, "small": 2.528e9}
@@ -75,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--remat", action="store_true", help="jax.checkpoint every resnet/attention block")
   p.add_argument("--sample_chunk", type=int, default=1, help="ancestral steps per sampling call")
   p.add_argument("--steps_per_call", type=int, default=1, help="train steps per call (one lax.scan)")
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="train: each step's gradient over this many parts of the batch, one at a time")
   p.add_argument("--cache_dir", default="", help="persistent XLA compilation cache and compiled steps ('' = off)")
   p.add_argument("--threads", type=int, default=None, help="informational: cores given to the run")
   args = p.parse_args(argv)
@@ -85,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     errors.append(f"--mode={args.mode!r} is not known; use one of {', '.join(MODES)}.")
   if args.dtype not in ("float32", "bfloat16"):
     errors.append(f"--dtype={args.dtype!r} is not supported; use float32 or bfloat16.")
-  for name in ("steps", "warmup", "sample_chunk", "steps_per_call"):
+  for name in ("steps", "warmup", "sample_chunk", "steps_per_call", "microbatches"):
     if getattr(args, name) < (0 if name == "warmup" else 1):
       errors.append(f"--{name}={getattr(args, name)} must be >= {0 if name == 'warmup' else 1}.")
   if args.batch is not None and args.batch < 1:
@@ -127,7 +132,9 @@ def measure(args) -> dict:
 
   model, config = build(args.config, args.dtype, args.remat)
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
-  sharding.check_batch_size(args.batch, mesh, name="--batch")
+  sharding.check_batch_size(args.batch, mesh, name="--batch",
+                            microbatches=args.microbatches if args.mode == "train" else 1,
+                            microbatches_name="--microbatches")
   process = processes.DDPM.linear(num_timesteps=1000)
   shape = (args.batch, 32, 32, 3)
   x_sh = sharding.batch_sharding(mesh, 4)
@@ -153,7 +160,7 @@ def measure(args) -> dict:
 
     def one_step(state, batch, k):
       return train.train_step(state, batch, k, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                              ema_decay=None)
+                              ema_decay=None, microbatches=args.microbatches)
 
     n_steps = args.steps_per_call
     if n_steps == 1:
@@ -234,6 +241,7 @@ def measure(args) -> dict:
       warmup=args.warmup, steps=args.steps, dtype=args.dtype,
       remat=args.remat, sample_chunk=args.sample_chunk if args.mode == "sample" else None,
       steps_per_call=args.steps_per_call if args.mode == "train" else None,
+      microbatches=args.microbatches if args.mode == "train" else None,
       compilation_cache=bool(args.cache_dir),
       executable_loaded=timed.loaded, peak_rss_mb=round(peak_rss_mb(), 1),
       rss_after_build_mb=round(rss_before, 1), backend=jax.default_backend(),

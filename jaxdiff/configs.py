@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
       steps_per_call=1,          # train steps per compiled call (one lax.scan over that many
                                  # batches): on CPU the step's temporary buffers are mapped once
                                  # per call, not per step (small U-Net, 4: 1.68 -> 1.49 s/step)
+      microbatches=1,            # gradient of each step over this many equal parts of the batch,
+                                 # one part at a time: the same update with 1/m of the activation
+                                 # memory (train.microbatched_value_and_grad)
       transfer_guard="allow",    # jax.transfer_guard around the loop: allow | log | disallow
       label_dropout=0.1,         # class-conditional models: P(label -> null label) per example, for
                                  # classifier-free guidance (0: conditional only)
@@ -147,7 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that depend on each other; raises ConfigError naming the key and the fix."""
   t = config.training
   for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-              "steps_per_call"):
+              "steps_per_call", "microbatches"):
     if int(t[key]) < 1:
       raise ConfigError(f"config.training.{key}={t[key]} must be >= 1.")
   if not 0.0 <= float(t.ema_decay) < 1.0:

@@ -97,7 +97,9 @@ def replicate(x: Any, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, name: str = "config.training.batch_size") -> None:
+def check_batch_size(global_batch: int, mesh: Mesh, name: str = "config.training.batch_size",
+                     microbatches: int = 1, microbatches_name: str = "config.training.microbatches") -> None:
+  """The batch splits evenly over the data shards, the processes and, per device, `microbatches`."""
   n = num_data_shards(mesh)
   if global_batch % n:
     m = (global_batch // n + 1) * n
@@ -105,6 +107,13 @@ def check_batch_size(global_batch: int, mesh: Mesh, name: str = "config.training
                       f"axes {dict(mesh.shape)}; use a multiple of {n} (e.g. {name}={m}).")
   if global_batch % jax.process_count():
     raise ConfigError(f"{name}={global_batch} is not divisible by the {jax.process_count()} processes.")
+  if microbatches < 1:
+    raise ConfigError(f"{microbatches_name}={microbatches} must be >= 1.")
+  if (global_batch // n) % microbatches:
+    raise ConfigError(
+        f"{microbatches_name}={microbatches} does not divide the {global_batch // n} examples "
+        f"each of the {n} devices gets from {name}={global_batch}; use a multiple of "
+        f"{n * microbatches} for {name}, or microbatches dividing {global_batch // n}.")
 
 
 def local_batch_size(global_batch: int) -> int:

@@ -6,7 +6,9 @@ The pieces are small top-level functions so they can be used and tested on their
 * `create_train_state(key, model, optimizer, example)`  params, EMA, optimizer state;
 * `train_step(state, batch, key, *, model, loss_fn, optimizer, ema_decay, label_dropout)`
   pure; jit, shardings and donation are applied where it is called; class-conditional
-  models get the batch's labels, dropped to the null label with `label_dropout`;
+  models get the batch's labels, dropped to the null label with `label_dropout`; with
+  `microbatches` m > 1 the gradient is taken over m parts of the batch, one at a time
+  (`microbatched_value_and_grad`, any objective);
 * `classifier_train_step(...)`  the same for a noise-conditional classifier
   (`config.model.name='classifier'`, cross-entropy on noised data);
 * `train_and_evaluate(config, workdir)`  the loop: sharded init, resume from the latest
@@ -134,10 +136,55 @@ def drop_labels(key: Array, labels: Array, rate: float, null_label: int) -> Arra
   return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
+def microbatched_value_and_grad(objective: Callable, microbatches: int = 1) -> Callable:
+  """`jax.value_and_grad(objective, has_aux=True)`, one part of the batch at a time.
+
+  `objective(params, batch, key) -> (loss, aux)`, where `batch` is a pytree of arrays that
+  share their leading (example) axis and `loss` and every leaf of `aux` are means over the
+  examples. Returns `f(params, batch, key) -> ((loss, aux), grads)`: with `microbatches` m > 1
+  the batch is split into m equal parts, evaluated one after another in a `lax.scan` (part i
+  with `fold_in(key, i)`), and loss, aux and gradients are averaged over the parts, which is
+  the full batch's mean gradient (the same update; only the random draws differ). Only one
+  part's activations are alive at a time, so memory falls with m; m = 1 is `value_and_grad`.
+
+  Part i holds examples i, i + m, i + 2m, ...: a batch sharded over devices along its first
+  axis splits into parts that are each spread over all devices (each device's share must be
+  divisible by m: `sharding.check_batch_size(..., microbatches=m)`). Each part's gradient is
+  reduced over the devices, so on a multi-device mesh m parts cost m gradient reductions.
+  """
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if microbatches == 1:
+    return grad_fn
+  if microbatches < 1:
+    raise ConfigError(f"config.training.microbatches={microbatches} must be >= 1.")
+  m = microbatches
+
+  def split(x):
+    if x.shape[0] % m:
+      raise ConfigError(f"config.training.microbatches={m} does not divide the batch of {x.shape[0]} "
+                        f"examples; use a batch size that is a multiple of {m}.")
+    return jnp.moveaxis(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 1, 0)
+
+  def f(params, batch, key):
+    parts = jax.tree.map(split, batch)
+
+    def body(total, i_part):
+      i, part = i_part
+      out = grad_fn(params, part, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, total, out), None
+
+    first = jax.tree.map(lambda x: x[0], parts)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first, key))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(m), parts))
+    return jax.tree.map(lambda t: t / m, total)
+
+  return f
+
+
 def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                loss_fn: Callable, optimizer: optax.GradientTransformation,
                ema_decay: float, label_dropout: float = 0.0,
-               cond_resolution: int = 0) -> tuple[TrainState, dict[str, Array]]:
+               cond_resolution: int = 0, microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
   """One optimizer update. Pure: `(state, batch, key) -> (state, metrics)`.
 
   A batch with "label" trains a class-conditional `model` (`num_classes > 0`); with
@@ -145,12 +192,13 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
   probability (key: `fold_in(key, LABEL_DROPOUT_STREAM)`), which trains the unconditional
   model classifier-free guidance needs alongside the conditional one. With
   `cond_resolution > 0` (super-resolution) the network also sees the batch area-downsampled
-  to that size, computed here on the device.
+  to that size, computed here on the device. `microbatches` m > 1 computes the gradient over
+  m parts of the batch one at a time (`microbatched_value_and_grad`): the same update with
+  1/m of the activation memory.
   """
-  k_loss, k_drop = jax.random.split(key)
-  cond = {}
+  inputs = {"x": batch["x"]}
   if cond_resolution:
-    cond["low_res"] = tasks.area_downsample(batch["x"], cond_resolution)
+    inputs["low_res"] = tasks.area_downsample(batch["x"], cond_resolution)
   if "label" in batch:
     labels = batch["label"]
     if label_dropout > 0.0:
@@ -159,14 +207,16 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
         raise ConfigError(f"config.training.label_dropout={label_dropout} needs a class-conditional model "
                           f"(config.model.num_classes > 0); {type(model).__name__} has none.")
       labels = drop_labels(jax.random.fold_in(key, LABEL_DROPOUT_STREAM), labels, label_dropout, null_label)
-    cond["y"] = labels
+    inputs["y"] = labels
 
-  def objective(params):
+  def objective(params, inputs, key):
+    k_loss, k_drop = jax.random.split(key)
+    cond = {k: v for k, v in inputs.items() if k != "x"}
     net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
-    loss, _ = loss_fn(net, batch["x"], k_loss)
-    return loss
+    loss, _ = loss_fn(net, inputs["x"], k_loss)
+    return loss, {}
 
-  loss, grads = jax.value_and_grad(objective)(state.params)
+  (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
   return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
       "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -189,15 +239,17 @@ def train_steps(state: TrainState, batches: tuple[dict[str, Array], ...], key: A
 
 def classifier_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                           loss_fn: Callable, optimizer: optax.GradientTransformation,
-                          ema_decay: float) -> tuple[TrainState, dict[str, Array]]:
+                          ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
   """One update of a noise-conditional classifier (`losses.make_classifier_loss`). Pure."""
-  k_loss, k_drop = jax.random.split(key)
 
-  def objective(params):
+  def objective(params, batch, key):
+    k_loss, k_drop = jax.random.split(key)
     net = network_fn(model, params, train=True, dropout_key=k_drop)
-    return loss_fn(net, batch["x"], batch["label"], k_loss)
+    loss, aux = loss_fn(net, batch["x"], batch["label"], k_loss)
+    return loss, {"accuracy": aux["accuracy"]}  # (the per-example entries do not average)
 
-  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  inputs = {"x": batch["x"], "label": batch["label"]}
+  (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
   return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
       "loss": loss, "grad_norm": optax.tree.norm(grads), "accuracy": aux["accuracy"]}
 
@@ -277,11 +329,11 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   loss_fn = make_loss(config, exp.process)
   if exp.is_classifier:
     return functools.partial(classifier_train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
-                             ema_decay=tc.ema_decay)
+                             ema_decay=tc.ema_decay, microbatches=int(tc.microbatches))
   return functools.partial(train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
                            ema_decay=tc.ema_decay,
                            label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
-                           cond_resolution=exp.cond_resolution)
+                           cond_resolution=exp.cond_resolution, microbatches=int(tc.microbatches))
 
 
 def abstract_train_state(config, exp: Experiment, optimizer, mesh):
@@ -392,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   tc, o = config.training, config.optimizer
   mesh = sharding.create_mesh(config.mesh.to_dict())
-  sharding.check_batch_size(tc.batch_size, mesh)
+  sharding.check_batch_size(tc.batch_size, mesh, microbatches=int(tc.microbatches))
   optimizer = make_optimizer(**o.to_dict(), num_steps=tc.num_steps)
 
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)

@@ -52,17 +52,19 @@ def test_unet_bench_small_both_modes_and_warm_cache(tmp_path):
   assert warm[0]["first_step_s"] * 3 < cold[0]["first_step_s"], (warm[0]["first_step_s"], cold[0]["first_step_s"])
 
 
-def test_unet_bench_steps_per_call():
-  """The training loop's calls of K steps (train.train_steps): --steps counts train steps."""
+def test_unet_bench_steps_per_call_and_microbatches():
+  """The training loop's calls of K steps (train.train_steps): --steps counts train steps; each
+  step's gradient over 2 microbatches (config.training.microbatches)."""
   proc = _run([BENCH, "--config", "small", "--mode", "train", "--batch", "2", "--warmup", "1",
-               "--steps", "2", "--steps_per_call", "2"])
+               "--steps", "2", "--steps_per_call", "2", "--microbatches", "2"])
   (rec,) = _records(proc)
-  assert rec["steps_per_call"] == 2 and rec["img_per_s"] > 0
+  assert rec["steps_per_call"] == 2 and rec["microbatches"] == 2 and rec["img_per_s"] > 0
   assert rec["step_s_median"] == rec["step_s_min"]  # 2 steps = one timed call
 
 
 @pytest.mark.parametrize("args, message", [
     (["--steps_per_call", "0"], "--steps_per_call=0 must be >= 1"),
+    (["--microbatches", "0"], "--microbatches=0 must be >= 1"),
     (["--config", "huge"], "--config='huge' is not known"),
     (["--mode", "infer"], "--mode='infer' is not known"),
     (["--steps", "0"], "--steps=0 must be >= 1"),
@@ -81,6 +83,12 @@ def test_unet_bench_batch_not_divisible_by_devices():
                                  JAXDIFF_BENCH_CHILD="1"))
   assert proc.returncode != 0
   assert "--batch=3 is not divisible by the 2 devices" in proc.stderr, proc.stderr[-2000:]
+  proc = subprocess.run([sys.executable, BENCH, "--config", "small", "--mode", "train", "--batch", "4",
+                         "--microbatches", "3"], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                 JAXDIFF_BENCH_CHILD="1"))
+  assert proc.returncode != 0
+  assert "--microbatches=3 does not divide the 2 examples each of the 2 devices" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_compare_says_how_to_make_a_missing_peer(tmp_path):

@@ -71,6 +71,110 @@ def test_one_and_eight_devices_give_the_same_step():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _one_step(c, loss_fn, microbatches, batch, key, devices=None, state=None, step_fn=None):
+  """One train step of `c`'s model with `loss_fn` and `microbatches`, on `devices` (default 1)."""
+  exp = train.build_experiment(c)
+  opt = train.make_optimizer(**c.optimizer.to_dict(), num_steps=c.training.num_steps)
+  mesh = sharding.create_mesh({"data": len(devices or [0])}, devices=devices or jax.devices()[:1])
+  init, _, state_sh = train.abstract_train_state(c, exp, opt, mesh)
+  state = state if state is not None else jax.jit(init)(jax.random.key(0))
+  step = functools.partial(step_fn or train.train_step, model=exp.model, loss_fn=loss_fn, optimizer=opt,
+                           ema_decay=0.9, microbatches=microbatches)
+  batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
+  out = jax.jit(step, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)))(
+      jax.device_put(state, state_sh), batch, key)
+  return exp, state, out
+
+
+def test_microbatches_give_the_full_batch_update():
+  """With a loss that draws nothing, m parts give the full batch's step, on 1 and 8 devices."""
+  from jaxdiff.models import MLP
+  model = MLP(hidden=32, num_layers=2, time_dim=16)
+
+  def loss_fn(net, x, key):  # per-example mean over the data, then over the batch
+    return jnp.mean((net(x, jnp.linalg.norm(x, axis=-1)) - x) ** 2), {}
+
+  x = jax.random.normal(jax.random.key(2), (16, 3))
+  opt = train.make_optimizer(name="adam", learning_rate=1e-2)
+  state = train.create_train_state(jax.random.key(0), model=model, optimizer=opt, example_x=x[:1])
+
+  def step(m, devices):
+    mesh = sharding.create_mesh({"data": len(devices)}, devices=devices)
+    fn = functools.partial(train.train_step, model=model, loss_fn=loss_fn, optimizer=opt, ema_decay=0.9,
+                           microbatches=m)
+    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), {"x": sharding.batch_sharding(mesh, 2)},
+                                     sharding.replicated(mesh)))(state, {"x": x}, jax.random.key(3))
+
+  s1, m1 = step(1, jax.devices()[:1])
+  for m, devices in [(2, jax.devices()[:1]), (16, jax.devices()[:1]), (2, jax.devices())]:
+    sm, mm = step(m, devices)
+    np.testing.assert_allclose(mm["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(mm["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((s1.params, s1.ema_params, s1.opt_state)),
+                    jax.tree.leaves((sm.params, sm.ema_params, sm.opt_state))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(sm.step) == 1
+
+
+def test_microbatch_parts_and_keys():
+  """Part i is examples i, i+m, ... with key fold_in(key, i); the step's loss is their mean."""
+  c = tiny()  # dropout on: the parts' dropout keys matter too
+  loss_fn = train.make_loss(c, train.build_experiment(c).process)
+  batch, key = fixed_batch(c, 8), jax.random.key(5)
+  exp, state, (_, metrics) = _one_step(c, loss_fn, 2, batch, key)
+
+  @jax.jit
+  def part_loss(params, x, i):
+    k_loss, k_drop = jax.random.split(jax.random.fold_in(key, i))
+    net = train.network_fn(exp.model, params, train=True, dropout_key=k_drop)
+    return loss_fn(net, x, k_loss)[0]
+
+  parts = [float(part_loss(state.params, batch["x"][i::2], i)) for i in range(2)]
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(parts), rtol=1e-5)
+  assert abs(parts[0] - parts[1]) > 1e-4  # (the check above can tell the parts apart)
+
+  # the noise-conditional classifier's step splits its labels with its images
+  from jaxdiff import losses
+  from jaxdiff.models import NoiseClassifier
+  clf = NoiseClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                        num_groups=4)
+  clf_loss = losses.make_classifier_loss(exp.process)
+  opt = train.make_optimizer(name="adam", learning_rate=1e-3)
+  state = train.create_train_state(jax.random.key(0), model=clf, optimizer=opt, example_x=batch["x"][:1])
+  batch = dict(batch, label=jnp.arange(8) % 3)
+  _, metrics = jax.jit(functools.partial(train.classifier_train_step, model=clf, loss_fn=clf_loss,
+                                         optimizer=opt, ema_decay=0.9, microbatches=2))(state, batch, key)
+
+  @jax.jit
+  def part_metrics(params, x, labels, i):
+    k_loss, k_drop = jax.random.split(jax.random.fold_in(key, i))
+    net = train.network_fn(clf, params, train=True, dropout_key=k_drop)
+    loss, aux = clf_loss(net, x, labels, k_loss)
+    return loss, aux["accuracy"]
+
+  parts = np.array([part_metrics(state.params, batch["x"][i::2], batch["label"][i::2], i) for i in range(2)])
+  np.testing.assert_allclose(float(metrics["loss"]), parts[:, 0].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["accuracy"]), parts[:, 1].mean(), rtol=1e-6)
+
+
+def test_microbatches_config_and_bad_values(tmp_path):
+  c = tiny()
+  loss_fn = train.make_loss(c, train.build_experiment(c).process)
+  with pytest.raises(ConfigError, match=r"microbatches=4 does not divide the batch of 6 examples"):
+    _one_step(c, loss_fn, 4, fixed_batch(c, 6), jax.random.key(0))
+  mesh = sharding.create_mesh({"data": 8})
+  with pytest.raises(ConfigError, match=r"microbatches=4 does not divide the 2 examples each of the 8 "
+                                        r"devices.*multiple of 32"):
+    sharding.check_batch_size(16, mesh, microbatches=4)
+  with pytest.raises(ConfigError, match=r"config.training.microbatches=0 must be >= 1"):
+    train.build_experiment(tiny(training=dict(microbatches=0)))
+  with pytest.raises(ConfigError, match=r"microbatches=3 does not divide the 2 examples"):
+    train.train_and_evaluate(tiny(training=dict(batch_size=16, microbatches=3)), str(tmp_path))
+  c = tiny(training=dict(microbatches=2))  # the loop's step gets the config's value
+  exp = train.build_experiment(c)
+  assert train.make_train_step(c, exp, train.make_optimizer()).keywords["microbatches"] == 2
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
