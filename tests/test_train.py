@@ -71,19 +71,15 @@ def test_one_and_eight_devices_give_the_same_step():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _one_step(c, loss_fn, microbatches, batch, key, devices=None, state=None, step_fn=None):
-  """One train step of `c`'s model with `loss_fn` and `microbatches`, on `devices` (default 1)."""
+def _one_step(c, loss_fn, microbatches, batch, key):
+  """One train step on 1 device of `c`'s freshly initialised model with `loss_fn` and `microbatches`."""
   exp = train.build_experiment(c)
   opt = train.make_optimizer(**c.optimizer.to_dict(), num_steps=c.training.num_steps)
-  mesh = sharding.create_mesh({"data": len(devices or [0])}, devices=devices or jax.devices()[:1])
-  init, _, state_sh = train.abstract_train_state(c, exp, opt, mesh)
-  state = state if state is not None else jax.jit(init)(jax.random.key(0))
-  step = functools.partial(step_fn or train.train_step, model=exp.model, loss_fn=loss_fn, optimizer=opt,
-                           ema_decay=0.9, microbatches=microbatches)
-  batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
-  out = jax.jit(step, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)))(
-      jax.device_put(state, state_sh), batch, key)
-  return exp, state, out
+  init = train.abstract_train_state(c, exp, opt, sharding.create_mesh({"data": 1}, jax.devices()[:1]))[0]
+  state = jax.jit(init)(jax.random.key(0))
+  step = functools.partial(train.train_step, model=exp.model, loss_fn=loss_fn, optimizer=opt, ema_decay=0.9,
+                           microbatches=microbatches)
+  return exp, state, jax.jit(step)(state, batch, key)
 
 
 def test_microbatches_give_the_full_batch_update():
