@@ -331,6 +331,30 @@ def test_dropout_values_module_and_bad_rate():
   assert layers.dropout(x.astype(jnp.bfloat16), 0.1, jax.random.PRNGKey(0)).dtype == jnp.bfloat16
 
 
+def test_dropout_traces_its_cipher_once_per_shape(monkeypatch):
+  # a U-Net's dropouts share a few shapes: each shape's ~100-op cipher is traced once, not
+  # once per call (and not again for the gradient); a shape no other test uses, so the jit
+  # cache is cold here
+  calls = []
+  cipher = layers.threefry2x32
+  monkeypatch.setattr(layers, "threefry2x32", lambda *a: calls.append(1) or cipher(*a))
+  x = jnp.ones((3, 5, 7, 14))
+
+  def loss(x, key):
+    for i in range(4):
+      x = layers.dropout(x, 0.1, jax.random.fold_in(key, i)) * 1.5
+    return jnp.sum(layers.dropout(x[..., :7], 0.1, key) ** 2)
+
+  g = jax.jit(jax.grad(loss))(x, jax.random.key(0))
+  assert len(calls) == 2  # one per shape: [.., 14] and [.., 7]
+  y = x
+  for i in range(4):
+    y = layers.dropout(y, 0.1, jax.random.fold_in(jax.random.key(0), i)) * 1.5
+  z = layers.dropout(y[..., :7], 0.1, jax.random.key(0))
+  assert len(calls) == 2  # eager calls hit the same cache
+  np.testing.assert_allclose(g[..., :7], jnp.where(z != 0, 2 * z * (y[..., :7] / x[..., :7]) / 0.9, 0), rtol=1e-6)
+
+
 def test_dropout_mask_is_one_loop_free_fusion_and_sharding_invariant():
   shape = (16, 8, 8, 32)
   f = jax.jit(lambda k: layers.dropout_mask(k, shape, 0.9))

@@ -88,10 +88,20 @@ def dropout_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
   c + C/2 (as `jax.random` uses both output words).
   """
   shape = tuple(int(d) for d in shape)
+  keep_prob = float(keep_prob)
   if not 0.0 <= keep_prob <= 1.0:
     raise InputError(f"dropout keep_prob={keep_prob} is outside [0, 1].")
   if keep_prob == 1.0 or math.prod(shape) == 0:
     return jnp.ones(shape, bool)
+  return _hashed_mask(key, shape, keep_prob)
+
+
+# A jit of its own, so it is traced once per (shape, keep_prob), not at every call: the
+# unrolled cipher is ~100 ops, and a U-Net's ~20 dropouts share a few shapes (the big
+# U-Net's train step traced in 2.1-2.6 s instead of 2.7-2.9). XLA inlines the call: the
+# compiled step is the same.
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _hashed_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
   data = jax.random.key_data(key)  # threefry keys (jax's default) are the cipher's key words
   k0, k1 = data if data.shape == (2,) else jax.random.bits(key, (2,), jnp.uint32)
   paired = len(shape) >= 1 and shape[-1] % 2 == 0
