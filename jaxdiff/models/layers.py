@@ -98,7 +98,7 @@ def dropout_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
 
 # A jit of its own, so it is traced once per (shape, keep_prob), not at every call: the
 # unrolled cipher is ~100 ops, and a U-Net's ~20 dropouts share a few shapes (the big
-# U-Net's train step traced in 2.1-2.6 s instead of 2.7-2.9). XLA inlines the call: the
+# U-Net's train step traced in 2.2-2.3 s instead of 2.5-3.8). XLA inlines the call: the
 # compiled step is the same.
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _hashed_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
