@@ -36,6 +36,25 @@ def test_group_norm_values_and_gradients(shape, groups, act):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_group_norm_full_size_passes_read_per_channel_coefficients():
+  # Each [B, H, W, C] pass of GroupNorm (forward and backward) must read [B, C] coefficients
+  # computed once, not recompute group means per element: XLA fused the reshape-mean-broadcast
+  # form into those passes, with a per-element group index that kept XLA:CPU from vectorising
+  # them (the forward of [64, 32, 32, 64] twice as slow).
+  b, h, c, g = 2, 5, 48, 16  # group shapes [2, 16] and [2, 16, 3] appear in no other array
+  x = jax.random.normal(jax.random.key(0), (b, h, h, c))
+  scale, bias = jnp.full((c,), 1.5), jnp.full((c,), 0.1)
+  fwd = lambda x, s, t: layers.group_norm(x, s, t, g, 1e-6, True)  # noqa: E731
+  grad = jax.grad(lambda x, s, t: jnp.sum(jnp.sin(fwd(x, s, t))), (0, 1, 2))
+  for fn in (fwd, grad):
+    hlo = jax.jit(fn).lower(x, scale, bias).compile().as_text()
+    full = [comp for comp in re.split(r"\n(?=\S)", hlo)
+            if re.match(rf"%\S+ \(.*\) -> f32\[({b},{h},{h}|{b},{h * h}),{c}\]", comp)]
+    assert full, hlo
+    for comp in full:
+      assert not re.search(rf"f32\[{b},{g}[,\]]", comp), comp
+
+
 @pytest.mark.parametrize("heads", [1, 2])
 def test_attention_matches_dot_product_attention(heads):
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 10, heads, 4)) for i in range(3))

@@ -24,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import xla_flags
 from jaxdiff.errors import InputError
@@ -188,10 +189,17 @@ class TimeEmbedding(nn.Module):
 
 
 def _group_mean(s: Array, g: int) -> Array:
-  """Per-channel statistics [B, C] -> the mean over each channel's group, [B, C]."""
-  b, c = s.shape
-  m = s.reshape(b, g, c // g).mean(-1, keepdims=True)
-  return jnp.broadcast_to(m, (b, g, c // g)).reshape(b, c)
+  """Per-channel statistics [B, C] -> the mean over each channel's group, [B, C].
+
+  A product with the [C, C] block-averaging matrix, not reshape-mean-broadcast: XLA fuses
+  a broadcast into every [B, H, W, C] pass that reads it, recomputing the group mean per
+  element with a group index that kept XLA:CPU's loop from vectorising, while a dot's [B, C]
+  result is computed once (GroupNorm + SiLU forward of [64, 32, 32, 64]: 6.7 -> 3.3 ms).
+  """
+  c = s.shape[-1]
+  group = np.arange(c) // (c // g)
+  avg = (group[:, None] == group[None, :]).astype(np.float32) / (c // g)
+  return jnp.dot(s, avg, precision=jax.lax.Precision.HIGHEST)
 
 
 def _gn_coeffs(x3: Array, scale: Array, bias: Array, g: int, eps: float):
