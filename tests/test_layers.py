@@ -55,6 +55,20 @@ def test_group_norm_full_size_passes_read_per_channel_coefficients():
       assert not re.search(rf"f32\[{b},{g}[,\]]", comp), comp
 
 
+def test_attention_block_weight_gradients_need_no_transposed_copy():
+  # The q/k/v and output projections run on [B*H*W, C]: over a [B, H*W, C] input, XLA:CPU fed
+  # each weight gradient's dot a transposed copy of the output gradient, [C, B*H*W].
+  b, h, c = 2, 4, 8
+  block = layers.AttentionBlock(num_groups=4)
+  x = jax.random.normal(jax.random.key(0), (b, h, h, c))
+  params = jax.tree.map(lambda a: a + 0.1, block.init(jax.random.key(1), x))
+  loss = lambda p, x: jnp.sum(jnp.sin(block.apply(p, x)))  # noqa: E731
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  assert re.search(rf"= f32\[{c},{c}\]\S* dot\(", entry), entry  # the weight gradients are dots
+  assert not re.findall(rf"%\S+ = f32\[{c},{b * h * h}\]", entry), entry
+
+
 @pytest.mark.parametrize("heads", [1, 2])
 def test_attention_matches_dot_product_attention(heads):
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 10, heads, 4)) for i in range(3))
