@@ -22,7 +22,7 @@ def reference_group_norm(x, scale, bias, g, eps, act):
   return jax.nn.silu(y) if act else y
 
 
-@pytest.mark.parametrize("shape, groups", [((3, 8, 8, 16), 4), ((2, 4, 4, 32), 32), ((5, 6, 12), 3)])
+@pytest.mark.parametrize("shape, groups", [((3, 8, 8, 16), 4), ((2, 4, 4, 32), 32), ((5, 6, 12), 3), ((3, 16), 4)])
 @pytest.mark.parametrize("act", [False, True])
 def test_group_norm_values_and_gradients(shape, groups, act):
   x = 2.0 * jax.random.normal(jax.random.key(0), shape) + 1.0
@@ -53,6 +53,25 @@ def test_group_norm_full_size_passes_read_per_channel_coefficients():
     assert full, hlo
     for comp in full:
       assert not re.search(rf"f32\[{b},{g}[,\]]", comp), comp
+
+
+def test_group_norm_input_is_not_copied_into_another_shape():
+  # GroupNorm reduces and scales x in its own [B, H, W, C] shape. Over a [B, H*W, C] view,
+  # XLA:CPU fused a cheap producer (here the skip concatenation of a U-Net's up block) into
+  # that reshape and materialised it twice, [B, H, W, C] and [B, H*W, C], forward and backward
+  # (small U-Net train step: 904 -> 834 MB of temporaries, 5% faster).
+  b, h, c1, c2 = 4, 8, 16, 8
+  x1, x2 = (jax.random.normal(jax.random.key(i), (b, h, h, c)) for i, c in enumerate((c1, c2)))
+  k = 0.1 * jax.random.normal(jax.random.key(2), (3, 3, c1 + c2, 8))
+
+  def loss(x1, x2, k):
+    cat = jnp.concatenate([jnp.tanh(x1), 2.0 * x2], axis=-1)
+    g = layers.group_norm(cat, jnp.full((c1 + c2,), 1.5), jnp.zeros(c1 + c2), 8, 1e-6, True)
+    return jnp.sum(jnp.sin(layers.conv2d(g, k, (1, 1), ((1, 1), (1, 1))) + cat[..., :8]))
+
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x1, x2, k).compile().as_text()
+  assert re.search(rf"f32\[{b},{h},{h},{c1 + c2}\]", hlo)
+  assert not re.search(rf"f32\[{b},{h * h},{c1 + c2}\]", hlo), hlo
 
 
 def test_attention_block_weight_gradients_need_no_transposed_copy():

@@ -202,10 +202,19 @@ def _group_mean(s: Array, g: int) -> Array:
   return jnp.dot(s, avg, precision=jax.lax.Precision.HIGHEST)
 
 
-def _gn_coeffs(x3: Array, scale: Array, bias: Array, g: int, eps: float):
+def _positions(x: Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim - 1))
+
+
+def _per_channel(v: Array, x: Array) -> Array:
+  """[B, C] -> [B, 1, ..., 1, C], broadcastable against x [B, ..., C]."""
+  return v.reshape(v.shape[0], *([1] * (x.ndim - 2)), v.shape[-1])
+
+
+def _gn_coeffs(x: Array, scale: Array, bias: Array, g: int, eps: float):
   """Per-(example, channel) mean, 1/std, and the folded multiply-add `y = x * a + shift`."""
-  mean = _group_mean(jnp.mean(x3, axis=1), g)
-  var = jnp.maximum(_group_mean(jnp.mean(jnp.square(x3), axis=1), g) - jnp.square(mean), 0.0)
+  mean = _group_mean(jnp.mean(x, axis=_positions(x)), g)
+  var = jnp.maximum(_group_mean(jnp.mean(jnp.square(x), axis=_positions(x)), g) - jnp.square(mean), 0.0)
   inv = jax.lax.rsqrt(var + eps)
   a = inv * scale
   return mean, inv, a, bias - mean * a
@@ -219,14 +228,17 @@ def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, eps: float,
   group's channels, and the gradient is written out by hand (`custom_vjp`): XLA's CPU
   backend runs the autodiff of the grouped [B, HW, G, C/G] form 2-4x slower (its
   reductions over non-minor axes), which made GroupNorm a fifth of a U-Net train step.
+  Forward and backward work on x in its own shape (reducing over the position axes), not
+  on a [B, H*W, C] view: XLA:CPU fused x's producer (a U-Net's skip concatenation, say)
+  into such a reshape and materialised x in both shapes (small U-Net train step 5% faster
+  and 70 MB lighter without it).
   """
   return _group_norm_fwd(x, scale, bias, num_groups, eps, act)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, eps, act):
-  x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-  mean, inv, a, shift = _gn_coeffs(x3, scale, bias, num_groups, eps)
-  y = x3 * a[:, None] + shift[:, None]
+  mean, inv, a, shift = _gn_coeffs(x, scale, bias, num_groups, eps)
+  y = x * _per_channel(a, x) + _per_channel(shift, x)
   if act:
     # SiLU as y / (1 + e^-y), not y * sigmoid(y): XLA:CPU copies cheap elementwise producers
     # into each consumer, and a product it would recompute inside the transpose that feeds
@@ -234,24 +246,24 @@ def _group_norm_fwd(x, scale, bias, num_groups, eps, act):
     # strided reads (45 ms vs 9 ms for a [64,32,32,64] map). A division is not copied: the
     # output is materialised once (small train step 2.0 -> 1.85 s, big 3.3 -> 3.2 s).
     y = y / (1.0 + jnp.exp(-y))
-  return y.reshape(x.shape), (x, scale, bias, mean, inv)
+  return y, (x, scale, bias, mean, inv)
 
 
 def _group_norm_bwd(num_groups, eps, act, res, dout):
   del eps
   x, scale, bias, mean, inv = res
-  x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-  dy = dout.reshape(x3.shape)
+  dy = dout
+  pc = functools.partial(_per_channel, x=x)
   if act:  # d silu(y) / dy = s (1 + y (1 - s)), with y recomputed (cheaper than storing it)
     a = inv * scale
-    y = x3 * a[:, None] + (bias - mean * a)[:, None]
+    y = x * pc(a) + pc(bias - mean * a)
     # sigmoid as (1 + tanh(y/2)) / 2, not 1 / (1 + e^-y): XLA would CSE that e^-y with the
     # forward's, split the forward into two passes and keep e^-y from the forward to here.
     s = 0.5 * jnp.tanh(0.5 * y) + 0.5
     dy = dy * (s * (1.0 + y * (1.0 - s)))
-  n = x3.shape[1]
-  sdy = jnp.sum(dy, axis=1)  # [B, C]
-  sdyx = jnp.sum(dy * x3, axis=1)  # [B, C]
+  n = math.prod(x.shape[1:-1])
+  sdy = jnp.sum(dy, axis=_positions(x))  # [B, C]
+  sdyx = jnp.sum(dy * x, axis=_positions(x))  # [B, C]
   sdy_xhat = inv * (sdyx - mean * sdy)  # sum over positions of dy * xhat
   dscale = jnp.sum(sdy_xhat, axis=0)
   dbias = jnp.sum(sdy, axis=0)
@@ -262,8 +274,8 @@ def _group_norm_bwd(num_groups, eps, act, res, dout):
   p = inv * scale
   q = inv * inv * m2
   r = q * mean - inv * m1
-  dx = dy * p[:, None] - x3 * q[:, None] + r[:, None]
-  return dx.reshape(x.shape), dscale, dbias
+  dx = dy * pc(p) - x * pc(q) + pc(r)
+  return dx, dscale, dbias
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
