@@ -74,6 +74,30 @@ def test_group_norm_input_is_not_copied_into_another_shape():
   assert not re.search(rf"f32\[{b},{h * h},{c1 + c2}\]", hlo), hlo
 
 
+def test_sampling_attention_fuses_apart_from_its_neighbours():
+  # Sampling's attention (`_attention_primal`) is fused by XLA:CPU into a kernel of its own;
+  # without the reduce_precision boundaries that fusion took in the q/k/v projections (and,
+  # in the U-Net, the previous block's convolutions, which then ran slower in YNNPACK).
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = layers.Conv(64, (3, 3), padding=((1, 1), (1, 1)))(x)
+      return layers.AttentionBlock()(h + x)
+
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 64))  # at smaller sizes XLA fuses less
+  net = Net()
+  params = net.init(jax.random.key(1), x)
+  hlo = jax.jit(net.apply).lower(params, x).compile().as_text()
+  softmax = [c for c in re.split(r"\n(?=\S)", hlo) if "exponential(" in c]
+  assert softmax, hlo
+  for comp in softmax:
+    assert "convolution(" not in comp and "rsqrt(" not in comp, comp
+    for dot in re.findall(r"= \S+ dot\(.*", comp):
+      assert "lhs_batch_dims" in dot, comp  # only the batched score and value products
+
+
 def test_attention_block_weight_gradients_need_no_transposed_copy():
   # The q/k/v and output projections run on [B*H*W, C]: over a [B, H*W, C] input, XLA:CPU fed
   # each weight gradient's dot a transposed copy of the output gradient, [C, B*H*W].

@@ -509,17 +509,36 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   (free for one head), and dK, dV are computed transposed (Q^T dS, dO^T P), so XLA:CPU
   transposes the [.., D] operands instead of copying each [B, T, T] matrix into another
   layout: forward + backward of one small-U-Net block (B=64, T=256, D=64) 58 -> 33 ms.
-  Without differentiation (sampling) the head axis stays: there XLA fuses the softmax's
-  reductions with the neighbouring projections, which is faster for the whole network.
+  Without differentiation (sampling) the softmax is normalised after the product with v,
+  which XLA:CPU runs as one fused kernel (see `_attention_primal`).
   """
-  return _attention_4d(q, k, v)
+  return _attention_primal(q, k, v)
 
 
-def _attention_4d(q, k, v):
+def _attention_primal(q, k, v):
+  """`attention` without differentiation (sampling): heads folded into the batch, and the
+  softmax normalised after the product with v (o = (e v) / rowsum(e), e = exp(s - max s)).
+
+  XLA:CPU runs this as one YNNPACK fusion (scores, softmax, product): a small-U-Net block
+  (B=64, T=256, D=64) 29 -> 8 ms (PyTorch's CPU flash attention: 7.9), small-U-Net sampling
+  14% faster. q, k, v and the output pass through a no-op `reduce_precision`, which YNNPACK
+  does not take in: without it the fusion grew over the projections, the GroupNorm and the
+  previous residual block's convolutions, which then ran in YNNPACK (big U-Net 7% slower).
+  """
+  n = q.shape[2]
   scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("btnd,bsnd->bnts", q * scale, k, preferred_element_type=jnp.float32)
-  p = jax.nn.softmax(s, axis=-1)
-  return jnp.einsum("bnts,bsnd->btnd", p.astype(v.dtype), v)
+  q3, k3, v3 = (_fusion_boundary(_fold_heads(a)) for a in (q, k, v))
+  s = jnp.einsum("btd,bsd->bts", q3 * scale, k3, preferred_element_type=jnp.float32)
+  e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+  o3 = jnp.einsum("bts,bsd->btd", e.astype(v.dtype), v3, preferred_element_type=jnp.float32)
+  o3 = o3 / jnp.sum(e, axis=-1, keepdims=True)
+  return _unfold_heads(_fusion_boundary(o3.astype(v.dtype)), n)
+
+
+def _fusion_boundary(a: Array) -> Array:
+  """`a` unchanged, through a `reduce_precision` to its own precision (not an identity XLA drops)."""
+  info = jnp.finfo(a.dtype)
+  return jax.lax.reduce_precision(a, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def _fold_heads(a: Array) -> Array:
@@ -564,7 +583,7 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention_plain(q: Array, k: Array, v: Array) -> Array:
   """`attention` with JAX's own derivatives (forward mode works too); the same numbers."""
-  return _attention_4d(q, k, v)
+  return _attention_primal(q, k, v)
 
 
 class QKVProjection(nn.Module):
