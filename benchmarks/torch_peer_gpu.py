@@ -18,7 +18,9 @@ runs its workloads on `--device` (default cuda):
 
 Every timed step ends with `torch.cuda.synchronize()`. One JSON line per run, with the
 same keys as the peer's (`impl`, `config`, `mode`, `batch`, `compile`, `img_per_s`, ...) plus
-`dtype`, `device_kind` and, for sampling, `wall_s` of the `--sample_steps` steps.
+`dtype`, `device_kind` and, for sampling, `wall_s` of the `--sample_steps` steps; and
+`cpu_s_per_step` (`user`, `sys`) and `minor_faults_per_step`, `getrusage` over the timed
+steps, as `unet_bench.py` reports them (with `--device cpu`, the peer's CPU time per step).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
 import sys
 import time
 
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
 
   if args.mode == "train":
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), fused=dev.type == "cuda", **peer.ADAMW)
+    opt = torch.optim.AdamW(model.parameters(), fused=True, **peer.ADAMW)  # as the CPU harness
 
     def step():
       x0 = torch.randn(shape, generator=g, device=dev)
@@ -129,19 +132,25 @@ def main(argv=None) -> int:
       step()
     sync()
     times = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(runs):
       t0 = time.perf_counter()
       step()
       sync()
       times.append(time.perf_counter() - t0)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
   times.sort()
+  n_steps = runs * per_run // b  # train steps, or NFE steps when sampling
   rec = dict(impl="diffusers-torch", config=args.config, mode=args.mode, batch=b, params=n_params,
              compile=args.compile == "on", dtype=args.dtype,
              img_per_s=round(per_run * len(times) / sum(times), 3),
              step_s_median=round(times[len(times) // 2], 5), step_s_min=round(times[0], 5),
              first_step_s=round(first, 3), warmup=args.warmup, steps=runs,
              device_kind=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-             torch=torch.__version__, diffusers=__import__("diffusers").__version__)
+             torch=torch.__version__, diffusers=__import__("diffusers").__version__,
+             cpu_s_per_step={"user": round((usage1.ru_utime - usage0.ru_utime) / n_steps, 4),
+                             "sys": round((usage1.ru_stime - usage0.ru_stime) / n_steps, 4)},
+             minor_faults_per_step=round((usage1.ru_minflt - usage0.ru_minflt) / n_steps))
   if args.mode == "sample":
     rec.update(sample_steps=args.sample_steps, wall_s=round(times[len(times) // 2], 4))
   line = json.dumps(rec)

@@ -31,6 +31,11 @@ serves the small jits around it. `--warmup` counts that call. `img_per_s = B * s
 sum(step times)`. Each measurement runs in its own process (`--mode both` starts one per
 mode), so `peak_rss_mb` (ru_maxrss) belongs to it alone; `JAXDIFF_TCMALLOC=1` runs it with
 tcmalloc preloaded, as the entry scripts would (`malloc` in the record).
+
+`cpu_s_per_step` (`user`, `sys`) and `minor_faults_per_step` are `getrusage` over the timed
+calls, divided by the train steps (sample: the NFE steps) they ran: CPU time that the wall
+clock hides (two threads) or that steal inflates, and the kernel's share of it (page faults
+of fresh buffers). `benchmarks/torch_peer_gpu.py --device cpu` reports the same for the peer.
 """
 
 from __future__ import annotations
@@ -227,11 +232,14 @@ def measure(args) -> dict:
     call(i)
   times = []
   n_timed = -(-args.steps // args.steps_per_call) if args.mode == "train" else args.steps
+  usage0 = resource.getrusage(resource.RUSAGE_SELF)
   for i in range(n_timed):
     t0 = time.perf_counter()
     call(args.warmup + i)
     times.append(time.perf_counter() - t0)
+  usage1 = resource.getrusage(resource.RUSAGE_SELF)
   img_per_s = per_call * n_timed / sum(times)
+  n_steps = n_timed * per_call // args.batch  # train steps, or NFE steps when sampling
   dev = jax.devices()[0]
   rec = dict(
       impl="jaxdiff", config=args.config, mode=args.mode, batch=args.batch, params=n_params,
@@ -248,6 +256,9 @@ def measure(args) -> dict:
       device_kind=dev.device_kind, num_devices=jax.device_count(),
       threads=args.threads or os.cpu_count(), python=platform.python_version(),
       malloc="tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
+      cpu_s_per_step={"user": round((usage1.ru_utime - usage0.ru_utime) / n_steps, 4),
+                      "sys": round((usage1.ru_stime - usage0.ru_stime) / n_steps, 4)},
+      minor_faults_per_step=round((usage1.ru_minflt - usage0.ru_minflt) / n_steps),
   )
   flops = (TRAIN_FLOPS_PER_IMG if args.mode == "train" else FWD_FLOPS_PER_IMG)[args.config]
   rec["achieved_gflops"] = round(img_per_s * flops / 1e9, 1)

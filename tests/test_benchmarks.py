@@ -41,6 +41,9 @@ def test_unet_bench_small_both_modes_and_warm_cache(tmp_path):
     assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["peak_rss_mb"] > 0
     for key in ("dtype", "backend", "device_kind", "jax", "flax", "malloc"):
       assert r[key]
+    # getrusage over the timed call: this process ran it, so some user time, and no faults < 0
+    assert r["cpu_s_per_step"]["user"] > 0 and r["cpu_s_per_step"]["sys"] >= 0, r
+    assert r["minor_faults_per_step"] >= 0, r
   assert len(out.read_text().splitlines()) == 2  # --out appends every line
   assert not any(r["executable_loaded"] for r in cold)
   warm = _records(_run([*common, "--mode", "both"]))
