@@ -146,6 +146,39 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """A whole `config.model` section for network `name`: every field of its class, with defaults.
+
+  For configs that use another network than the base section's U-Net, e.g.
+  `c.model = model_section("ncsnpp", ch=128, dtype="auto")`; each key can then be overridden
+  from the command line (`--config.model.fir=False`). Fields without a value (None) are left
+  out; jaxdiff fills them in (`out_channels`).
+  """
+  import dataclasses
+
+  import numpy as np
+
+  from jaxdiff import models
+
+  cls = models.MODELS.get(name)
+  if cls is None:
+    raise ConfigError(f"model_section: name={name!r} is not known; valid names: {', '.join(models.MODELS)}.")
+  section = dict(name=name)
+  for f in dataclasses.fields(cls):
+    if not f.init or f.name in ("parent", "name") or f.default is dataclasses.MISSING or f.default is None:
+      continue
+    value = f.default
+    if f.name in ("dtype", "param_dtype"):
+      value = np.dtype(value).name
+    section[f.name] = tuple(value) if isinstance(value, list) else value
+  unknown = sorted(set(overrides) - set(section) - {"out_channels"})
+  if unknown:
+    raise ConfigError(f"model_section({name!r}): {unknown} are not fields of {cls.__name__}; valid: "
+                      f"{', '.join(sorted(section))}.")
+  section.update(overrides)
+  return ml_collections.ConfigDict(section)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that depend on each other; raises ConfigError naming the key and the fix."""
   t = config.training
@@ -157,7 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.training.ema_decay={t.ema_decay} must be in [0, 1).")
   d, m = config.data, config.model
   _validate_data(d)
-  if m.name == "unet" and d.dataset != "gmm2d":
+  if m.name in ("unet", "ncsnpp") and d.dataset != "gmm2d":
     levels = len(m.ch_mult)
     div = 2 ** (levels - 1)
     if d.resolution % div:
@@ -170,6 +203,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if missing:
       raise ConfigError(f"config.model.attn_resolutions={tuple(m.attn_resolutions)} includes {missing}, "
                         f"which no U-Net level has (feature-map sizes: {sorted(sizes, reverse=True)}).")
+  if m.name == "ncsnpp" and m.get("embedding_type") == "fourier" and config.process.name != "ve":
+    raise ConfigError(f"config.model.embedding_type='fourier' embeds log(noise level), which needs the VE "
+                      f"process (its network input is sigma > 0); config.process.name="
+                      f"{config.process.name!r} gives another input: use config.model.embedding_type="
+                      f"'positional' (DDPM++).")
   if m.name == "mlp" and d.dataset != "gmm2d":
     raise ConfigError(f"config.model.name='mlp' takes vector data, but config.data.dataset={d.dataset!r} "
                       f"is an image dataset; use model.name='unet'.")
@@ -219,9 +257,9 @@ def _validate_superres(config: ml_collections.ConfigDict) -> None:
     sides = [s for s in range(1, d.resolution) if d.resolution % s == 0]
     raise ConfigError(f"config.data.cond_resolution={r} must be a side smaller than config.data.resolution="
                       f"{d.resolution} that divides it (area downsampling); use one of {sides}.")
-  if m.name != "unet" or d.dataset == "gmm2d":
+  if m.name not in ("unet", "ncsnpp") or d.dataset == "gmm2d":
     raise ConfigError(f"config.data.cond_resolution={r} (super-resolution) needs image data and "
-                      f"config.model.name='unet' (got {m.name!r} on {d.dataset!r}); set cond_resolution=0.")
+                      f"config.model.name='unet' or 'ncsnpp' (got {m.name!r} on {d.dataset!r}); set cond_resolution=0.")
   if int(m.get("num_classes", 0)):
     raise ConfigError(f"config.data.cond_resolution={r} with config.model.num_classes={m.num_classes}: a "
                       f"class-conditional super-resolution model is not supported; set one of them to 0.")

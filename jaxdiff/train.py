@@ -72,6 +72,19 @@ def make_schedule(*, learning_rate: float, schedule: str = "constant", warmup_st
   raise ConfigError(f"config.optimizer.schedule={schedule!r} is not known; use 'constant' or 'cosine'.")
 
 
+# Parameters that are fixed by construction (no gradient reaches them): weight decay must not
+# shrink them either. NCSN++'s Gaussian Fourier frequencies.
+FIXED_PARAMS = ("fourier_freqs",)
+
+
+def _decayed(params):
+  """AdamW's mask: every parameter but the `FIXED_PARAMS`."""
+  def keep(path, _):
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None)) not in FIXED_PARAMS
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
 def make_optimizer(
     *,
     name: str = "adam",
@@ -93,7 +106,7 @@ def make_optimizer(
       raise ConfigError(f"config.optimizer.weight_decay={weight_decay} needs name='adamw' (decoupled decay).")
     opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
   elif name == "adamw":
-    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decayed)
   else:
     raise ConfigError(f"config.optimizer.name={name!r} is not known; use 'adam' or 'adamw'.")
   chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []

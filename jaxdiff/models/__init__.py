@@ -10,9 +10,10 @@ import jax.numpy as jnp
 from jaxdiff.errors import ConfigError
 from jaxdiff.models.classifier import NoiseClassifier
 from jaxdiff.models.mlp import MLP
+from jaxdiff.models.ncsnpp import NCSNpp
 from jaxdiff.models.unet import UNet
 
-MODELS = {"unet": UNet, "mlp": MLP, "classifier": NoiseClassifier}
+MODELS = {"unet": UNet, "ncsnpp": NCSNpp, "mlp": MLP, "classifier": NoiseClassifier}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,7 +44,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ConfigError(f"config.model has key(s) {unknown} that {cls.__name__} does not take; "
-                      f"valid keys: {', '.join(sorted(fields))}.")
+                      f"valid keys: {', '.join(sorted(fields))}. To use another network than the config's, "
+                      f"replace the whole section in a config file: c.model = "
+                      f"jaxdiff.configs.model_section({name!r}, ...).")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   for key in ("dtype", "param_dtype"):
     if isinstance(kwargs.get(key), str):
@@ -51,4 +54,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MLP", "UNet", "NoiseClassifier", "MODELS", "create_model"]
+__all__ = ["MLP", "UNet", "NCSNpp", "NoiseClassifier", "MODELS", "create_model"]

@@ -627,6 +627,7 @@ class AttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
   custom_vjp: bool = True  # hand-written gradients of GroupNorm and attention (see GroupNorm)
+  out_kernel_init: Any = zeros_init  # the output projection's init (zero: the block starts as identity)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -641,7 +642,7 @@ class AttentionBlock(nn.Module):
     q, k, v = (a.reshape(b, height * width, self.num_heads, c // self.num_heads) for a in (q, k, v))
     h = (attention if self.custom_vjp else attention_plain)(q, k, v)
     # [B*H*W, C], not [B, H, W, C]: see QKVProjection (the same holds for nn.Dense)
-    h = nn.Dense(c, kernel_init=zeros_init, name="out_proj", **kw)(h.reshape(b * height * width, c))
+    h = nn.Dense(c, kernel_init=self.out_kernel_init, name="out_proj", **kw)(h.reshape(b * height * width, c))
     return x + h.reshape(x.shape)
 
 
