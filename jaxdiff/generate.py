@@ -241,6 +241,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     saved = json.load(f)
   config = config_lib.base_config()
   for key, value in saved.items():
+    if key == "model" and isinstance(value, dict) and value.get("name", "unet") != config.model.name:
+      # another network than the base section's U-Net: today's defaults are its class's fields
+      config.model = config_lib.model_section(value["name"])
     if isinstance(value, dict) and key in config and key != "process":  # process keys depend on its name
       merged = config[key].to_dict()
       merged.update(value)
