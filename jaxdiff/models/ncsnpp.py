@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.errors import ConfigError, InputError
+from jaxdiff.errors import ConfigError
 from jaxdiff.models import layers
-from jaxdiff.models.unet import label_or_null
+from jaxdiff.models.unet import add_label_embedding, check_image_inputs
 
 Array = jax.Array
 Dtype = Any
@@ -313,23 +313,6 @@ class NCSNpp(nn.Module):
     if self.fir and len(self.fir_kernel) < 2:
       raise ConfigError(f"NCSNpp fir_kernel={tuple(self.fir_kernel)} needs at least 2 taps for 2x resampling.")
 
-  def _check_inputs(self, x: Array, t: Array) -> Array:
-    if x.ndim != 4:
-      raise InputError(f"NCSNpp x.shape={x.shape} must be rank 4 [B, H, W, C] (NHWC); "
-                       f"transpose NCHW input with x.transpose(0, 2, 3, 1).")
-    b, h, w, _ = x.shape
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if h % factor or w % factor:
-      raise InputError(
-          f"NCSNpp x.shape={x.shape}: H={h} and W={w} must be divisible by 2**(len(ch_mult)-1)={factor}; "
-          f"pad or resize the images, or use fewer levels in ch_mult={tuple(self.ch_mult)}.")
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (b,))
-    if t.shape != (b,):
-      raise InputError(f"NCSNpp t.shape={t.shape} must be [B]=({b},) or a scalar; pass one noise level per example.")
-    return t
-
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> Array:
     """Predicts the network output (eps for jaxdiff's 'eps' prediction) for noisy images.
@@ -342,7 +325,7 @@ class NCSNpp(nn.Module):
       train: enables dropout (the 'dropout' rng collection).
     """
     self._check_config()
-    t = self._check_inputs(x, t)
+    t = check_image_inputs("NCSNpp", x, t, len(self.ch_mult))
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ckw = dict(kw, custom_vjp=self.custom_vjp)
     block_cls = nn.remat(ResnetBlockpp, static_argnums=(3,)) if self.remat else ResnetBlockpp
@@ -378,13 +361,7 @@ class NCSNpp(nn.Module):
     else:
       temb = layers.timestep_embedding(t, self.ch)
     temb = layers.TimeEmbedding(4 * self.ch, name="time_embed", **kw)(temb)
-    if self.num_classes:
-      y = label_or_null(y, x.shape[0], self.num_classes)
-      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, embedding_init=nn.initializers.normal(1.0),
-                             name="label_embed", **kw)(y)
-    elif y is not None:
-      raise InputError("NCSNpp got labels y, but num_classes=0 (an unconditional network); set "
-                       "config.model.num_classes to the number of classes to train a conditional one.")
+    temb = add_label_embedding("NCSNpp", temb, y, x.shape[0], self.num_classes, **kw)
 
     in_channels = x.shape[-1]
     if self.center_input:

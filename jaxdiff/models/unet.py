@@ -96,21 +96,7 @@ class UNet(nn.Module):
                         f"number of classes.")
 
   def _check_inputs(self, x: Array, t: Array) -> Array:
-    if x.ndim != 4:
-      raise InputError(f"UNet x.shape={x.shape} must be rank 4 [B, H, W, C] (NHWC); "
-                       f"add the missing axes or transpose NCHW input with x.transpose(0, 2, 3, 1).")
-    b, h, w, _ = x.shape
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if h % factor or w % factor:
-      raise InputError(
-          f"UNet x.shape={x.shape}: H={h} and W={w} must be divisible by 2**(len(ch_mult)-1)={factor}; "
-          f"pad or resize the images, or use fewer levels in ch_mult={tuple(self.ch_mult)}.")
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (b,))
-    if t.shape != (b,):
-      raise InputError(f"UNet t.shape={t.shape} must be [B]=({b},) or a scalar; pass one noise level per example.")
-    return t
+    return check_image_inputs("UNet", x, t, len(self.ch_mult))
 
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> Array:
@@ -145,14 +131,7 @@ class UNet(nn.Module):
     temb = layers.timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
                                      freq_shift=self.freq_shift)
     temb = layers.TimeEmbedding(4 * self.ch, name="time_embed", **kw)(temb)
-    if self.num_classes:
-      y = label_or_null(y, x.shape[0], self.num_classes)
-      # N(0, 1) rows as in ADM (torch's nn.Embedding): as large as the time embedding at init.
-      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, embedding_init=nn.initializers.normal(1.0),
-                             name="label_embed", **kw)(y)
-    elif y is not None:
-      raise InputError("UNet got labels y, but num_classes=0 (an unconditional network); set "
-                       "config.model.num_classes to the number of classes to train a conditional one.")
+    temb = add_label_embedding("UNet", temb, y, x.shape[0], self.num_classes, **kw)
 
     h = layers.Conv(self.ch, kernel_init=layers.default_init, name="conv_in", **nkw)(x)
     skips = [h]
@@ -199,3 +178,38 @@ def label_or_null(y: Array | None, batch: int, num_classes: int) -> Array:
     raise InputError(f"class labels y.shape={y.shape} must be [B]=({batch},) or a scalar; pass one label "
                      f"per example.")
   return y.astype(jnp.int32)
+
+
+def check_image_inputs(owner: str, x: Array, t: Array, num_levels: int) -> Array:
+  """Checks a U-Net's x [B, H, W, C] (H, W divisible by 2**(num_levels-1)); t as [B] float."""
+  if x.ndim != 4:
+    raise InputError(f"{owner} x.shape={x.shape} must be rank 4 [B, H, W, C] (NHWC); "
+                     f"add the missing axes or transpose NCHW input with x.transpose(0, 2, 3, 1).")
+  b, h, w, _ = x.shape
+  factor = 2 ** (num_levels - 1)
+  if h % factor or w % factor:
+    raise InputError(
+        f"{owner} x.shape={x.shape}: H={h} and W={w} must be divisible by 2**(len(ch_mult)-1)={factor}; "
+        f"pad or resize the images, or use fewer levels in ch_mult.")
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (b,))
+  if t.shape != (b,):
+    raise InputError(f"{owner} t.shape={t.shape} must be [B]=({b},) or a scalar; pass one noise level per example.")
+  return t
+
+
+def add_label_embedding(owner: str, temb: Array, y: Array | None, batch: int, num_classes: int, **kw) -> Array:
+  """temb + a learned embedding of the class labels (submodule "label_embed"), if num_classes > 0.
+
+  Called inside a network's compact `__call__`. Rows are drawn from N(0, 1) as in ADM (torch's
+  nn.Embedding): as large as the time embedding at init. Row `num_classes` is the null label.
+  """
+  if num_classes:
+    y = label_or_null(y, batch, num_classes)
+    return temb + nn.Embed(num_classes + 1, temb.shape[-1], embedding_init=nn.initializers.normal(1.0),
+                           name="label_embed", **kw)(y)
+  if y is not None:
+    raise InputError(f"{owner} got labels y, but num_classes=0 (an unconditional network); set "
+                     f"config.model.num_classes to the number of classes to train a conditional one.")
+  return temb
