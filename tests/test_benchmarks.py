@@ -131,3 +131,18 @@ def test_gpu_suite_bad_flags(tmp_path):
   assert peer.returncode == 2 and "nope.py' does not exist" in peer.stderr
   peak = _run([GPU_SUITE, "--out", str(tmp_path), "--peak_tflops", "fast", "--no_peer"])
   assert peak.returncode == 2 and "--peak_tflops='fast' is not 'BF16,TF32'" in peak.stderr
+
+
+def test_ncsnpp_bench_runs_and_rejects_bad_flags(tmp_path):
+  bench = os.path.join(ROOT, "benchmarks", "ncsnpp_bench.py")
+  recs = _records(_run([bench, "--net", "ncsnpp", "--ch", "8", "--num_res_blocks", "1", "--batch", "2",
+                        "--warmup", "1", "--steps", "1"]))
+  assert [(r["impl"], r["mode"]) for r in recs] == [("jaxdiff", "train"), ("jaxdiff", "forward")]
+  for r in recs:
+    assert r["net"] == "ncsnpp" and r["batch"] == 2 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0
+  assert recs[0]["params"] == recs[1]["params"] > 0
+  for flags, msg in ((["--net", "unet"], "--net='unet'"),
+                     (["--score_sde_pytorch", str(tmp_path), "--ref_python", sys.executable], "models/ncsnpp.py"),
+                     (["--ref_python", sys.executable], "go together")):
+    proc = _run([bench, *flags])
+    assert proc.returncode == 2 and msg in proc.stderr, proc.stderr

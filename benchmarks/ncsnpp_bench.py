@@ -1,0 +1,228 @@
+r"""NCSN++ / DDPM++ on CPU: jaxdiff's `NCSNpp` against score_sde_pytorch's own `NCSNpp`.
+
+  python benchmarks/ncsnpp_bench.py --net ncsnpp --ch 64 --batch 16          # jaxdiff only
+  python benchmarks/ncsnpp_bench.py --net ddpmpp --ch 64 --batch 16 --rounds 2 \
+      --ref_python /tmp/peers-venv/bin/python --score_sde_pytorch /path/to/score_sde_pytorch
+
+Workloads (CIFAR-10 32x32, the networks of configs/cifar10_ncsnpp.py / cifar10_ddpmpp.py
+with `--ch` base channels, dropout 0.1, float32):
+
+* `train` (images/s): one step of the eps-MSE loss with AdamW(2e-4, weight_decay=0.01) on
+  all parameters (the peer workload of ../shared/bench). jaxdiff: `jaxdiff.train.train_step`
+  with the config's process (VE for NCSN++, VP for DDPM++), jitted, state donated;
+  score_sde_pytorch: its `NCSNpp` in train mode, `torch.optim.AdamW(fused=True)`.
+* `forward` (images/s): one eval-mode forward, what every sampler step costs.
+
+Each measurement runs in its own process (`--impl` picks one; without it the script runs
+`--rounds` rounds, alternating the order, and prints the jaxdiff / score_sde ratios). The
+reference needs score_sde_pytorch's sources made to run on CPU: see
+tests/fixtures/make_score_sde_fixture.py for the changes; `--score_sde_pytorch` is that tree.
+One JSON line per measurement: `impl`, `net`, `ch`, `mode`, `batch`, `params`, `img_per_s`,
+`step_s` (median), `first_step_s`, `peak_rss_mb`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NETS = {"ncsnpp": "cifar10_ncsnpp", "ddpmpp": "cifar10_ddpmpp"}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--net", default="ncsnpp", help="ncsnpp (VE, FIR, Fourier) | ddpmpp (VP)")
+  p.add_argument("--ch", type=int, default=64, help="base channels (CIFAR-10: 128)")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--num_res_blocks", type=int, default=4, help="residual blocks per level (score_sde: 4)")
+  p.add_argument("--modes", default="train,forward")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls, the first (compiling) one included")
+  p.add_argument("--steps", type=int, default=4, help="timed calls")
+  p.add_argument("--rounds", type=int, default=1)
+  p.add_argument("--impl", default="", help="jaxdiff | score_sde: one measurement in this process")
+  p.add_argument("--ref_python", default="", help="a python with torch, for score_sde_pytorch")
+  p.add_argument("--score_sde_pytorch", default="", help="score_sde_pytorch's source tree (CPU-patched)")
+  args = p.parse_args(argv)
+  if args.net not in NETS:
+    p.error(f"--net={args.net!r} is not known; use one of {', '.join(NETS)}.")
+  for m in args.modes.split(","):
+    if m not in ("train", "forward"):
+      p.error(f"--modes item {m!r} is not train or forward.")
+  if min(args.batch, args.steps, args.warmup, args.num_res_blocks, args.ch) < 1:
+    p.error("--batch, --ch, --num_res_blocks, --steps and --warmup must be >= 1.")
+  if not args.impl and bool(args.ref_python) != bool(args.score_sde_pytorch):
+    p.error("--ref_python and --score_sde_pytorch go together (the reference needs both).")
+  if args.score_sde_pytorch and not os.path.isfile(os.path.join(args.score_sde_pytorch, "models", "ncsnpp.py")):
+    p.error(f"--score_sde_pytorch={args.score_sde_pytorch!r} has no models/ncsnpp.py; pass the source tree.")
+  if args.ref_python and not os.path.exists(args.ref_python):
+    p.error(f"--ref_python={args.ref_python!r} does not exist.")
+  return args
+
+
+def config(net: str, ch: int, num_res_blocks: int):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(NETS[net], os.path.join(ROOT, "configs", f"{NETS[net]}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.model.update(ch=ch, num_res_blocks=num_res_blocks, dtype="float32", dropout=0.1)
+  return c
+
+
+def timed(call, warmup, steps):
+  t0 = time.perf_counter()
+  call(0)
+  first = time.perf_counter() - t0
+  for i in range(1, warmup):
+    call(i)
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    call(warmup + i)
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
+
+
+def measure_jaxdiff(args, mode):
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxdiff import aot, losses, models, processes, train
+
+  c = config(args.net, args.ch, args.num_res_blocks)
+  model = models.create_model(**c.model.to_dict())
+  process = processes.get_process(**c.process.to_dict())
+  shape = (args.batch, 32, 32, 3)
+  key = jax.random.key(0)
+  if mode == "train":
+    optimizer = train.make_optimizer(name="adamw", learning_rate=2e-4, weight_decay=0.01)
+    state = aot.AotJit(jax.jit(lambda k: train.create_train_state(
+        k, model=model, optimizer=optimizer, example_x=jnp.zeros((1, 32, 32, 3)), ema=False)), name="init")(key)
+    loss_fn = losses.make_denoising_loss(process, prediction="eps")
+    # compiled ahead of its first run, with the compiler's heap handed back (as run_train does)
+    step = aot.AotJit(jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model, loss_fn=loss_fn,
+                                                               optimizer=optimizer, ema_decay=None),
+                              donate_argnums=0))
+    params = state.params
+
+    def call(i):
+      nonlocal state
+      k = jax.random.fold_in(key, i)
+      state, metrics = step(state, {"x": jax.random.normal(k, shape)}, k)
+      jax.block_until_ready(metrics["loss"])
+  else:
+    params = aot.AotJit(jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), jnp.ones((1,)),
+                                                     train=False)["params"]), name="init")(key)
+    fwd = aot.AotJit(jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, train=False)), name="forward")
+    cond = process.noise_cond(jnp.full((args.batch,), 0.5))
+
+    def call(i):
+      jax.block_until_ready(fwd(params, jax.random.normal(jax.random.fold_in(key, i), shape), cond))
+  first, step_s = timed(call, args.warmup, args.steps)
+  return first, step_s, sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def measure_score_sde(args, mode):
+  import torch
+
+  sys.path.insert(0, args.score_sde_pytorch)
+  from models import ncsnpp  # noqa: F401  (score_sde_pytorch's)
+
+  # score_sde's CIFAR-10 configs (the torch venv has no ml_collections to read jaxdiff's)
+  ve = args.net == "ncsnpp"
+
+  class Attrs(dict):
+    __getattr__ = dict.__getitem__
+
+  model_cfg = Attrs(
+      name="ncsnpp", normalization="GroupNorm", nonlinearity="swish", nf=args.ch, ch_mult=(1, 2, 2, 2),
+      num_res_blocks=args.num_res_blocks, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+      conditional=True, fir=ve, fir_kernel=[1, 3, 3, 1], skip_rescale=True, resblock_type="biggan",
+      progressive="none", progressive_input="residual" if ve else "none", progressive_combine="sum",
+      embedding_type="fourier" if ve else "positional", fourier_scale=16.0, init_scale=0.0, scale_by_sigma=ve,
+      num_scales=1000, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0)
+  cfg = Attrs(model=model_cfg, data=Attrs(image_size=32, num_channels=3, centered=not ve),
+              training=Attrs(continuous=True))
+  torch.manual_seed(0)
+  net = ncsnpp.NCSNpp(cfg)
+  x = torch.randn(args.batch, 3, 32, 32)
+  t = torch.full((args.batch,), 5.0 if ve else 500.0)
+  if mode == "train":
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=0.01, fused=True)
+
+    def call(i):
+      eps = torch.randn_like(x)
+      loss = ((net(x + eps, t) - eps) ** 2).mean()
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      loss.item()
+  else:
+    net.eval()
+
+    def call(i):
+      with torch.no_grad():
+        net(torch.randn_like(x), t)
+  first, step_s = timed(call, args.warmup, args.steps)
+  return first, step_s, sum(p.numel() for p in net.parameters())
+
+
+def worker(args) -> None:
+  for mode in args.modes.split(","):  # (the driver passes one mode per process)
+    fn = measure_jaxdiff if args.impl == "jaxdiff" else measure_score_sde
+    first, step_s, n = fn(args, mode)
+    print(json.dumps(dict(impl=args.impl, net=args.net, ch=args.ch, mode=mode, batch=args.batch, params=int(n),
+                          img_per_s=round(args.batch / step_s, 3), step_s=round(step_s, 4),
+                          first_step_s=round(first, 2),
+                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1))),
+          flush=True)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.impl:
+    if args.impl not in ("jaxdiff", "score_sde"):
+      sys.exit(f"error: --impl={args.impl!r} is not jaxdiff or score_sde.")
+    worker(args)
+    return 0
+  common = ["--net", args.net, "--ch", str(args.ch), "--batch", str(args.batch),
+            "--num_res_blocks", str(args.num_res_blocks),
+            "--warmup", str(args.warmup), "--steps", str(args.steps)]
+  impls = [("jaxdiff", sys.executable)] + ([("score_sde", args.ref_python)] if args.ref_python else [])
+  records = []
+  runs = [(r, mode, impl) for r in range(args.rounds) for mode in args.modes.split(",")
+          for impl in (impls if r % 2 == 0 else impls[::-1])]
+  for _, mode, (impl, python) in runs:
+    extra = ["--score_sde_pytorch", args.score_sde_pytorch] if impl == "score_sde" else []
+    proc = subprocess.run([python, os.path.abspath(__file__), *common, "--modes", mode, "--impl", impl, *extra],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+      sys.exit(f"error: the {impl} measurement failed:\n{proc.stderr[-3000:]}")
+    for line in proc.stdout.splitlines():
+      if line.startswith("{"):
+        print(line, flush=True)
+        records.append(json.loads(line))
+  if len(impls) == 2:
+    for mode in args.modes.split(","):
+      ours = [r["img_per_s"] for r in records if r["impl"] == "jaxdiff" and r["mode"] == mode]
+      ref = [r["img_per_s"] for r in records if r["impl"] == "score_sde" and r["mode"] == mode]
+      ratios = [a / b for a, b in zip(ours, ref)]
+      print(f"{args.net} ch={args.ch} {mode} B={args.batch}: jaxdiff {statistics.median(ours):.2f} img/s, "
+            f"score_sde_pytorch {statistics.median(ref):.2f}; ratio {statistics.median(ratios):.2f} "
+            f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
