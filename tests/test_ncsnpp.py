@@ -1,9 +1,10 @@
 """Tests of NCSN++ / DDPM++ (`jaxdiff.models.ncsnpp`) and the score_sde converter, on tiny nets.
 
 The CIFAR-10 networks (62.8M / 61.8M parameters) are only shape-evaluated. The tiny
-fixtures under tests/fixtures/score_sde_tiny/ hold score_sde_pytorch's own NCSNpp (weights,
-an input and its output) for four combinations of its options; `make_score_sde_fixture.py`
-there says how they were made.
+fixtures under tests/fixtures/score_sde_tiny/ hold score_sde_pytorch's own NCSNpp (T<n>.npz)
+and score_sde's JAX one (T<n>_flax.npz): weights, an input and its output, for four
+combinations of their options; `make_score_sde_fixture.py` and
+`make_score_sde_flax_fixture.py` there say how they were made.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization, traverse_util
 
 from jaxdiff.errors import ConfigError, InputError
 from jaxdiff.models import ncsnpp
-from jaxdiff.models.convert_score_sde import convert_score_sde_state_dict, ncsnpp_kwargs_from_score_sde
+from jaxdiff.models.convert_score_sde import (convert_score_sde_flax_params, convert_score_sde_state_dict,
+                                              ncsnpp_kwargs_from_score_sde)
 from jaxdiff.models.ncsnpp import DDPMPP_CIFAR10, NCSNpp
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "score_sde_tiny")
@@ -145,26 +148,47 @@ def _fixture(case):
   return cfg, arrays, state
 
 
+def _flax_fixture(case):
+  """score_sde's (JAX) own NCSNpp on the same case: its params tree, x, t and output (NHWC)."""
+  arrays = np.load(os.path.join(FIXTURES, f"{case}_flax.npz"))
+  flat = {tuple(k[len("param/"):].split("/")): arrays[k] for k in arrays.files if k.startswith("param/")}
+  return traverse_util.unflatten_dict(flat), arrays
+
+
+def _unscale(cfg, ref, t, sigmas):
+  """score_sde's output before its `scale_by_sigma` division (sigmas[t] for the positional embedding)."""
+  if not cfg["scale_by_sigma"]:
+    return ref
+  sigma = t if cfg["embedding_type"] == "fourier" else sigmas[t.astype(np.int64)]
+  return ref * sigma[:, None, None, None]
+
+
 @pytest.mark.parametrize("case", ["T1", "T2", "T3", "T4"])
-def test_matches_score_sde_pytorch_ncsnpp(case):
+def test_matches_score_sde_ncsnpp_pytorch_and_jax(case):
   # T1 biggan + FIR + output_skip + input_skip (Fourier); T2 ddpm blocks + FIR convs + residual
   # pyramids (positional, no skip rescale); T3 ddpm blocks, nearest/avg-pool convs, input_skip
-  # 'cat', data in [0, 1]; T4 biggan without FIR + residual input pyramid (Fourier).
+  # 'cat', data in [0, 1]; T4 biggan without FIR + residual input pyramid (Fourier). Each case
+  # against score_sde_pytorch's NCSNpp and against score_sde's own (JAX / flax) NCSNpp.
   cfg, arrays, state = _fixture(case)
   net = NCSNpp(**ncsnpp_kwargs_from_score_sde(cfg, {"centered": cfg["centered"]}))
-  size, channels = cfg["image_size"], cfg["num_channels"]
-  params = convert_score_sde_state_dict(state, net, (size, size, channels))
+  shape = (cfg["image_size"], cfg["image_size"], cfg["num_channels"])
+  apply = jax.jit(lambda p, x, t: net.apply({"params": p}, x, t, train=False))
+  sigmas = np.exp(np.linspace(np.log(cfg["sigma_max"]), np.log(cfg["sigma_min"]), cfg["num_scales"]))
+
+  params = convert_score_sde_state_dict(state, net, shape)
   x, t = arrays["x"].transpose(0, 2, 3, 1), arrays["t"]
-  out = jax.jit(lambda p: net.apply({"params": p}, x, t, train=False))(params)
-  ref = arrays["out"].transpose(0, 2, 3, 1)
-  if cfg["scale_by_sigma"]:  # score_sde divided its output by sigma (sigmas[t] for the positional embedding)
-    sigma = t if cfg["embedding_type"] == "fourier" else arrays["param/sigmas"][t.astype(np.int64)]
-    ref = ref * sigma[:, None, None, None]
+  out = apply(params, x, t)
+  ref = _unscale(cfg, arrays["out"].transpose(0, 2, 3, 1), t, arrays["param/sigmas"])
   np.testing.assert_allclose(out, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
   if case == "T1":  # a VE model's output is sigma * score = -eps: negate_output makes it eps
-    neg = convert_score_sde_state_dict(state, net, (size, size, channels), negate_output=True)
-    np.testing.assert_allclose(jax.jit(lambda p: net.apply({"params": p}, x, t, train=False))(neg), -out,
-                               atol=1e-5)
+    neg = convert_score_sde_state_dict(state, net, shape, negate_output=True)
+    np.testing.assert_allclose(apply(neg, x, t), -out, atol=1e-5)
+
+  flax_params, flax_arrays = _flax_fixture(case)
+  params = convert_score_sde_flax_params(flax_params, net, shape)
+  ref = _unscale(cfg, flax_arrays["out"], flax_arrays["t"], sigmas)
+  np.testing.assert_allclose(apply(params, flax_arrays["x"], flax_arrays["t"]), ref,
+                             atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
 
 
 def test_converter_rejects_a_mismatched_checkpoint():
@@ -178,6 +202,61 @@ def test_converter_rejects_a_mismatched_checkpoint():
     convert_score_sde_state_dict({"encoder.weight": np.zeros(3)}, NCSNpp(**kwargs), (8, 8, 3))
   with pytest.raises(InputError, match="nonlinearity"):
     ncsnpp_kwargs_from_score_sde({**cfg, "nonlinearity": "elu"})
+
+  flax_params, _ = _flax_fixture("T1")
+  # One more residual block per level; another width.
+  with pytest.raises(InputError, match=r"needs \['AttnBlockpp_3', 'ResnetBlockBigGANpp_10'"):
+    convert_score_sde_flax_params(flax_params, NCSNpp(**{**kwargs, "num_res_blocks": 2}), (8, 8, 3))
+  with pytest.raises(InputError, match=r"GaussianFourierProjection_0 has shapes \(8,\) where NCSNpp's fourier_freqs"):
+    convert_score_sde_flax_params(flax_params, NCSNpp(**{**kwargs, "ch": 16}), (8, 8, 3))
+  # score_sde's T1 network with a conv in the input pyramid (T1 has none): a Downsample it lacks.
+  with pytest.raises(InputError, match=r"needs \['Downsample_0'\]"):
+    convert_score_sde_flax_params(flax_params, NCSNpp(**{**kwargs, "progressive_input": "residual"}), (8, 8, 3))
+  with pytest.raises(InputError, match="Combine_0"):  # a module of another kind in its place
+    convert_score_sde_flax_params({**flax_params, "Combine_0": flax_params["Dense_0"]}, NCSNpp(**kwargs),
+                                  (8, 8, 3))
+
+
+def test_load_score_sde_jax_checkpoint(tmp_path):
+  # score_sde's run_lib saves flax's msgpack of its State (step, optimizer {target, state}, lr,
+  # model_state, ema_rate, params_ema, rng) as <workdir>/checkpoints/checkpoint_<n>.
+  from jaxdiff.models.convert_score_sde import load_score_sde_checkpoint
+
+  ema, _ = _flax_fixture("T3")
+  target = jax.tree.map(lambda a: 0.5 * a.astype(np.float32), ema)
+  adam = {"step": np.int32(7), "param_states": jax.tree.map(lambda a: {"grad_ema": 0 * a, "grad_sq_ema": 0 * a},
+                                                            target)}
+  state = dict(step=np.int32(7), optimizer={"target": target, "state": adam}, lr=np.float32(2e-4),
+               model_state={}, ema_rate=np.float32(0.999), params_ema=ema,
+               rng=np.zeros((2,), np.uint32))
+  ckpt = tmp_path / "checkpoints"
+  ckpt.mkdir()
+  (ckpt / "checkpoint_12").write_bytes(serialization.msgpack_serialize(state))
+  (ckpt / "checkpoint_3").write_bytes(serialization.msgpack_serialize({**state, "params_ema": target}))
+  (ckpt / "checkpoint_x").write_bytes(b"not one of score_sde's")
+
+  loaded = load_score_sde_checkpoint(ckpt)  # the latest (12, not 3) and its EMA weights
+  np.testing.assert_array_equal(loaded["Conv_0"]["kernel"], ema["Conv_0"]["kernel"])
+  assert loaded["Conv_0"]["kernel"].dtype == np.float32
+  raw = load_score_sde_checkpoint(ckpt / "checkpoint_12", ema=False)
+  np.testing.assert_array_equal(raw["Conv_0"]["kernel"], target["Conv_0"]["kernel"])
+  cfg = _fixture("T3")[0]
+  net = NCSNpp(**ncsnpp_kwargs_from_score_sde(cfg, {"centered": cfg["centered"]}))
+  # {"params": ...} (a variables dict) works too; the result has NCSNpp's structure.
+  params = convert_score_sde_flax_params({"params": loaded}, net, (8, 8, 3))
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.ones((1,)),
+                                      train=False))["params"])
+
+  with pytest.raises(InputError, match="does not exist"):
+    load_score_sde_checkpoint(ckpt / "checkpoint_99")
+  with pytest.raises(InputError, match="not a flax msgpack checkpoint"):
+    load_score_sde_checkpoint(ckpt / "checkpoint_x")
+  (tmp_path / "other").write_bytes(serialization.msgpack_serialize({"params": ema}))
+  with pytest.raises(InputError, match=r"holds \['params'\], not score_sde's training state"):
+    load_score_sde_checkpoint(tmp_path / "other")
+  with pytest.raises(InputError, match="no checkpoint_<n> file"):
+    load_score_sde_checkpoint(tmp_path)
 
 
 def test_model_section_builds_the_network_and_names_the_fix():

@@ -1,6 +1,19 @@
-"""Loads score_sde_pytorch NCSN++ / DDPM++ weights into jaxdiff's `NCSNpp`, without torch.
+"""Loads score_sde's NCSN++ / DDPM++ weights into jaxdiff's `NCSNpp`: from its JAX checkpoints
+and from score_sde_pytorch's, without TensorFlow or torch.
+
+score_sde (JAX / flax), a `checkpoints/checkpoint_<n>` file (or that directory: the latest):
 
   kwargs = ncsnpp_kwargs_from_score_sde(config.model, config.data)   # score_sde's config
+  params = convert_score_sde_flax_params(load_score_sde_checkpoint(path), NCSNpp(**kwargs),
+                                         image_shape=(32, 32, 3), negate_output=config.model.scale_by_sigma)
+
+`load_score_sde_checkpoint` reads the EMA weights (`params_ema`, what score_sde samples with;
+`ema=False`: the training weights). score_sde's linen modules are named per class in call
+order (`Conv_0`, `ResnetBlockBigGANpp_3`, `AttnBlockpp_1`, ...); `NCSNpp` calls the same
+layers in the same order, so each name is paired with one `NCSNpp` submodule.
+
+score_sde_pytorch:
+
   params = convert_score_sde_state_dict(state_dict, NCSNpp(**kwargs), image_shape=(32, 32, 3),
                                         negate_output=config.model.scale_by_sigma)
 
@@ -16,33 +29,37 @@ of its checkpoints (`checkpoint_<n>.pth`), in a Python that has torch:
   weights = dict(weights, **dict(zip(names, state["ema"]["shadow_params"])))
   np.savez("ncsnpp.npz", **{k: v.float().numpy() for k, v in weights.items()})
 
-and then `convert_score_sde_state_dict(dict(np.load("ncsnpp.npz")), ...)` here.
+and then `convert_score_sde_state_dict(dict(np.load("ncsnpp.npz")), ...)` here. score_sde
+keeps its modules in one flat list, in the order the forward pass uses them, so the i-th
+score_sde module that has parameters is the i-th `NCSNpp` submodule that has parameters.
 
-score_sde keeps its modules in one flat list, in the order the forward pass uses them; so
-does `NCSNpp` (its submodules are created in call order), so the i-th score_sde module that
-has parameters is the i-th `NCSNpp` submodule that has parameters, and each pair must be the
-same kind of layer with the same shapes (anything else raises `InputError`). Conv kernels go
-from OIHW to HWIO, linear weights from [out, in] to [in, out], the attention's three NINs
-into the fused `qkv` kernel.
+Either way each pair must be the same kind of layer with the same shapes (anything else
+raises `InputError`, naming both sides). Conv kernels become HWIO, linear weights [in, out],
+the attention's three NINs the fused `qkv` kernel.
 
 Output conventions: score_sde's VP models output eps (its score is -output / std), as
-jaxdiff's `prediction='eps'`. Its VE models with `scale_by_sigma` output sigma * score = -eps,
-so pass `negate_output=True` for them: the output layer (or every output-pyramid conv) is
-negated and the network then predicts eps. Its networks see `2x - 1` for data in [0, 1]
-(`data.centered=False`): `ncsnpp_kwargs_from_score_sde` sets `center_input` for that.
+jaxdiff's `prediction='eps'`. Its VE models with `scale_by_sigma` output sigma * score = -eps
+(before the division by sigma), so pass `negate_output=True` for them: the output layer (or
+every output-pyramid conv) is negated and the network then predicts eps. Its networks see
+`2x - 1` for data in [0, 1] (`data.centered=False`): `ncsnpp_kwargs_from_score_sde` sets
+`center_input` for that.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from jaxdiff.errors import InputError
-from jaxdiff.models.ncsnpp import NCSNpp
+from jaxdiff.models import layers
+from jaxdiff.models.ncsnpp import NCSNpp, Resample, ResnetBlockpp
 
 # score_sde config.model key -> NCSNpp field
 _KEYS = {"nf": "ch", "ch_mult": "ch_mult", "num_res_blocks": "num_res_blocks", "attn_resolutions": "attn_resolutions",
@@ -93,14 +110,44 @@ def _torch_modules(state_dict: Mapping[str, Any]) -> list[tuple[int, dict[str, n
   return sorted(modules.items())
 
 
-def _call_order(model: NCSNpp, shape: tuple[int, ...]) -> tuple[list[tuple[str, ...]], Any]:
-  """The paths of the submodules that own parameters, in the order the forward pass calls them."""
-  calls: list[tuple[str, ...]] = []
+def _flax_kind(path: tuple[str, ...], module: nn.Module) -> str | None:
+  """The class of score_sde's (JAX) module that NCSNpp's submodule `module` at `path` stands for."""
+  if isinstance(module, ResnetBlockpp):
+    return "ResnetBlockBigGANpp" if module.kind == "biggan" else "ResnetBlockDDPMpp"
+  if isinstance(module, layers.AttentionBlock):
+    return "AttnBlockpp"
+  if isinstance(module, Resample):
+    return "Upsample" if module.up else "Downsample"
+  if isinstance(module, layers.GroupNorm):
+    return "GroupNorm"
+  if isinstance(module, layers.Conv):  # the input pyramid's join is a conv1x1 inside score_sde's Combine
+    return "Combine" if path[-1].endswith("_combine") else "Conv"
+  if isinstance(module, nn.Dense):  # the noise-embedding MLP
+    return "Dense"
+  return None
+
+
+def _call_order(model: NCSNpp, shape: tuple[int, ...]) -> tuple[list[tuple[tuple[str, ...], str]], Any]:
+  """(path, score_sde flax name) of the submodules that own parameters, in the order the forward
+  pass calls them, and the params' shapes.
+
+  The flax name is what score_sde's JAX `NCSNpp` calls the same module: linen numbers the
+  submodules of each class in creation (= call) order, counting those without parameters too
+  (e.g. a pyramid's `Downsample` without a conv).
+  """
+  calls: list[tuple[tuple[str, ...], str]] = []
+  seen: set[tuple[str, ...]] = set()
+  counts: dict[str, int] = {}
 
   def record(next_fun, args, kwargs, context):
     path = tuple(context.module.path)
-    if context.method_name == "__call__" and path and path not in calls:
-      calls.append(path)
+    top = len(path) == 1 or len(path) == 2 and path[0] == "time_embed"
+    if context.method_name == "__call__" and top and path not in seen:
+      seen.add(path)
+      kind = _flax_kind(path, context.module)
+      if kind is not None:
+        calls.append((path, f"{kind}_{counts.get(kind, 0)}"))
+        counts[kind] = counts.get(kind, 0) + 1
     return next_fun(*args, **kwargs)
 
   x = jnp.zeros((1, *shape), jnp.float32)
@@ -115,12 +162,9 @@ def _call_order(model: NCSNpp, shape: tuple[int, ...]) -> tuple[list[tuple[str, 
       node = node[p]
     return isinstance(node, Mapping) and bool(node)
 
-  # Direct children of the network, except the noise-embedding MLP, whose two Dense layers
-  # are two score_sde modules.
-  order = [p for p in calls if (len(p) == 1 and p[0] != "time_embed" or len(p) == 2 and p[0] == "time_embed")
-           and owns(p)]
+  order = [(p, name) for p, name in calls if owns(p)]
   if "fourier_freqs" in params:
-    order.insert(0, ("fourier_freqs",))
+    order.insert(0, (("fourier_freqs",), "GaussianFourierProjection_0"))
   return order, params
 
 
@@ -187,35 +231,33 @@ def _convert_one(path: tuple[str, ...], target: Any, src: dict[str, np.ndarray])
   raise InputError(f"NCSNpp submodule {name} has no score_sde counterpart.")
 
 
-def convert_score_sde_state_dict(state_dict: Mapping[str, Any], model: NCSNpp, image_shape: tuple[int, int, int],
-                                 *, negate_output: bool = False) -> dict[str, Any]:
-  """score_sde_pytorch `NCSNpp` weights -> `model`'s params (see the module docstring).
-
-  `image_shape` is (H, W, C) of the score_sde model's data (attention is placed by size).
-  `negate_output=True` for VE models with `scale_by_sigma` (their output is -eps).
-  """
+def _check_model(model: NCSNpp) -> None:
+  if not isinstance(model, NCSNpp):
+    raise InputError(f"model={type(model).__name__}: score_sde's NCSN++ / DDPM++ weights load into "
+                     f"jaxdiff.models.NCSNpp (see ncsnpp_kwargs_from_score_sde).")
   if model.num_classes:
     raise InputError(f"NCSNpp num_classes={model.num_classes}: score_sde's NCSN++ has no label embedding; "
                      f"use num_classes=0.")
-  order, target = _call_order(model, tuple(image_shape))
-  modules = _torch_modules(state_dict)
-  if len(modules) != len(order):
-    raise InputError(f"the state_dict has {len(modules)} score_sde modules with parameters, NCSNpp(...) at "
-                     f"image_shape={tuple(image_shape)} has {len(order)}; build NCSNpp with "
-                     f"ncsnpp_kwargs_from_score_sde(config.model, config.data) of the checkpoint's config.")
+
+
+def _assemble(model: NCSNpp, target: Any, pairs: list[tuple[tuple[str, ...], str, dict[str, np.ndarray]]],
+              negate_output: bool) -> dict[str, Any]:
+  """NCSNpp params from (NCSNpp path, score_sde module name, its weights in PyTorch layout) pairs."""
   params: dict[str, Any] = {}
-  for path, (index, src) in zip(order, modules):
+  for path, label, src in pairs:
     node = target
     for p in path:
       node = node[p]
     try:
       value = _convert_one(path, node, src)
     except KeyError as e:
-      raise InputError(f"score_sde module all_modules.{index} lacks {e} for NCSNpp's {'.'.join(path)}.") from None
+      raise InputError(f"score_sde module {label} lacks {e} for NCSNpp's {'.'.join(path)}.") from None
+    except InputError as e:
+      raise InputError(f"{label}: {e}") from None
     want = jax.tree.map(lambda s: tuple(s.shape), node)
     got = jax.tree.map(lambda a: tuple(np.shape(a)), value)
     if want != got:
-      raise InputError(f"score_sde module all_modules.{index} has shapes {got} where NCSNpp's {'.'.join(path)} "
+      raise InputError(f"score_sde module {label} has shapes {got} where NCSNpp's {'.'.join(path)} "
                        f"has {want}; build NCSNpp from the checkpoint's config (ncsnpp_kwargs_from_score_sde).")
     dest = params
     for p in path[:-1]:
@@ -227,3 +269,122 @@ def convert_score_sde_state_dict(state_dict: Mapping[str, Any], model: NCSNpp, i
     for k in outputs:
       params[k] = {n: -v for n, v in params[k].items()}
   return jax.tree.map(jnp.asarray, params)
+
+
+def convert_score_sde_state_dict(state_dict: Mapping[str, Any], model: NCSNpp, image_shape: tuple[int, int, int],
+                                 *, negate_output: bool = False) -> dict[str, Any]:
+  """score_sde_pytorch `NCSNpp` weights -> `model`'s params (see the module docstring).
+
+  `image_shape` is (H, W, C) of the score_sde model's data (attention is placed by size).
+  `negate_output=True` for VE models with `scale_by_sigma` (their output is -eps).
+  """
+  _check_model(model)
+  order, target = _call_order(model, tuple(image_shape))
+  modules = _torch_modules(state_dict)
+  if len(modules) != len(order):
+    raise InputError(f"the state_dict has {len(modules)} score_sde modules with parameters, NCSNpp(...) at "
+                     f"image_shape={tuple(image_shape)} has {len(order)}; build NCSNpp with "
+                     f"ncsnpp_kwargs_from_score_sde(config.model, config.data) of the checkpoint's config.")
+  pairs = [(path, f"all_modules.{index}", src) for (path, _), (index, src) in zip(order, modules)]
+  return _assemble(model, target, pairs, negate_output)
+
+
+def _torch_layout(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """One score_sde (flax) module's parameters, flattened and in score_sde_pytorch's names and layout.
+
+  The two codebases name their layers alike (GroupNorm_0, Conv_1, NIN_0, Conv2d_0, ...); flax's
+  GroupNorm `scale` is torch's `weight`, its conv kernels are HWIO (torch OIHW), its dense
+  kernels [in, out] (torch [out, in]); NIN's W, b and the Fourier W are the same in both.
+  """
+  out: dict[str, np.ndarray] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_torch_layout(value, f"{prefix}{key}."))
+      continue
+    value = np.asarray(value, np.float32)
+    if key == "scale":
+      key = "weight"
+    elif key in ("kernel", "weight") and value.ndim == 4:  # nn.Conv / up_or_down_sampling.Conv2d
+      key, value = "weight", np.transpose(value, (3, 2, 0, 1))
+    elif key == "kernel" and value.ndim == 2:  # nn.Dense
+      key, value = "weight", value.T
+    out[f"{prefix}{key}"] = value
+  return out
+
+
+def convert_score_sde_flax_params(params: Mapping[str, Any], model: NCSNpp, image_shape: tuple[int, int, int],
+                                  *, negate_output: bool = False) -> dict[str, Any]:
+  """score_sde (JAX / flax) `NCSNpp` params -> `model`'s params.
+
+  `params` is the tree score_sde trains and samples with (`state.params_ema`, or
+  `state.optimizer.target`), e.g. from `load_score_sde_checkpoint`; a `{"params": ...}`
+  variables dict works too. score_sde's linen modules are auto-named per class in call order
+  (`ResnetBlockBigGANpp_3`, `Conv_0`, ...); each is paired with the NCSNpp submodule called
+  in the same place, and must be the same kind of layer with the same shapes.
+  `image_shape` and `negate_output` as in `convert_score_sde_state_dict`.
+  """
+  _check_model(model)
+  if not isinstance(params, Mapping):
+    raise InputError(f"params is a {type(params).__name__}; pass score_sde's parameter tree (a dict of dicts, "
+                     f"e.g. load_score_sde_checkpoint(path)).")
+  if set(params) == {"params"}:
+    params = params["params"]
+  order, target = _call_order(model, tuple(image_shape))
+  names = [name for _, name in order]
+  missing, extra = [n for n in names if n not in params], sorted(set(params) - set(names))
+  if missing or extra:
+    raise InputError(f"the score_sde params and NCSNpp(...) at image_shape={tuple(image_shape)} differ: "
+                     f"NCSNpp needs {missing or 'nothing more'}, the params also have {extra or 'nothing'}; "
+                     f"build NCSNpp with ncsnpp_kwargs_from_score_sde(config.model, config.data) of the "
+                     f"checkpoint's config.")
+  pairs = []
+  for path, name in order:
+    if not isinstance(params[name], Mapping):
+      raise InputError(f"score_sde params[{name!r}] is a {type(params[name]).__name__}, not a module's "
+                       f"parameters; pass the params tree itself (load_score_sde_checkpoint).")
+    pairs.append((path, name, _torch_layout(params[name])))
+  return _assemble(model, target, pairs, negate_output)
+
+
+def _latest_checkpoint(directory: str) -> str:
+  steps = []
+  for name in os.listdir(directory):
+    m = re.fullmatch(r"checkpoint_(\d+)", name)
+    if m and os.path.isfile(os.path.join(directory, name)):
+      steps.append((int(m.group(1)), name))
+  if not steps:
+    raise InputError(f"checkpoint directory {directory!r} has no checkpoint_<n> file; pass score_sde's "
+                     f"<workdir>/checkpoints directory or one checkpoint_<n> file in it.")
+  return os.path.join(directory, max(steps)[1])
+
+
+def load_score_sde_checkpoint(path: str | os.PathLike[str], *, ema: bool = True) -> dict[str, Any]:
+  """The network parameters of a score_sde (JAX) checkpoint, as a tree of float32 numpy arrays.
+
+  `path` is one `checkpoint_<n>` file that score_sde's `run_lib` wrote (flax's msgpack
+  serialisation of its training `State`), or a directory of them (the latest is read).
+  `ema=True` returns `params_ema`, the weights score_sde samples and evaluates with;
+  `ema=False` returns the raw training weights (`optimizer.target`). No TensorFlow needed.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = _latest_checkpoint(path)
+  if not os.path.isfile(path):
+    raise InputError(f"score_sde checkpoint {path!r} does not exist; pass a checkpoint_<n> file from score_sde's "
+                     f"<workdir>/checkpoints (or that directory).")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    state = serialization.msgpack_restore(data)
+  except Exception as e:  # noqa: BLE001 - msgpack raises several types for foreign bytes
+    raise InputError(f"{path!r} is not a flax msgpack checkpoint ({type(e).__name__}: {e}); score_sde "
+                     f"(JAX) writes checkpoints/checkpoint_<n> with flax.training.checkpoints. For "
+                     f"score_sde_pytorch's .pth files use convert_score_sde_state_dict.") from None
+  optimizer = state.get("optimizer") if isinstance(state, dict) else None
+  if not isinstance(state, dict) or "params_ema" not in state or not isinstance(optimizer, dict) \
+      or "target" not in optimizer:
+    keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+    raise InputError(f"{path!r} holds {keys}, not score_sde's training state (params_ema, optimizer.target, "
+                     f"...); is it a score_sde checkpoint?")
+  tree = state["params_ema"] if ema else optimizer["target"]
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)

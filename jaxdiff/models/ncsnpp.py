@@ -32,7 +32,7 @@ jaxdiff's processes give the network `process.noise_cond(t)`: sigma for VE (so
 `embedding_type='fourier'` embeds log(sigma), as score_sde does) and 999 t for VP / sub-VP
 (the sinusoidal embedding of score_sde's continuous DDPM++). score_sde's `scale_by_sigma`
 (the output divided by sigma) is `loss.prediction='eps'` here: the score is -eps / sigma.
-`jaxdiff.models.convert_score_sde` loads score_sde_pytorch checkpoints into this module.
+`jaxdiff.models.convert_score_sde` loads score_sde's checkpoints (JAX and PyTorch) into this module.
 """
 
 from __future__ import annotations
