@@ -16,6 +16,10 @@ steps; samples with score_sde's VP sampler, PC with the Euler-Maruyama predictor
 corrector (1000 steps), or with the adaptive probability-flow ODE (`--sampler ode`).
 `--config.model.num_res_blocks=8` is score_sde's "deep" variant (106.6M parameters).
 
+score_sde's published checkpoint of this network (vp/cifar10_ddpmpp_continuous, its JAX `checkpoints/`) loads
+as the starting point (or, with num_steps=0, as a run to sample from):
+`--config.training.init_from=score_sde:<its checkpoints dir> --config.training.num_steps=0`.
+
 Expected result: NOT run here (no CIFAR-10 and no accelerator time on this machine). The
 published reference is score_sde's README, `vp/cifar10_ddpmpp_continuous`: FID 2.55, IS 9.58
 (PC 1000 steps), FID 3.93 with the probability-flow ODE, NLL 3.16 bits/dim; the deep variant

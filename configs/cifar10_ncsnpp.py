@@ -15,6 +15,10 @@ with 5000 warmup steps, grad clip 1, EMA 0.999, batch 128, random flips, 1.3M st
 sampler (reverse diffusion + one Langevin step at snr 0.16, 1000 steps, final denoising).
 `--config.model.num_res_blocks=8` is score_sde's "deep" variant (107.6M parameters).
 
+score_sde's published checkpoint of this network (ve/cifar10_ncsnpp_continuous, its JAX `checkpoints/`) loads
+as the starting point (or, with num_steps=0, as a run to sample from):
+`--config.training.init_from=score_sde:<its checkpoints dir> --config.training.num_steps=0`.
+
 Expected result: NOT run here (no CIFAR-10 and no accelerator time on this machine). The
 published reference is score_sde's README, `ve/cifar10_ncsnpp_continuous`: FID 2.38, IS 9.83
 (50k samples, PC 1000 steps); the deep variant FID 2.20, IS 9.89.

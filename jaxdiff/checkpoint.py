@@ -148,7 +148,8 @@ class Checkpointer:
     import grain
 
     step = self._resolve(step)
-    saved = self._mngr.item_metadata(step)["state"]
+    items_meta = self._mngr.item_metadata(step)
+    saved = items_meta["state"]
     saved_tree = getattr(saved, "tree", saved)
     bad = _shape_mismatches(saved_tree, abstract_state)
     if bad:
@@ -157,7 +158,9 @@ class Checkpointer:
           f"Use the config it was trained with, or a fresh --workdir.")
     items = {"state": ocp.args.PyTreeRestore(
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-    if data_iterator is not None:
+    # An imported checkpoint (config.training.init_from with num_steps=0) has no data position:
+    # the data then starts from the beginning.
+    if data_iterator is not None and "data" in items_meta.keys():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return step, restored["state"]

@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
       transfer_guard="allow",    # jax.transfer_guard around the loop: allow | log | disallow
       label_dropout=0.1,         # class-conditional models: P(label -> null label) per example, for
                                  # classifier-free guidance (0: conditional only)
+      init_from="",              # a fresh run starts from published weights: 'score_sde:<checkpoint>',
+                                 # 'score_sde_pytorch:<npz>' or 'diffusers:<dir>' (jaxdiff.models.pretrained);
+                                 # with num_steps=0 the run only imports them (a step-0 checkpoint)
   ))
 
   # A method reads only its own options (defaults = the method's; see samplers.METHODS).
@@ -182,10 +185,18 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that depend on each other; raises ConfigError naming the key and the fix."""
   t = config.training
+  init_from = str(t.get("init_from", "") or "")
   for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
               "steps_per_call", "microbatches"):
+    if key == "num_steps" and init_from and int(t[key]) == 0:
+      continue  # an import: the step-0 checkpoint of the published weights
     if int(t[key]) < 1:
-      raise ConfigError(f"config.training.{key}={t[key]} must be >= 1.")
+      raise ConfigError(f"config.training.{key}={t[key]} must be >= 1" + (
+          " (0 only with config.training.init_from, to import published weights)." if key == "num_steps" else "."))
+  if init_from:
+    from jaxdiff.models import pretrained
+
+    pretrained.validate_init_from(init_from, config.model.name, config.loss.get("prediction", "eps"))
   if not 0.0 <= float(t.ema_decay) < 1.0:
     raise ConfigError(f"config.training.ema_decay={t.ema_decay} must be in [0, 1).")
   d, m = config.data, config.model

@@ -97,6 +97,16 @@ def replicate(x: Any, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
 
 
+def put_host_tree(tree: Any, shardings: Any) -> Any:
+  """Global arrays laid out as `shardings` from a host copy that every process holds (e.g. weights
+  read from a file): each device takes its slice of the host array."""
+  def put(a, s):
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(put, tree, shardings)
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "config.training.batch_size",
                      microbatches: int = 1, microbatches_name: str = "config.training.microbatches") -> None:
   """The batch splits evenly over the data shards, the processes and, per device, `microbatches`."""

@@ -45,6 +45,7 @@ from jaxdiff import processes
 from jaxdiff import sharding
 from jaxdiff import tasks
 from jaxdiff import viz
+from jaxdiff.models import pretrained
 from jaxdiff.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,12 @@ def network_fn(model: nn.Module, params, *, train: bool = False, dropout_key: Ar
 
 
 def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
-                       example_x: Array, ema: bool = True) -> TrainState:
-  """Initial parameters, their EMA copy (None with `ema=False`) and optimizer state."""
-  t = jnp.zeros((example_x.shape[0],), jnp.float32)
-  params = model.init({"params": key}, example_x, t, train=False)["params"]
+                       example_x: Array, ema: bool = True, params: Any = None) -> TrainState:
+  """Initial parameters (`params`, e.g. published weights, or `model`'s init), their EMA copy
+  (None with `ema=False`) and optimizer state, at step 0."""
+  if params is None:
+    t = jnp.zeros((example_x.shape[0],), jnp.float32)
+    params = model.init({"params": key}, example_x, t, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params) if ema else None,
                     opt_state=optimizer.init(params))
@@ -431,14 +434,27 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, workdir):
-  """The latest checkpoint's state (and data position), or a fresh sharded state at step 0."""
+def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir):
+  """The latest checkpoint's state (and data position), or a fresh sharded state at step 0:
+  a random init, or the published weights `config.training.init_from` names."""
+  init_from = config.training.init_from
   if ckpt.latest_step() is not None:
     start, state = ckpt.restore(abstract, data_iterator=data_iter)
-    log.info("Resumed from %s/%d.", ckpt.directory, start)
+    log.info("Resumed from %s/%d%s.", ckpt.directory, start,
+             f" (config.training.init_from={init_from!r} only starts a fresh run)" if init_from else "")
     return start, state
   # never materialised unsharded; compiled ahead so the compiler's freed heap is returned first
-  state = aot.AotJit(jax.jit(init, out_shardings=state_sh), name="init")(init_key)
+  if init_from:
+    host = pretrained.load_pretrained(init_from, exp.model, exp.data_spec.shape,
+                                      negate_output=config.process.name == "ve")  # VE: score_sde's -eps
+    pretrained.check_fits(host, abstract.params, init_from)
+    host = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), host, abstract.params)
+    params = sharding.put_host_tree(host, state_sh.params)
+    state = aot.AotJit(jax.jit(lambda k, p: init(k, params=p), out_shardings=state_sh), name="init")(init_key,
+                                                                                                     params)
+    log.info("Initialised from %s.", init_from)
+  else:
+    state = aot.AotJit(jax.jit(init, out_shardings=state_sh), name="init")(init_key)
   if sharding.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -458,24 +474,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tc, o = config.training, config.optimizer
   mesh = sharding.create_mesh(config.mesh.to_dict())
   sharding.check_batch_size(tc.batch_size, mesh, microbatches=int(tc.microbatches))
-  optimizer = make_optimizer(**o.to_dict(), num_steps=tc.num_steps)
+  # num_steps=0 (only with init_from) imports published weights: a step-0 checkpoint, no data read
+  importing = tc.num_steps == 0
+  optimizer = make_optimizer(**o.to_dict(), num_steps=max(tc.num_steps, 1))
 
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   train_key = sharding.replicate(train_key, mesh)  # lives where the step runs (on every host)
   init, abstract, state_sh = abstract_train_state(config, exp, optimizer, mesh)
 
-  shard_index, shard_count = sharding.process_shard()
-  # Each host reads the rows of every global batch its devices hold: the same global batches
-  # for any number of hosts.
-  host_iter = data_lib.create_dataset(
-      **data_lib.dataset_kwargs(config.data), batch_size=sharding.local_batch_size(tc.batch_size),
-      seed=config.seed, shard_index=shard_index, shard_count=shard_count,
-      batch_rows=sharding.local_batch_rows(mesh, tc.batch_size))
-  # Global sharded batches, `prefetch_to_device` ahead; checkpoints save the next unconsumed one.
-  data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
+  data_iter = None
+  if not importing:
+    shard_index, shard_count = sharding.process_shard()
+    # Each host reads the rows of every global batch its devices hold: the same global batches
+    # for any number of hosts.
+    host_iter = data_lib.create_dataset(
+        **data_lib.dataset_kwargs(config.data), batch_size=sharding.local_batch_size(tc.batch_size),
+        seed=config.seed, shard_index=shard_index, shard_count=shard_count,
+        batch_rows=sharding.local_batch_rows(mesh, tc.batch_size))
+    # Global sharded batches, `prefetch_to_device` ahead; checkpoints save the next unconsumed one.
+    data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), max_to_keep=tc.keep_checkpoints)
-  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, workdir)
+  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir)
+  if importing and start == 0:
+    ckpt.save(0, state, meta={"config": config.to_dict()})  # without a data position: training it later
+    log.info("Imported %s as step 0 in %s.", tc.init_from, ckpt.directory)  # starts the data afresh
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("Model %s: %s parameters; %s on mesh %s.", config.model.name, f"{n_params:,}",
            type(exp.process).__name__, dict(mesh.shape))
@@ -584,7 +607,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     # Whatever stopped the loop (NaN, Ctrl-C, an error), let in-flight async saves finish
     # so the last good checkpoint is complete on disk.
-    data_iter.close()
+    if data_iter is not None:
+      data_iter.close()
     ckpt.close()
   write_samples(step)
   log.info("Done: %d steps in %s; outputs in %s.", step - start, _fmt_time(time.time() - metrics.t0), workdir)

@@ -1,0 +1,113 @@
+"""Published weights as a run's starting point: `config.training.init_from`.
+
+A fresh run (no checkpoint in its workdir yet) starts from converted weights instead of a
+random init; the EMA copy starts from them too, the optimizer state is fresh and the step
+is 0. A run that resumes from its own checkpoint ignores `init_from`.
+
+  'score_sde:<path>'          a score_sde (JAX) checkpoint: `<workdir>/checkpoints/checkpoint_<n>`
+                              or that directory (the latest); its EMA weights -> NCSNpp
+  'score_sde_pytorch:<path>'  a score_sde_pytorch state dict saved as .npz (how:
+                              `jaxdiff.models.convert_score_sde`) -> NCSNpp
+  'diffusers:<path>'          a diffusers `UNet2DModel` directory (or its .safetensors) -> UNet
+
+The config's network must be the checkpoint's: the same sizes (`config.model`, e.g.
+`configs/cifar10_ncsnpp.py` for score_sde's NCSN++ cont.) and the same data shape; a
+mismatch is a ConfigError naming the first differing arrays (and, for diffusers, the
+config keys to set). score_sde's networks predict eps (`config.loss.prediction='eps'`); a
+VE checkpoint's output (-eps, score_sde's `scale_by_sigma`) is negated on the way in.
+
+With `config.training.num_steps=0` the run only imports: it writes the step-0 checkpoint
+(and, if `num_final_samples` > 0, a sample grid) without reading any data, and
+`run_sample.py --workdir` then samples from it. Training it further later (a larger
+`num_steps`, same workdir) starts the data from the beginning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxdiff.errors import ConfigError
+
+# source -> the jaxdiff network its checkpoints hold (config.model.name)
+SOURCES = {"score_sde": "ncsnpp", "score_sde_pytorch": "ncsnpp", "diffusers": "unet"}
+KEY = "config.training.init_from"
+
+
+def parse_init_from(init_from: str) -> tuple[str, str]:
+  """'<source>:<path>' -> (source, path); a ConfigError naming the valid forms otherwise."""
+  source, sep, path = str(init_from).partition(":")
+  if not sep or source not in SOURCES or not path:
+    raise ConfigError(f"{KEY}={init_from!r} is not '<source>:<path>'; use 'score_sde:<checkpoint_n or its "
+                      f"directory>', 'score_sde_pytorch:<state dict .npz>' or 'diffusers:<UNet2DModel dir>' "
+                      f"(or '' for a random init).")
+  return source, path
+
+
+def validate_init_from(init_from: str, model_name: str, prediction: str) -> None:
+  """The checks that need only the config (the file is read when the run starts)."""
+  source, _ = parse_init_from(init_from)
+  want = SOURCES[source]
+  if model_name != want:
+    example = "configs/cifar10_ncsnpp.py or cifar10_ddpmpp.py" if want == "ncsnpp" else "configs/cifar10_ddpm.py"
+    raise ConfigError(f"{KEY}={init_from!r} holds a {want!r} network, but config.model.name={model_name!r}; "
+                      f"use a config whose model is {want!r} (e.g. {example}).")
+  if source.startswith("score_sde") and prediction != "eps":
+    raise ConfigError(f"{KEY}={init_from!r}: score_sde's networks predict eps, but config.loss.prediction="
+                      f"{prediction!r}; set --config.loss.prediction=eps.")
+
+
+def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ...], *,
+                    negate_output: bool = False) -> dict[str, Any]:
+  """The converted parameters `init_from` names, for `model` on images of `image_shape` (numpy / jax
+  arrays, float32). `negate_output` for score_sde VE checkpoints (their output is -eps)."""
+  source, path = parse_init_from(init_from)
+  if source == "diffusers":
+    from jaxdiff.models.convert_diffusers import load_diffusers_unet
+
+    kwargs, params = load_diffusers_unet(path)
+    # dropout does not change the function at eval time: fine-tuning may use another rate.
+    kwargs.pop("dropout", None)
+    if getattr(model, "out_channels", None) is None and kwargs.get("out_channels") == image_shape[-1]:
+      kwargs.pop("out_channels")  # None: as many as the input has
+    differ = {k: v for k, v in kwargs.items() if _norm(getattr(model, k, None)) != _norm(v)}
+    if differ:
+      fix = " ".join(f"--config.model.{k}={_flag(v)}" for k, v in differ.items())
+      raise ConfigError(f"{KEY}={init_from!r} is a UNet({', '.join(f'{k}={v!r}' for k, v in differ.items())}) "
+                        f"but config.model differs there; set {fix}.")
+    return params
+  from jaxdiff.models import convert_score_sde as conv
+
+  shape = tuple(image_shape)
+  if source == "score_sde":
+    return conv.convert_score_sde_flax_params(conv.load_score_sde_checkpoint(path), model, shape,
+                                              negate_output=negate_output)
+  try:
+    with np.load(path) as f:
+      state_dict = {k: f[k] for k in f.files}
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{KEY}={init_from!r}: cannot read {path!r} as an .npz state dict ({e}); save "
+                      f"score_sde_pytorch's weights as the convert_score_sde docstring shows.") from None
+  return conv.convert_score_sde_state_dict(state_dict, model, shape, negate_output=negate_output)
+
+
+def check_fits(params: Any, abstract_params: Any, init_from: str) -> None:
+  """`params` has exactly the config's parameter tree (names and shapes)."""
+  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  bad = [f"{k}: {got.get(k, 'missing')} in the checkpoint, {want.get(k, 'absent')} in config.model"
+         for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k)]
+  if bad:
+    raise ConfigError(f"{KEY}={init_from!r} does not fit config.model ({len(bad)} arrays differ, e.g. "
+                      f"{'; '.join(bad[:3])}); set config.model to the checkpoint's network.")
+
+
+def _norm(v: Any) -> Any:
+  return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _flag(v: Any) -> str:
+  return f"'{tuple(v)}'" if isinstance(v, (list, tuple)) else str(v)
