@@ -93,8 +93,7 @@ def replicate(x: Any, mesh: Mesh) -> jax.Array:
   if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
     impl = jax.random.key_impl(x)
     return jax.random.wrap_key_data(replicate(jax.random.key_data(x), mesh), impl=impl)
-  host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
+  return put_host_tree(x, replicated(mesh))
 
 
 def put_host_tree(tree: Any, shardings: Any) -> Any:
