@@ -13,9 +13,15 @@ Adam 2e-4 with 5000 warmup steps, grad clip 1, EMA 0.9999, batch 128, 1.3M steps
 with the adaptive probability-flow ODE at rtol = atol = 1e-5 (score_sde's black-box ODE
 sampler, the one its FID(ODE) column uses).
 
+The U-Net is Ho et al.'s (35,746,307 parameters), with attention after every block at 16x16
+going up; score_sde's own `ddpm` network attends once per level there (35,218,947):
+`--config.model.up_attn_every_block=False`. That is what its published checkpoint of this
+setup needs to start from (`--config.training.init_from=score_sde:<vp/cifar10_ddpm_continuous
+checkpoints dir>`, with `--config.training.num_steps=0` to only import it).
+
 Expected result: NOT run here (no CIFAR-10 and no accelerator time on this machine). The
-published reference is score_sde's README for `vp/cifar10_ddpm_continuous` (this process and
-network): FID(ODE) 3.69 and NLL 3.21 bits/dim on the test set.
+published reference is score_sde's README for `vp/cifar10_ddpm_continuous` (this process; its
+network as above): FID(ODE) 3.69 and NLL 3.21 bits/dim on the test set.
 
 Variant `:runlocal` trains a small U-Net (ch 32, 1.1M parameters) on the embedded 16x16
 `shapes` data (no download) for 150 steps and samples with 50-step DPM-Solver++(2M):
@@ -41,6 +47,8 @@ def get_config(arg=None):
   # The process section is replaced wholesale: its keys depend on the process.
   c.process = ml_collections.ConfigDict(dict(name="vp", beta_min=0.1, beta_max=20.0, eps=1e-3))
   c.model.dtype = "auto"  # mixed precision: bfloat16 compute on GPU/TPU, float32 on CPU; fp32 params
+  # up_attn_every_block: Ho's U-Net; False is score_sde's `ddpm` (what its checkpoints hold)
+  c.model.update(up_attn_every_block=True)
   c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                  num_groups=32)
   c.loss.update(prediction="eps", target="", weighting="none", reduce="mean", t_sampling="process")

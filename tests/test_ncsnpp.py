@@ -22,7 +22,7 @@ from flax import serialization, traverse_util
 from jaxdiff.errors import ConfigError, InputError
 from jaxdiff.models import ncsnpp
 from jaxdiff.models.convert_score_sde import (convert_score_sde_flax_params, convert_score_sde_state_dict,
-                                              ncsnpp_kwargs_from_score_sde)
+                                              ncsnpp_kwargs_from_score_sde, unet_kwargs_from_score_sde)
 from jaxdiff.models.ncsnpp import DDPMPP_CIFAR10, NCSNpp
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "score_sde_tiny")
@@ -189,6 +189,35 @@ def test_matches_score_sde_ncsnpp_pytorch_and_jax(case):
   ref = _unscale(cfg, flax_arrays["out"], flax_arrays["t"], sigmas)
   np.testing.assert_allclose(apply(params, flax_arrays["x"], flax_arrays["t"]), ref,
                              atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
+def test_score_sde_ddpm_loads_into_the_unet():
+  # score_sde's (JAX) `ddpm` network is the DDPM U-Net with attention once per level going up:
+  # UNet(up_attn_every_block=False). Its CIFAR-10 config (nf 128, (1, 2, 2, 2), 2 blocks,
+  # attention at 16) has 35,218,947 parameters, counted from score_sde's own module; the
+  # diffusers / Ho network, with attention after every up block, 35,746,307.
+  from jaxdiff.models import UNet
+
+  cifar = unet_kwargs_from_score_sde(dict(name="ddpm", nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                                          attn_resolutions=(16,), dropout=0.1), {"centered": True})
+  assert _num_params(UNet(**cifar)) == 35_218_947
+  assert _num_params(UNet(**{**cifar, "up_attn_every_block": True})) == 35_746_307
+
+  with open(os.path.join(FIXTURES, "D1.json")) as f:
+    cfg = json.load(f)
+  net = UNet(**unet_kwargs_from_score_sde(cfg, {"centered": cfg["centered"]}))
+  flax_params, arrays = _flax_fixture("D1")
+  params = convert_score_sde_flax_params(flax_params, net, (8, 8, 3))
+  out = jax.jit(lambda p: net.apply({"params": p}, arrays["x"], arrays["t"], train=False))(params)
+  ref = arrays["out"]
+  np.testing.assert_allclose(out, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+  with pytest.raises(InputError, match="attends once per level going up"):
+    convert_score_sde_flax_params(flax_params, UNet(**{**cifar, "ch": 32, "up_attn_every_block": True}), (8, 8, 3))
+  with pytest.raises(InputError, match="centered=False"):
+    unet_kwargs_from_score_sde(cfg, {"centered": False})
+  with pytest.raises(InputError, match="NCSNpp"):  # the PyTorch path is for NCSN++ only
+    convert_score_sde_state_dict({}, net, (8, 8, 3))
 
 
 def test_converter_rejects_a_mismatched_checkpoint():

@@ -16,7 +16,7 @@ from flax import serialization, traverse_util
 
 from conftest import load_config
 from jaxdiff import configs, models, train
-from jaxdiff.errors import ConfigError
+from jaxdiff.errors import ConfigError, InputError
 from jaxdiff.models import pretrained
 from jaxdiff.models.convert_score_sde import convert_score_sde_flax_params, ncsnpp_kwargs_from_score_sde
 from test_train import final_params, read_metrics
@@ -80,7 +80,7 @@ def test_init_from_errors(tmp_path):
     configs.validate(_config(cfg, init_from="ddpm-cifar10"))
   with pytest.raises(ConfigError, match=r"holds a 'ncsnpp' network, but config.model.name='unet'"):
     c = load_config("tiny")
-    c.training.init_from = init_from
+    c.training.init_from = f"score_sde_pytorch:{tmp_path / 'w.npz'}"
     configs.validate(c)
   with pytest.raises(ConfigError, match="prediction=eps"):
     c = _config(cfg, init_from=init_from)
@@ -89,10 +89,10 @@ def test_init_from_errors(tmp_path):
   with pytest.raises(ConfigError, match="num_steps=0 must be >= 1 .0 only with config.training.init_from"):
     configs.validate(_config(cfg, num_steps=0))
   # The file is read when the run starts: a missing checkpoint, another network width.
-  with pytest.raises(Exception, match="does not exist"):
+  with pytest.raises(InputError, match="does not exist"):
     train.train_and_evaluate(_config(cfg, init_from=f"score_sde:{tmp_path / 'nope'}", num_steps=0),
                              str(tmp_path / "a"))
-  with pytest.raises(Exception, match="has shapes"):
+  with pytest.raises(InputError, match="has shapes"):
     c = _config(cfg, init_from=init_from, num_steps=0)
     c.model.ch = 16
     train.train_and_evaluate(c, str(tmp_path / "b"))

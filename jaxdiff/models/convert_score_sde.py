@@ -8,7 +8,9 @@ score_sde (JAX / flax), a `checkpoints/checkpoint_<n>` file (or that directory: 
                                          image_shape=(32, 32, 3), negate_output=config.model.scale_by_sigma)
 
 `load_score_sde_checkpoint` reads the EMA weights (`params_ema`, what score_sde samples with;
-`ema=False`: the training weights). score_sde's linen modules are named per class in call
+`ema=False`: the training weights). Its `ddpm` network (score_sde's DDPM / "DDPM cont."
+checkpoints) loads the same way into `UNet(**unet_kwargs_from_score_sde(config.model,
+config.data))`: the DDPM U-Net with attention once per level going up. score_sde's linen modules are named per class in call
 order (`Conv_0`, `ResnetBlockBigGANpp_3`, `AttnBlockpp_1`, ...); `NCSNpp` calls the same
 layers in the same order, so each name is paired with one `NCSNpp` submodule.
 
@@ -60,6 +62,7 @@ from flax import serialization
 from jaxdiff.errors import InputError
 from jaxdiff.models import layers
 from jaxdiff.models.ncsnpp import NCSNpp, Resample, ResnetBlockpp
+from jaxdiff.models.unet import UNet
 
 # score_sde config.model key -> NCSNpp field
 _KEYS = {"nf": "ch", "ch_mult": "ch_mult", "num_res_blocks": "num_res_blocks", "attn_resolutions": "attn_resolutions",
@@ -75,7 +78,7 @@ def ncsnpp_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, An
   name = get("name", "ncsnpp")
   if name != "ncsnpp":
     raise InputError(f"score_sde config.model.name={name!r}: only 'ncsnpp' (NCSN++ / DDPM++) maps onto "
-                     f"jaxdiff's NCSNpp; the 'ddpm' network is jaxdiff's UNet.")
+                     f"jaxdiff's NCSNpp; the 'ddpm' network is jaxdiff's UNet (unet_kwargs_from_score_sde).")
   if not get("conditional", True):
     raise InputError("score_sde config.model.conditional=False: jaxdiff's NCSNpp is always noise-conditional.")
   act = str(get("nonlinearity", "swish")).lower()
@@ -95,6 +98,33 @@ def ncsnpp_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, An
   return kwargs
 
 
+def unet_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """`UNet` fields for score_sde's (JAX) `ddpm` network from its `config.model` (and `config.data`).
+
+  The same network as jaxdiff's DDPM U-Net except that, going up, score_sde attends once per
+  level (after the level's last block) rather than after every block
+  (`up_attn_every_block=False`); GroupNorm has flax's default 32 groups.
+  """
+  get = model.get if hasattr(model, "get") else lambda k, d=None: getattr(model, k, d)
+  name = get("name", "ddpm")
+  if name != "ddpm":
+    raise InputError(f"score_sde config.model.name={name!r}: unet_kwargs_from_score_sde is for its 'ddpm' "
+                     f"network; 'ncsnpp' is jaxdiff's NCSNpp (ncsnpp_kwargs_from_score_sde).")
+  checks = {"conditional": True, "resamp_with_conv": True, "normalization": "GroupNorm", "nonlinearity": "swish"}
+  for key, want in checks.items():
+    if str(get(key, want)).lower() != str(want).lower():
+      raise InputError(f"score_sde config.model.{key}={get(key)!r}: jaxdiff's UNet is the {key}={want!r} "
+                       f"network only.")
+  if data is not None:
+    dget = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
+    if not dget("centered", True):
+      raise InputError("score_sde config.data.centered=False: that ddpm network maps its input to 2x - 1 "
+                       "itself, which jaxdiff's UNet does not; use a checkpoint trained on centered data.")
+  return dict(ch=int(get("nf")), ch_mult=tuple(get("ch_mult")), num_res_blocks=int(get("num_res_blocks")),
+              attn_resolutions=tuple(get("attn_resolutions")), dropout=float(get("dropout", 0.1)),
+              num_groups=32, norm_eps=1e-6, up_attn_every_block=False)
+
+
 def _torch_modules(state_dict: Mapping[str, Any]) -> list[tuple[int, dict[str, np.ndarray]]]:
   """[(index, {param name: array})] for score_sde's `all_modules` that have parameters, in order."""
   modules: dict[int, dict[str, np.ndarray]] = {}
@@ -110,14 +140,19 @@ def _torch_modules(state_dict: Mapping[str, Any]) -> list[tuple[int, dict[str, n
   return sorted(modules.items())
 
 
-def _flax_kind(path: tuple[str, ...], module: nn.Module) -> str | None:
-  """The class of score_sde's (JAX) module that NCSNpp's submodule `module` at `path` stands for."""
+def _flax_kind(path: tuple[str, ...], module: nn.Module, ddpm: bool) -> str | None:
+  """The class of score_sde's (JAX) module that the network's submodule `module` at `path` stands
+  for (`ddpm`: the network is the UNet, score_sde's `ddpm`; else NCSNpp, its `ncsnpp`)."""
   if isinstance(module, ResnetBlockpp):
     return "ResnetBlockBigGANpp" if module.kind == "biggan" else "ResnetBlockDDPMpp"
+  if isinstance(module, layers.ResnetBlock):
+    return "ResnetBlockDDPM"
   if isinstance(module, layers.AttentionBlock):
-    return "AttnBlockpp"
+    return "AttnBlock" if ddpm else "AttnBlockpp"
   if isinstance(module, Resample):
     return "Upsample" if module.up else "Downsample"
+  if isinstance(module, (layers.Downsample, layers.Upsample)):
+    return type(module).__name__
   if isinstance(module, layers.GroupNorm):
     return "GroupNorm"
   if isinstance(module, layers.Conv):  # the input pyramid's join is a conv1x1 inside score_sde's Combine
@@ -127,7 +162,7 @@ def _flax_kind(path: tuple[str, ...], module: nn.Module) -> str | None:
   return None
 
 
-def _call_order(model: NCSNpp, shape: tuple[int, ...]) -> tuple[list[tuple[tuple[str, ...], str]], Any]:
+def _call_order(model: NCSNpp | UNet, shape: tuple[int, ...]) -> tuple[list[tuple[tuple[str, ...], str]], Any]:
   """(path, score_sde flax name) of the submodules that own parameters, in the order the forward
   pass calls them, and the params' shapes.
 
@@ -144,7 +179,7 @@ def _call_order(model: NCSNpp, shape: tuple[int, ...]) -> tuple[list[tuple[tuple
     top = len(path) == 1 or len(path) == 2 and path[0] == "time_embed"
     if context.method_name == "__call__" and top and path not in seen:
       seen.add(path)
-      kind = _flax_kind(path, context.module)
+      kind = _flax_kind(path, context.module, isinstance(model, UNet))
       if kind is not None:
         calls.append((path, f"{kind}_{counts.get(kind, 0)}"))
         counts[kind] = counts.get(kind, 0) + 1
@@ -231,18 +266,25 @@ def _convert_one(path: tuple[str, ...], target: Any, src: dict[str, np.ndarray])
   raise InputError(f"NCSNpp submodule {name} has no score_sde counterpart.")
 
 
-def _check_model(model: NCSNpp) -> None:
-  if not isinstance(model, NCSNpp):
+def _check_model(model: NCSNpp | UNet, *, allow_unet: bool = False) -> None:
+  kinds = (NCSNpp, UNet) if allow_unet else (NCSNpp,)
+  if not isinstance(model, kinds):
     raise InputError(f"model={type(model).__name__}: score_sde's NCSN++ / DDPM++ weights load into "
-                     f"jaxdiff.models.NCSNpp (see ncsnpp_kwargs_from_score_sde).")
+                     f"jaxdiff.models.NCSNpp (ncsnpp_kwargs_from_score_sde)"
+                     + (", its (JAX) DDPM weights into UNet (unet_kwargs_from_score_sde)." if allow_unet else "."))
+  name = type(model).__name__
   if model.num_classes:
-    raise InputError(f"NCSNpp num_classes={model.num_classes}: score_sde's NCSN++ has no label embedding; "
+    raise InputError(f"{name} num_classes={model.num_classes}: score_sde's networks have no label embedding; "
                      f"use num_classes=0.")
+  if isinstance(model, UNet) and (model.up_attn_every_block or model.num_heads != 1):
+    raise InputError(f"UNet(up_attn_every_block={model.up_attn_every_block}, num_heads={model.num_heads}): "
+                     f"score_sde's ddpm network attends once per level going up, with one head; build the "
+                     f"UNet with unet_kwargs_from_score_sde(config.model, config.data).")
 
 
-def _assemble(model: NCSNpp, target: Any, pairs: list[tuple[tuple[str, ...], str, dict[str, np.ndarray]]],
+def _assemble(model: NCSNpp | UNet, target: Any, pairs: list[tuple[tuple[str, ...], str, dict[str, np.ndarray]]],
               negate_output: bool) -> dict[str, Any]:
-  """NCSNpp params from (NCSNpp path, score_sde module name, its weights in PyTorch layout) pairs."""
+  """The network's params from (its path, score_sde module name, weights in PyTorch layout) pairs."""
   params: dict[str, Any] = {}
   for path, label, src in pairs:
     node = target
@@ -265,7 +307,7 @@ def _assemble(model: NCSNpp, target: Any, pairs: list[tuple[tuple[str, ...], str
     dest[path[-1]] = value
   if negate_output:
     outputs = [k for k in params if k == "conv_out" or (k.startswith("up_") and k.endswith("_pyramid_conv")
-                                                         and model.progressive == "output_skip")]
+                                                         and getattr(model, "progressive", "") == "output_skip")]
     for k in outputs:
       params[k] = {n: -v for n, v in params[k].items()}
   return jax.tree.map(jnp.asarray, params)
@@ -312,9 +354,10 @@ def _torch_layout(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.nda
   return out
 
 
-def convert_score_sde_flax_params(params: Mapping[str, Any], model: NCSNpp, image_shape: tuple[int, int, int],
-                                  *, negate_output: bool = False) -> dict[str, Any]:
-  """score_sde (JAX / flax) `NCSNpp` params -> `model`'s params.
+def convert_score_sde_flax_params(params: Mapping[str, Any], model: NCSNpp | UNet,
+                                  image_shape: tuple[int, int, int], *, negate_output: bool = False) -> dict[str, Any]:
+  """score_sde (JAX / flax) `NCSNpp` params -> `model`'s params (an `NCSNpp`); its `DDPM` params
+  -> a `UNet` built with `unet_kwargs_from_score_sde`.
 
   `params` is the tree score_sde trains and samples with (`state.params_ema`, or
   `state.optimizer.target`), e.g. from `load_score_sde_checkpoint`; a `{"params": ...}`
@@ -323,7 +366,7 @@ def convert_score_sde_flax_params(params: Mapping[str, Any], model: NCSNpp, imag
   in the same place, and must be the same kind of layer with the same shapes.
   `image_shape` and `negate_output` as in `convert_score_sde_state_dict`.
   """
-  _check_model(model)
+  _check_model(model, allow_unet=True)
   if not isinstance(params, Mapping):
     raise InputError(f"params is a {type(params).__name__}; pass score_sde's parameter tree (a dict of dicts, "
                      f"e.g. load_score_sde_checkpoint(path)).")

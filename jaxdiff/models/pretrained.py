@@ -5,7 +5,8 @@ random init; the EMA copy starts from them too, the optimizer state is fresh and
 is 0. A run that resumes from its own checkpoint ignores `init_from`.
 
   'score_sde:<path>'          a score_sde (JAX) checkpoint: `<workdir>/checkpoints/checkpoint_<n>`
-                              or that directory (the latest); its EMA weights -> NCSNpp
+                              or that directory (the latest); its EMA weights -> NCSNpp (its
+                              `ncsnpp` networks) or UNet (its `ddpm`; `up_attn_every_block=False`)
   'score_sde_pytorch:<path>'  a score_sde_pytorch state dict saved as .npz (how:
                               `jaxdiff.models.convert_score_sde`) -> NCSNpp
   'diffusers:<path>'          a diffusers `UNet2DModel` directory (or its .safetensors) -> UNet
@@ -32,8 +33,8 @@ import numpy as np
 
 from jaxdiff.errors import ConfigError
 
-# source -> the jaxdiff network its checkpoints hold (config.model.name)
-SOURCES = {"score_sde": "ncsnpp", "score_sde_pytorch": "ncsnpp", "diffusers": "unet"}
+# source -> the jaxdiff networks its checkpoints can hold (config.model.name)
+SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet",)}
 KEY = "config.training.init_from"
 
 
@@ -51,10 +52,10 @@ def validate_init_from(init_from: str, model_name: str, prediction: str) -> None
   """The checks that need only the config (the file is read when the run starts)."""
   source, _ = parse_init_from(init_from)
   want = SOURCES[source]
-  if model_name != want:
-    example = "configs/cifar10_ncsnpp.py or cifar10_ddpmpp.py" if want == "ncsnpp" else "configs/cifar10_ddpm.py"
-    raise ConfigError(f"{KEY}={init_from!r} holds a {want!r} network, but config.model.name={model_name!r}; "
-                      f"use a config whose model is {want!r} (e.g. {example}).")
+  if model_name not in want:
+    example = "configs/cifar10_ncsnpp.py or cifar10_ddpmpp.py" if want[0] == "ncsnpp" else "configs/cifar10_ddpm.py"
+    raise ConfigError(f"{KEY}={init_from!r} holds a {' or '.join(map(repr, want))} network, but "
+                      f"config.model.name={model_name!r}; use a config whose model is {want[0]!r} (e.g. {example}).")
   if source.startswith("score_sde") and prediction != "eps":
     raise ConfigError(f"{KEY}={init_from!r}: score_sde's networks predict eps, but config.loss.prediction="
                       f"{prediction!r}; set --config.loss.prediction=eps.")

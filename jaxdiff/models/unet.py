@@ -71,6 +71,9 @@ class UNet(nn.Module):
   # numbers with JAX's own derivatives, which the likelihood ODE's Jacobian products use.
   custom_vjp: bool = True
   num_classes: int = 0  # >0: class-conditional on labels 0..num_classes-1; num_classes = null label
+  # Going up, attention after every resnet block of a level at attn_resolutions (DDPM, diffusers);
+  # False: once per level, after its last block (score_sde's `ddpm` network, 35,218,947 params).
+  up_attn_every_block: bool = True
 
   def _check_config(self) -> None:
     if not self.ch_mult:
@@ -154,8 +157,10 @@ class UNet(nn.Module):
       for j in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = resnet(h, self.ch * self.ch_mult[level], f"up_{level}_res_{j}")
-        if h.shape[1] in self.attn_resolutions:
+        if h.shape[1] in self.attn_resolutions and self.up_attn_every_block:
           h = attention(h, f"up_{level}_attn_{j}")
+      if h.shape[1] in self.attn_resolutions and not self.up_attn_every_block:
+        h = attention(h, f"up_{level}_attn")
       if level != 0:
         h = layers.Upsample(name=f"up_{level}_upsample", **nkw)(h)
 
