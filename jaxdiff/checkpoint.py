@@ -38,7 +38,7 @@ def _path_names(path) -> str:
   return "/".join(parts)
 
 
-def _shape_mismatches(saved_meta, abstract, limit: int = 3) -> list[str]:
+def shape_mismatches(saved_meta, abstract, limit: int = 3) -> list[str]:
   """Paths whose saved shape differs from the expected one (or that are missing)."""
   saved = {_path_names(p): tuple(getattr(m, "shape", ()) or ())
            for p, m in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
@@ -151,7 +151,7 @@ class Checkpointer:
     items_meta = self._mngr.item_metadata(step)
     saved = items_meta["state"]
     saved_tree = getattr(saved, "tree", saved)
-    bad = _shape_mismatches(saved_tree, abstract_state)
+    bad = shape_mismatches(saved_tree, abstract_state)
     if bad:
       raise CheckpointError(
           f"checkpoint {self.directory}/{step} does not match the config: {'; '.join(bad)}. "

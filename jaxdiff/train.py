@@ -444,17 +444,15 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
              f" (config.training.init_from={init_from!r} only starts a fresh run)" if init_from else "")
     return start, state
   # never materialised unsharded; compiled ahead so the compiler's freed heap is returned first
+  params = None  # a random init
   if init_from:
     host = pretrained.load_pretrained(init_from, exp.model, exp.data_spec.shape,
                                       negate_output=config.process.name == "ve")  # VE: score_sde's -eps
     pretrained.check_fits(host, abstract.params, init_from)
     host = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), host, abstract.params)
     params = sharding.put_host_tree(host, state_sh.params)
-    state = aot.AotJit(jax.jit(lambda k, p: init(k, params=p), out_shardings=state_sh), name="init")(init_key,
-                                                                                                     params)
-    log.info("Initialised from %s.", init_from)
-  else:
-    state = aot.AotJit(jax.jit(init, out_shardings=state_sh), name="init")(init_key)
+    log.info("Initialising from %s.", init_from)
+  state = aot.AotJit(jax.jit(lambda k, p: init(k, params=p), out_shardings=state_sh), name="init")(init_key, params)
   if sharding.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

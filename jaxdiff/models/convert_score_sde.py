@@ -72,9 +72,14 @@ _KEYS = {"nf": "ch", "ch_mult": "ch_mult", "num_res_blocks": "num_res_blocks", "
          "embedding_type": "embedding_type", "fourier_scale": "fourier_scale", "init_scale": "init_scale"}
 
 
+def _getter(section: Any):
+  """`get(key, default)` for a score_sde config section: a dict, a ConfigDict or any object."""
+  return section.get if hasattr(section, "get") else lambda k, d=None: getattr(section, k, d)
+
+
 def ncsnpp_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """`NCSNpp` fields from a score_sde `config.model` (and `config.data`, for `centered`)."""
-  get = model.get if hasattr(model, "get") else lambda k, d=None: getattr(model, k, d)
+  get = _getter(model)
   name = get("name", "ncsnpp")
   if name != "ncsnpp":
     raise InputError(f"score_sde config.model.name={name!r}: only 'ncsnpp' (NCSN++ / DDPM++) maps onto "
@@ -93,7 +98,7 @@ def ncsnpp_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, An
     if key in kwargs:
       kwargs[key] = str(kwargs[key]).lower()
   if data is not None:
-    dget = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
+    dget = _getter(data)
     kwargs["center_input"] = not bool(dget("centered", True))
   return kwargs
 
@@ -105,7 +110,7 @@ def unet_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, Any]
   level (after the level's last block) rather than after every block
   (`up_attn_every_block=False`); GroupNorm has flax's default 32 groups.
   """
-  get = model.get if hasattr(model, "get") else lambda k, d=None: getattr(model, k, d)
+  get = _getter(model)
   name = get("name", "ddpm")
   if name != "ddpm":
     raise InputError(f"score_sde config.model.name={name!r}: unet_kwargs_from_score_sde is for its 'ddpm' "
@@ -116,7 +121,7 @@ def unet_kwargs_from_score_sde(model: Mapping[str, Any], data: Mapping[str, Any]
       raise InputError(f"score_sde config.model.{key}={get(key)!r}: jaxdiff's UNet is the {key}={want!r} "
                        f"network only.")
   if data is not None:
-    dget = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
+    dget = _getter(data)
     if not dget("centered", True):
       raise InputError("score_sde config.data.centered=False: that ddpm network maps its input to 2x - 1 "
                        "itself, which jaxdiff's UNet does not; use a checkpoint trained on centered data.")

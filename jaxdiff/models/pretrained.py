@@ -97,13 +97,12 @@ def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ..
 
 def check_fits(params: Any, abstract_params: Any, init_from: str) -> None:
   """`params` has exactly the config's parameter tree (names and shapes)."""
-  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  bad = [f"{k}: {got.get(k, 'missing')} in the checkpoint, {want.get(k, 'absent')} in config.model"
-         for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k)]
+  from jaxdiff.checkpoint import shape_mismatches
+
+  bad = shape_mismatches(params, abstract_params)
   if bad:
-    raise ConfigError(f"{KEY}={init_from!r} does not fit config.model ({len(bad)} arrays differ, e.g. "
-                      f"{'; '.join(bad[:3])}); set config.model to the checkpoint's network.")
+    raise ConfigError(f"{KEY}={init_from!r} does not fit config.model (e.g. {'; '.join(bad)}); set "
+                      f"config.model to the checkpoint's network.")
 
 
 def _norm(v: Any) -> Any:
