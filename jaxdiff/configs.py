@@ -67,11 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
-      prediction="eps",          # what the network outputs: eps | x0 | v | score | edm
+      prediction="eps",          # what the network outputs: eps | x0 | v | score | flow | edm
       target="",                 # space of the squared error ('' = prediction)
       weighting="none",          # none | likelihood | edm | min_snr
       reduce="mean",             # mean | sum over data dimensions
-      t_sampling="process",      # process | lognormal (EDM) | discrete (NCSN)
+      t_sampling="process",      # process | lognormal (EDM) | discrete (NCSN) | logit_normal (SD3;
+                                 # a config may add logit_mean, logit_std: default 0, 1)
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -11,6 +11,7 @@ key) bound. One function covers the objectives of the field:
 |---------------------------|------------------------------------------------------------------|
 | `eps`, `none`             | Ho et al.'s L_simple (eps-MSE); = DSM with sigma^2 weighting     |
 | `v` / `x0`, `none`        | v- or x0-MSE                                                     |
+| `flow`, `none`            | flow matching: (eps - x0)-MSE (Lipman et al.); + `logit_normal` t: SD3 |
 | any, `likelihood`         | score matching weighted by g(t)^2 (Song et al. 2021, an ELBO bound) |
 | `x0`, `edm` + lognormal t | Karras et al.: lambda(sigma) = (sigma^2+sigma_d^2)/(sigma sigma_d)^2 |
 | any, `min_snr`            | min-SNR-gamma weighting (Hang et al. 2023), in eps space         |
@@ -33,13 +34,13 @@ import jax.numpy as jnp
 from jaxdiff import guidance
 from jaxdiff import parameterization as param_lib
 from jaxdiff.errors import ConfigError
-from jaxdiff.processes import EDM, VE, Process, bcast
+from jaxdiff.processes import DDPM, EDM, VE, Process, bcast
 
 Array = jax.Array
 
-TARGETS = ("eps", "x0", "v", "score")
+TARGETS = ("eps", "x0", "v", "score", "flow")
 WEIGHTINGS = ("none", "likelihood", "edm", "min_snr")
-T_SAMPLINGS = ("process", "lognormal", "discrete")
+T_SAMPLINGS = ("process", "lognormal", "discrete", "logit_normal")
 
 
 def _check(name, value, valid):
@@ -59,19 +60,23 @@ def make_denoising_loss(
     p_std: float = 1.2,
     num_scales: int = 1000,
     min_snr_gamma: float = 5.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
 ) -> Callable[..., tuple[Array, dict[str, Any]]]:
   """Builds `loss_fn(net, x0, key) -> (loss, aux)`.
 
   Args:
     process: the diffusion process.
-    prediction: what the network outputs ('eps', 'x0', 'v', 'score' or 'edm').
+    prediction: what the network outputs ('eps', 'x0', 'v', 'score', 'flow' or 'edm').
     target: the space the squared error is measured in; defaults to `prediction`
       ('x0' for 'edm').
     weighting: 'none', 'likelihood' (g^2), 'edm' (Karras' lambda) or 'min_snr'.
     reduce: 'mean' or 'sum' of the squared error over data dimensions.
     t_sampling: 'process' (the process's own training times: uniform in t, or uniform
       steps for DDPM), 'lognormal' (EDM: log sigma ~ N(p_mean, p_std^2); alpha=1
-      processes only) or 'discrete' (NCSN: one of `num_scales` geometric sigmas; VE only).
+      processes only), 'discrete' (NCSN: one of `num_scales` geometric sigmas; VE only) or
+      'logit_normal' (Esser et al. 2024: t = t_min + (T - t_min) sigmoid(n),
+      n ~ N(logit_mean, logit_std^2), more weight on the middle times; continuous processes).
   """
   param_lib.check_prediction(prediction)
   target = target or ("x0" if prediction == "edm" else prediction)
@@ -85,6 +90,13 @@ def make_denoising_loss(
   if t_sampling == "discrete" and not isinstance(process, VE):
     raise ConfigError(f"config.loss.t_sampling='discrete' is NCSN's loss and needs the VE process, "
                       f"not {type(process).__name__}; use t_sampling='process'.")
+  if t_sampling == "logit_normal":
+    if isinstance(process, DDPM):
+      raise ConfigError("config.loss.t_sampling='logit_normal' draws continuous times, but the DDPM process "
+                        "has integer steps; use t_sampling='process' or a continuous process "
+                        "(e.g. config.process.name='rectified_flow').")
+    if not logit_std > 0:
+      raise ConfigError(f"config.loss.logit_std={logit_std} must be > 0 (SD3 uses 1.0).")
   if weighting == "edm" and not isinstance(process, EDM):
     raise ConfigError(f"config.loss.weighting='edm' needs the EDM process (its sigma_data), "
                       f"not {type(process).__name__}.")
@@ -99,6 +111,9 @@ def make_denoising_loss(
     if t_sampling == "discrete":
       idx = jax.random.randint(key, (batch,), 0, num_scales)
       return process.t_from_log_snr(-2.0 * jnp.log(process.discrete_sigmas(num_scales)[idx]))
+    if t_sampling == "logit_normal":
+      u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+      return process.t_min + (process.T - process.t_min) * u
     return process.sample_t(key, batch)
 
   def loss_fn(net, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:

@@ -6,6 +6,10 @@ For `x_t = alpha x0 + sigma eps` a network may predict
 * `x0`    the clean data,
 * `v`     `alpha eps - sigma x0` (Salimans & Ho 2022),
 * `score` `grad log p_t(x_t) = -eps / sigma`,
+* `flow`  `eps - x0`, the velocity of flow matching / rectified flow (Lipman et al. 2023,
+          Liu et al. 2023): on `RectifiedFlow` (shift 1) the probability-flow ODE is
+          `dx/dt = eps - x0`. It is finite everywhere on any process with alpha + sigma > 0,
+          at pure noise too, where x0 = x - flow and eps = x,
 * `edm`   Karras et al.'s preconditioned denoiser `D = c_skip x + c_out F(c_in x; c_noise)`
           (only with the `EDM` process, which supplies the c's).
 
@@ -23,7 +27,7 @@ from jaxdiff.processes import EDM, bcast
 
 Array = jax.Array
 
-PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+PREDICTIONS = ("eps", "x0", "v", "score", "flow", "edm")
 
 
 def check_prediction(prediction: str) -> None:
@@ -46,6 +50,11 @@ def to_x0_eps(out: Array, x: Array, alpha, sigma, prediction: str) -> tuple[Arra
   elif prediction == "score":
     eps = -sigma * out
     x0 = (x - sigma * eps) / alpha
+  elif prediction == "flow":
+    # x = alpha x0 + sigma eps and u = eps - x0 give x - sigma u = (alpha + sigma) x0
+    norm = alpha + sigma
+    x0 = (x - sigma * out) / norm
+    eps = (x + alpha * out) / norm
   else:
     check_prediction(prediction)
     raise AssertionError
@@ -62,6 +71,8 @@ def from_x0_eps(x0: Array, eps: Array, alpha, sigma, prediction: str) -> Array:
     return alpha * eps - sigma * x0
   if prediction == "score":
     return -eps / sigma
+  if prediction == "flow":
+    return eps - x0
   check_prediction(prediction)
   raise AssertionError
 
@@ -93,7 +104,7 @@ def predict(net, process, prediction: str, x: Array, t: Array) -> tuple[Array, A
   if prediction == "edm":
     if not isinstance(process, EDM):
       raise ConfigError(f"prediction='edm' needs the EDM process (its c_skip/c_out/c_in), "
-                        f"not {type(process).__name__}; use prediction='eps', 'x0' or 'v' instead.")
+                        f"not {type(process).__name__}; use prediction='eps', 'x0', 'v' or 'flow' instead.")
     c_skip, c_out, c_in, c_noise = process.precond(sigma)
     out = net(bcast(c_in, x) * x, c_noise)
     x0 = bcast(c_skip, x) * x + bcast(c_out, x) * out.astype(x.dtype)

@@ -17,7 +17,8 @@ Subclasses override derived quantities with closed forms where that is more accu
 (VP's `f_g2`, for example). All methods take a batch of times `t: [B]` and broadcast
 against `x: [B, ...]`; everything is jittable and differentiable.
 
-Public processes: `DDPM` (discrete, Ho et al.), `VP`, `SubVP`, `VE`, `CosineVP`, `EDM`.
+Public processes: `DDPM` (discrete, Ho et al.), `VP`, `SubVP`, `VE`, `CosineVP`, `EDM`,
+`RectifiedFlow` (flow matching).
 
 Time conventions (`noise_cond(t)` maps a time to the network's conditioning input):
 
@@ -27,6 +28,7 @@ Time conventions (`noise_cond(t)` maps a time to the network's conditioning inpu
 | VP/SubVP/CosineVP | [t_min, 1]  | t = 0    | 999 t                         |
 | VE       | [t_min, 1]           | t = 0 (sigma_min) | sigma(t)             |
 | EDM      | [sigma_min, sigma_max], t = sigma | t = 0 | log(sigma) / 4       |
+| RectifiedFlow | [t_min, t_max < 1] | t = 0        | 999 sigma(t)                  |
 """
 
 from __future__ import annotations
@@ -527,11 +529,80 @@ class EDM(Process):
     return (self.sigma_max**inv + i * (self.sigma_min**inv - self.sigma_max**inv)) ** self.rho
 
 
+class RectifiedFlow(Process):
+  """Rectified flow / flow matching: the straight path `x_t = (1 - s) x0 + s eps`, s = sigma(t).
+
+  Liu et al. (2023), Lipman et al. (2023), Esser et al. (2024, SD3). With `shift=1`,
+  sigma(t) = t and the probability-flow ODE is `dx/dt = eps - x0`, the velocity a network
+  with `prediction='flow'` outputs; on this process `ddim` (eta=0) is exactly the Euler
+  sampler of flow matching and `ode` its adaptive solve. `shift` is SD3's timestep shift
+  (Esser et al., eq. 23), `sigma(t) = shift t / (1 + (shift - 1) t)`: above 1 it spends more
+  of a uniform time grid (and of uniform training times) at high noise, as larger images need.
+
+  alpha = 1 - sigma reaches 0 at t = 1, where the SDE's drift f = d log(alpha)/dt is
+  infinite, so T = `t_max` (default 0.999, log-SNR -13.8, about CosineVP's -14.5) and the
+  prior is N(0, alpha(T)^2 + sigma(T)^2) ~ N(0, 0.998^2); `eps` is t_min. The network input
+  is 999 sigma(t) (SD3 conditions on the shifted time, so a model can be sampled with
+  another shift than it was trained with).
+  """
+
+  eps: float = struct.field(pytree_node=False, default=1e-3)    # t_min
+  t_max: float = struct.field(pytree_node=False, default=0.999)
+  shift: float = struct.field(pytree_node=False, default=1.0)
+
+  def __post_init__(self):
+    if not 0.0 < self.eps < self.t_max < 1.0:
+      raise ConfigError(f"RectifiedFlow needs 0 < eps < t_max < 1 (alpha = 1 - sigma vanishes at t = 1); "
+                        f"got eps={self.eps}, t_max={self.t_max}. The defaults are 1e-3 and 0.999.")
+    if not self.shift > 0.0:
+      raise ConfigError(f"RectifiedFlow shift={self.shift} must be > 0 (1 = no shift; SD3 uses 3 at 1024 px).")
+
+  @property
+  def t_min(self) -> float:
+    return self.eps
+
+  @property
+  def T(self) -> float:
+    return self.t_max
+
+  @property
+  def prior_std(self) -> float:
+    s = self.shift * self.t_max / (1.0 + (self.shift - 1.0) * self.t_max)  # (Python floats: no trace)
+    return math.sqrt((1.0 - s) ** 2 + s**2)
+
+  # With k = shift and d = 1 + (k - 1) t: sigma = k t / d and alpha = (1 - t) / d, written so
+  # that alpha keeps full float32 precision near t = 1 (1 - t is exact there; 1 - sigma is not).
+  def alpha(self, t: Array) -> Array:
+    t = _as_time(t)
+    return (1.0 - t) / (1.0 + (self.shift - 1.0) * t)
+
+  def sigma(self, t: Array) -> Array:
+    t = _as_time(t)
+    return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+  def log_snr(self, t: Array) -> Array:
+    t = _as_time(t)
+    return 2.0 * (jnp.log1p(-t) - jnp.log(self.shift * t))
+
+  def t_from_log_snr(self, lam: Array) -> Array:
+    # (1 - t) / (k t) = exp(lam / 2)
+    return 1.0 / (1.0 + self.shift * jnp.exp(0.5 * jnp.asarray(lam, jnp.float32)))
+
+  def f_g2(self, t: Array) -> tuple[Array, Array]:
+    # f = d log alpha / dt = -k / ((1 - t) d), g^2 = 2 sigma sigma' / alpha = 2 k^2 t / ((1 - t) d^2)
+    t = _as_time(t)
+    k, d = self.shift, 1.0 + (self.shift - 1.0) * t
+    return -k / ((1.0 - t) * d), 2.0 * k**2 * t / ((1.0 - t) * d**2)
+
+  def noise_cond(self, t: Array) -> Array:
+    return 999.0 * self.sigma(t)
+
+
 # --------------------------------------------------------------------------------------
 # Construction from a config
 # --------------------------------------------------------------------------------------
 
-PROCESSES = ("ddpm", "vp", "subvp", "cosine_vp", "ve", "edm")
+PROCESSES = ("ddpm", "vp", "subvp", "cosine_vp", "ve", "edm", "rectified_flow")
 
 
 def get_process(name: str, **kwargs) -> Process:
@@ -555,7 +626,8 @@ def get_process(name: str, **kwargs) -> Process:
       if kwargs:
         raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
       return p
-    cls = {"vp": VP, "subvp": SubVP, "cosine_vp": CosineVP, "ve": VE, "edm": EDM}.get(name)
+    cls = {"vp": VP, "subvp": SubVP, "cosine_vp": CosineVP, "ve": VE, "edm": EDM,
+           "rectified_flow": RectifiedFlow}.get(name)
     if cls is None:
       raise ConfigError(f"config.process.name={name!r} is not known; valid names: {', '.join(PROCESSES)}.")
     return cls(**kwargs)

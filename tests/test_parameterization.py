@@ -9,7 +9,7 @@ from jaxdiff import parameterization as par
 from jaxdiff import processes as P
 from jaxdiff.errors import ConfigError
 
-KINDS = ["eps", "x0", "v", "score"]
+KINDS = ["eps", "x0", "v", "score", "flow"]
 
 
 @pytest.mark.parametrize("alpha,sigma", [(0.8, 0.6), (1.0, 7.5), (0.3, 0.2)])
@@ -32,6 +32,18 @@ def test_v_definition_and_score():
   x0, eps = jnp.array([[1.0]]), jnp.array([[2.0]])
   assert float(par.from_x0_eps(x0, eps, 0.6, 0.8, "v")[0, 0]) == pytest.approx(0.6 * 2 - 0.8 * 1)
   assert float(par.from_x0_eps(x0, eps, 0.6, 0.8, "score")[0, 0]) == pytest.approx(-2 / 0.8)
+
+
+def test_flow_is_the_straight_path_velocity_and_finite_at_pure_noise():
+  """flow = eps - x0 = dx/dt of x = (1 - t) x0 + t eps; at alpha = 0 it still gives x0 and eps."""
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x0, eps = jax.random.normal(k1, (4, 3)), jax.random.normal(k2, (4, 3))
+  path = lambda t: (1 - t) * x0 + t * eps
+  _, velocity = jax.jvp(path, (0.3,), (1.0,))
+  np.testing.assert_allclose(par.from_x0_eps(x0, eps, 0.7, 0.3, "flow"), velocity, rtol=1e-6)
+  got_x0, got_eps = par.to_x0_eps(eps - x0, eps, 0.0, 1.0, "flow")  # x = eps at alpha = 0
+  np.testing.assert_allclose(got_x0, x0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_eps, eps, rtol=1e-6, atol=1e-6)
 
 
 def test_predict_edm_preconditioning():

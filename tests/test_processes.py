@@ -8,7 +8,8 @@ import pytest
 from jaxdiff import processes as P
 from jaxdiff.errors import ConfigError
 
-ALL = [P.DDPM.linear(), P.DDPM.cosine(), P.VP(), P.SubVP(), P.CosineVP(), P.VE(), P.EDM()]
+ALL = [P.DDPM.linear(), P.DDPM.cosine(), P.VP(), P.SubVP(), P.CosineVP(), P.VE(), P.EDM(),
+       P.RectifiedFlow(), P.RectifiedFlow(shift=3.0)]
 
 
 def test_ddpm_linear_schedule_matches_ho_et_al():
@@ -68,6 +69,36 @@ def test_marginal_statistics(p):
 def test_log_snr_inverse(p):
   t = jnp.linspace(p.t_min, p.T, 11)
   np.testing.assert_allclose(p.t_from_log_snr(p.log_snr(t)), t, rtol=1e-3, atol=1e-4 * p.T)
+
+
+def test_rectified_flow_closed_form():
+  """The straight path (1 - s) x0 + s eps, SD3's shift, and a prior that is N(0, I) to 1e-3."""
+  t = np.linspace(1e-3, 0.999, 7).astype(np.float32).astype(np.float64)  # the times jax sees
+  p = P.RectifiedFlow()
+  np.testing.assert_allclose(p.sigma(t), t, rtol=1e-6)
+  np.testing.assert_allclose(p.alpha(t), 1 - t, rtol=1e-6)  # full precision at t -> 1 too
+  np.testing.assert_allclose(p.noise_cond(t), 999 * t, rtol=1e-6)
+  p3 = P.RectifiedFlow(shift=3.0)
+  s3 = 3 * t / (1 + 2 * t)  # Esser et al. (2024), eq. 23 with shift 3
+  np.testing.assert_allclose(p3.sigma(t), s3, rtol=1e-6)
+  np.testing.assert_allclose(p3.alpha(t) + p3.sigma(t), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(p3.noise_cond(t), 999 * s3, rtol=1e-5)
+  # the probability-flow velocity of a straight path is d sigma/dt (eps - x0), whatever x0, eps
+  x0, eps = np.array([[0.7, -1.2]]), np.array([[-0.3, 0.9]])
+  for proc, ds in ((p, 1.0), (p3, 3 / (1 + 2 * 0.4) ** 2)):
+    tt = jnp.asarray([0.4])
+    x = proc.marginal(jnp.asarray(x0), tt, jnp.asarray(eps))
+    score = -jnp.asarray(eps) / proc.sigma(tt)[:, None]  # exact for this (x0, eps) pair
+    np.testing.assert_allclose(proc.probability_flow_drift(x, tt, score), ds * (eps - x0), rtol=1e-5)
+  for proc in (p, p3):
+    assert proc.t_min == 1e-3 and proc.T == 0.999 and abs(proc.prior_std - 1.0) < 1e-3
+    np.testing.assert_allclose(proc.prior_std, np.hypot(proc.alpha(jnp.asarray([0.999]))[0],
+                                                        proc.sigma(jnp.asarray([0.999]))[0]), rtol=1e-6)
+  assert isinstance(P.get_process("rectified_flow", shift=2.0), P.RectifiedFlow)
+  with pytest.raises(ConfigError, match="t_max=1.0"):
+    P.RectifiedFlow(t_max=1.0)
+  with pytest.raises(ConfigError, match="shift=0.0"):
+    P.get_process("rectified_flow", shift=0.0)
 
 
 def test_ddpm_posterior_is_ho_et_al():

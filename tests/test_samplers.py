@@ -23,7 +23,8 @@ from jaxdiff.errors import InputError
 MIX = GaussianMixture(means=[[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], stds=[0.3, 0.5, 0.4],
                       weights=[0.5, 0.3, 0.2])
 N = 4000  # samples per method
-PROCESSES = {"ddpm": P.DDPM.linear(1000), "vp": P.VP(), "ve": P.VE(), "edm": P.EDM()}
+PROCESSES = {"ddpm": P.DDPM.linear(1000), "vp": P.VP(), "ve": P.VE(), "edm": P.EDM(),
+             "rectified_flow": P.RectifiedFlow(shift=3.0)}
 
 
 def mixture_score(process):
@@ -226,6 +227,34 @@ def test_ddim_eta0_is_euler_in_x_over_alpha_and_dpm_solver_order1(pname):
   scale = float(jnp.max(jnp.abs(y))) + 1.0
   np.testing.assert_allclose(got, y, atol=2e-5 * scale)
   np.testing.assert_allclose(dpm1, y, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_ddim_on_rectified_flow_is_the_flow_matching_euler_sampler(shift):
+  """On the straight path DDIM(eta=0) is x_s = x_t + (sigma_s - sigma_t) u_hat, u_hat = eps_hat - x0_hat:
+  Euler on dx/dsigma = u (= dx/dt for shift 1), the sampler of Lipman et al. / SD3, and a
+  denoiser that is exact for one data point takes it there in one step."""
+  p = P.RectifiedFlow(shift=shift)
+  score = jax.jit(mixture_score(p))
+  ts = p.default_grid(6)
+  x = p.prior_std * jax.random.normal(jax.random.key(0), (32, 2))
+  got = sample(jax.random.key(1), p, score, (32, 2), method="ddim", ts=ts, denoise=False, x_init=x)[0]
+  y = x
+  for t, s in zip(ts[:-1], ts[1:]):
+    tt = jnp.full((32,), t)
+    a, sig = p.alpha(tt)[:, None], p.sigma(tt)[:, None]
+    eps = -sig * score(y, tt)
+    u = eps - (y - sig * eps) / a
+    y = y + (p.sigma(jnp.full((32,), s))[:, None] - sig) * u
+  np.testing.assert_allclose(got, y, atol=2e-4 * (float(jnp.max(jnp.abs(y))) + 1.0))
+  # one data point: its flow is a straight line, x_t = alpha_t x0 + sigma_t eps, and one step is exact
+  x0 = jnp.asarray([[0.5, -1.5]])
+  point_score = lambda x, t: -(x - p.alpha(t)[:, None] * x0) / p.sigma(t)[:, None] ** 2
+  one = sample(jax.random.key(2), p, point_score, (32, 2), method="ddim", num_steps=2, denoise=False,
+               x_init=x)[0]
+  (a_T, a_0), (s_T, s_0) = p.alpha(ts[::5]), p.sigma(ts[::5])
+  # (float32: x0_hat = (x - sigma eps_hat) / alpha at alpha(T) = 1e-3 loses ~3 digits through the score)
+  np.testing.assert_allclose(one, a_0 * x0 + s_0 / s_T * (x - a_T * x0), atol=5e-4)
 
 
 def test_heun_on_edm_is_karras_algorithm_2():
