@@ -541,7 +541,7 @@ class RectifiedFlow(Process):
 
   alpha = 1 - sigma reaches 0 at t = 1, where the SDE's drift f = d log(alpha)/dt is
   infinite, so T = `t_max` (default 0.999, log-SNR -13.8, about CosineVP's -14.5) and the
-  prior is N(0, alpha(T)^2 + sigma(T)^2) ~ N(0, 0.998^2); `eps` is t_min. The network input
+  prior is N(0, alpha(T)^2 + sigma(T)^2) ~ N(0, 0.999^2); `eps` is t_min. The network input
   is 999 sigma(t) (SD3 conditions on the shifted time, so a model can be sampled with
   another shift than it was trained with).
   """
