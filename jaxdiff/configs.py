@@ -220,6 +220,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"process (its network input is sigma > 0); config.process.name="
                       f"{config.process.name!r} gives another input: use config.model.embedding_type="
                       f"'positional' (DDPM++).")
+  if m.name == "dit":
+    if d.dataset == "gmm2d":
+      raise ConfigError("config.model.name='dit' takes images, but config.data.dataset='gmm2d' is 2-D vector "
+                        "data; use model.name='mlp'.")
+    if d.resolution % m.patch_size:
+      raise ConfigError(f"config.data.resolution={d.resolution} is not a multiple of config.model.patch_size="
+                        f"{m.patch_size}; use a patch size that divides it (MNIST's 28: 2, 4 or 7).")
   if m.name == "mlp" and d.dataset != "gmm2d":
     raise ConfigError(f"config.model.name='mlp' takes vector data, but config.data.dataset={d.dataset!r} "
                       f"is an image dataset; use model.name='unet'.")
@@ -269,9 +276,10 @@ def _validate_superres(config: ml_collections.ConfigDict) -> None:
     sides = [s for s in range(1, d.resolution) if d.resolution % s == 0]
     raise ConfigError(f"config.data.cond_resolution={r} must be a side smaller than config.data.resolution="
                       f"{d.resolution} that divides it (area downsampling); use one of {sides}.")
-  if m.name not in ("unet", "ncsnpp") or d.dataset == "gmm2d":
+  if m.name not in ("unet", "ncsnpp", "dit") or d.dataset == "gmm2d":
     raise ConfigError(f"config.data.cond_resolution={r} (super-resolution) needs image data and "
-                      f"config.model.name='unet' or 'ncsnpp' (got {m.name!r} on {d.dataset!r}); set cond_resolution=0.")
+                      f"config.model.name='unet', 'ncsnpp' or 'dit' (got {m.name!r} on {d.dataset!r}); "
+                      f"set cond_resolution=0.")
   if int(m.get("num_classes", 0)):
     raise ConfigError(f"config.data.cond_resolution={r} with config.model.num_classes={m.num_classes}: a "
                       f"class-conditional super-resolution model is not supported; set one of them to 0.")

@@ -170,9 +170,14 @@ def test_classifier_network_and_compatibility_checks():
 
 @pytest.fixture(scope="module")
 def runs(tfds_dir, tmp_path_factory):
-  """(config, workdir) of mnist_cond:tiny and mnist_classifier:tiny, 4 steps each."""
+  """(config, workdir) of mnist_dit:tiny and mnist_classifier:tiny, 4 steps each.
+
+  The conditional model is a DiT, so that the transformer runs end to end (training, guided
+  sampling, the CLI); the U-Net's label embedding is tested above, and the two share every
+  other line of the conditional pipeline.
+  """
   out = {}
-  for key, name, arg in [("cond", "mnist_cond", "tiny"), ("clf", "mnist_classifier", "tiny")]:
+  for key, name, arg in [("cond", "mnist_dit", "tiny"), ("clf", "mnist_classifier", "tiny")]:
     c = load_config(name, arg)
     c.data.data_dir = tfds_dir
     workdir = str(tmp_path_factory.mktemp(key))
@@ -218,7 +223,7 @@ def test_generate_bad_inputs(runs):
       (unconditional, dict(guidance_scale=3.0), r"--guidance_scale=3 needs a class-conditional model"),
       (unconditional, dict(labels=["1"]), r"--labels=1 were given but .* is an unconditional model"),
       (c, dict(classifier_scale=2.0), r"--classifier_scale=2 needs --classifier_workdir"),
-      (c, dict(classifier_workdir=workdir, labels=["1"]), r"holds a UNet .*not a classifier"),
+      (c, dict(classifier_workdir=workdir, labels=["1"]), r"holds a DiT .*not a classifier"),
       (c, dict(classifier_workdir=clf_dir), r"--classifier_workdir needs --labels"),
   ]
   for config, kw, match in cases:

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 
 from jaxdiff.errors import ConfigError
 from jaxdiff.models.classifier import NoiseClassifier
+from jaxdiff.models.dit import DiT, dit_size
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.ncsnpp import NCSNpp
 from jaxdiff.models.unet import UNet
 
-MODELS = {"unet": UNet, "ncsnpp": NCSNpp, "mlp": MLP, "classifier": NoiseClassifier}
+MODELS = {"unet": UNet, "ncsnpp": NCSNpp, "dit": DiT, "mlp": MLP, "classifier": NoiseClassifier}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -54,4 +55,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MLP", "UNet", "NCSNpp", "NoiseClassifier", "MODELS", "create_model"]
+__all__ = ["MLP", "UNet", "NCSNpp", "DiT", "dit_size", "NoiseClassifier", "MODELS", "create_model"]

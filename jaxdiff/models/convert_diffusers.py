@@ -1,12 +1,17 @@
-"""Loads diffusers `UNet2DModel` checkpoints into the jaxdiff `UNet`, without torch.
+"""Loads diffusers checkpoints into jaxdiff networks, without torch.
 
   unet_kwargs, params = load_diffusers_unet("path/to/google-ddpm-cifar10-32")
   net = UNet(**unet_kwargs)
   eps_hat = net.apply({"params": params}, x_nhwc, t, train=False)
 
+  dit_kwargs, params = load_diffusers_dit("path/to/DiT-XL-2-256")   # its transformer/
+  eps_hat = DiT(**dit_kwargs).apply({"params": params}, z_nhwc, t, labels)
+
+`UNet2DModel` -> `UNet` and `DiTTransformer2DModel` -> `DiT` (see `load_diffusers_dit`).
+
 A checkpoint is a directory with `config.json` and `diffusion_pytorch_model.safetensors`
-(what `UNet2DModel.save_pretrained(dir, safe_serialization=True)` writes; a pipeline
-directory with a `unet/` subfolder works too). It is read with `safetensors.numpy`, an
+(what `save_pretrained(dir, safe_serialization=True)` writes; a pipeline directory with a
+`unet/` or `transformer/` subfolder works too). It is read with `safetensors.numpy`, an
 optional dependency: `pip install jaxdiff[convert]`.
 
 Only the DDPM family of `UNet2DModel` configs maps onto the jaxdiff U-Net: `DownBlock2D` /
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import InputError
+from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet
 
 CONFIG_NAME = "config.json"
@@ -288,20 +294,51 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], config: M
   params["norm_out"] = sd.norm("conv_norm_out")
   params["conv_out"] = sd.conv("conv_out")
 
+  _check_converted(sd, params, _expected_shapes(kwargs, config), "UNet", kwargs)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _check_converted(sd: _StateDict, params: Mapping[str, Any], want: Mapping[str, Any], net: str,
+                     kwargs: Mapping[str, Any]) -> None:
+  """InputError unless every tensor was used, none was missing and every shape fits `net`."""
   if sd.missing:
     raise InputError(f"state_dict lacks {len(sd.missing)} tensors the config implies, e.g. {sd.missing[:3]}; "
                      f"pass the checkpoint that belongs to this config.json.")
   if sd.tensors:
-    raise InputError(f"state_dict has {len(sd.tensors)} tensors the jaxdiff UNet has no place for, e.g. "
+    raise InputError(f"state_dict has {len(sd.tensors)} tensors the jaxdiff {net} has no place for, e.g. "
                      f"{sorted(sd.tensors)[:3]}; pass the checkpoint that belongs to this config.json.")
-  got = _flat_shapes(params)
-  want = _flat_shapes(_expected_shapes(kwargs, config))
+  got, want = _flat_shapes(params), _flat_shapes(want)
   if got != want:
-    diff = [f"{k}: got {got.get(k)}, UNet wants {want.get(k)}" for k in sorted(got.keys() | want.keys())
+    diff = [f"{k}: got {got.get(k)}, {net} wants {want.get(k)}" for k in sorted(got.keys() | want.keys())
             if got.get(k) != want.get(k)]
-    raise InputError(f"{len(diff)} converted parameters do not fit UNet(**{kwargs}), e.g. {diff[:2]}; "
+    raise InputError(f"{len(diff)} converted parameters do not fit {net}(**{dict(kwargs)}), e.g. {diff[:2]}; "
                      f"pass the checkpoint that belongs to this config.json.")
-  return jax.tree.map(jnp.asarray, params)
+
+
+def _read_checkpoint(path_or_dir: str | os.PathLike[str], subfolder: str,
+                     model_class: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
+  """(config, state_dict) of a save_pretrained directory, its pipeline's `subfolder`, or a weights file."""
+  path = os.fspath(path_or_dir)
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, CONFIG_NAME)) and os.path.isdir(os.path.join(path, subfolder)):
+      path = os.path.join(path, subfolder)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    config_path = os.path.join(path, CONFIG_NAME)
+  else:
+    weights = path
+    config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
+  for f in (config_path, weights):
+    if not os.path.isfile(f):
+      raise InputError(f"path_or_dir={os.fspath(path_or_dir)!r}: {f} does not exist; pass a diffusers {model_class} "
+                       f"directory saved with save_pretrained(dir, safe_serialization=True).")
+  try:
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise InputError("reading diffusers checkpoints needs the optional dependency safetensors; "
+                     "install it with `pip install jaxdiff[convert]` (or `pip install safetensors`).") from e
+  with open(config_path) as f:
+    config = json.load(f)
+  return config, load_file(weights)
 
 
 def load_diffusers_unet(path_or_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -315,25 +352,139 @@ def load_diffusers_unet(path_or_dir: str | os.PathLike[str]) -> tuple[dict[str, 
   Returns:
     `UNet(**unet_kwargs)` and its `params` collection.
   """
-  path = os.fspath(path_or_dir)
-  if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "unet")):
-      path = os.path.join(path, "unet")
-    weights = os.path.join(path, WEIGHTS_NAME)
-    config_path = os.path.join(path, CONFIG_NAME)
-  else:
-    weights = path
-    config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
-  for f in (config_path, weights):
-    if not os.path.isfile(f):
-      raise InputError(f"path_or_dir={os.fspath(path_or_dir)!r}: {f} does not exist; pass a diffusers UNet2DModel "
-                       f"directory saved with save_pretrained(dir, safe_serialization=True).")
-  try:
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise InputError("reading diffusers checkpoints needs the optional dependency safetensors; "
-                     "install it with `pip install jaxdiff[convert]` (or `pip install safetensors`).") from e
-  with open(config_path) as f:
-    config = json.load(f)
+  config, state_dict = _read_checkpoint(path_or_dir, "unet", "UNet2DModel")
   kwargs = unet_kwargs_from_config(config)
-  return kwargs, convert_diffusers_state_dict(load_file(weights), config)
+  return kwargs, convert_diffusers_state_dict(state_dict, config)
+
+
+# DiTTransformer2DModel.__init__ defaults (diffusers 0.42), for keys a config.json leaves out.
+_DIT_DEFAULTS = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": None,
+    "num_layers": 28,
+    "dropout": 0.0,
+    "attention_bias": True,
+    "sample_size": 32,
+    "patch_size": 2,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_zero",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-5,
+}
+
+
+def dit_kwargs_from_config(config: Mapping[str, Any], *, keep_learned_sigma: bool = False) -> dict[str, Any]:
+  """Maps a diffusers `DiTTransformer2DModel` config to `DiT(**kwargs)`; InputError if it cannot.
+
+  With `out_channels = 2 * in_channels` (DiT's learned variance) the DiT predicts eps only
+  (out_channels = in_channels) unless `keep_learned_sigma`.
+  """
+  cls = config.get("_class_name", "DiTTransformer2DModel")
+  if cls != "DiTTransformer2DModel":
+    raise _unsupported("_class_name", cls, "load_diffusers_dit converts DiTTransformer2DModel checkpoints")
+  cfg = {**_DIT_DEFAULTS, **config}
+  _expect(cfg, "norm_type", ("ada_norm_zero",), "only DiT's adaLN-Zero blocks are supported")
+  _expect(cfg, "activation_fn", ("gelu-approximate",), "only the tanh-approximated GELU of DiT is supported")
+  _expect(cfg, "attention_bias", (True,), "DiT's attention projections have biases")
+  _expect(cfg, "norm_elementwise_affine", (False,), "DiT's layer norms have no parameters")
+  if not cfg["num_embeds_ada_norm"]:
+    raise _unsupported("num_embeds_ada_norm", cfg["num_embeds_ada_norm"], "a DiT needs its number of classes")
+  in_ch = int(cfg["in_channels"])
+  out_ch = int(cfg["out_channels"] or in_ch)
+  if out_ch == 2 * in_ch and not keep_learned_sigma:
+    out_ch = in_ch
+  return dict(
+      patch_size=int(cfg["patch_size"]),
+      hidden_size=int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+      depth=int(cfg["num_layers"]),
+      num_heads=int(cfg["num_attention_heads"]),
+      mlp_ratio=4.0,
+      num_classes=int(cfg["num_embeds_ada_norm"]),
+      out_channels=out_ch,
+      freq_dim=256,
+      flip_sin_to_cos=True,
+      freq_shift=1.0,  # diffusers' CombinedTimestepLabelEmbeddings (the DiT paper's code: 0)
+      norm_eps=1e-6,
+      mlp_norm_eps=float(cfg["norm_eps"]),
+  )
+
+
+def convert_diffusers_dit_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
+                                     keep_learned_sigma: bool = False) -> dict[str, Any]:
+  """Converts a diffusers `DiTTransformer2DModel` state dict to jaxdiff `DiT` params (float32).
+
+  diffusers keeps a timestep/label embedder in every block; DiT has one, so they must all
+  hold the same weights (as in the published checkpoints): an InputError says which differ.
+  The learned-variance half of the output layer is dropped unless `keep_learned_sigma`.
+  """
+  kwargs = dit_kwargs_from_config(config, keep_learned_sigma=keep_learned_sigma)
+  sd = _StateDict(state_dict)
+  emb = "transformer_blocks.0.norm1.emb"
+  params: dict[str, Any] = {
+      "patch_embed_kernel": sd.take("pos_embed.proj.weight").transpose(2, 3, 1, 0),
+      "patch_embed_bias": sd.take("pos_embed.proj.bias"),
+      "time_embed_0": sd.dense(f"{emb}.timestep_embedder.linear_1"),
+      "time_embed_1": sd.dense(f"{emb}.timestep_embedder.linear_2"),
+      "label_embed": {"embedding": sd.take(f"{emb}.class_embedder.embedding_table.weight")},
+  }
+  first = {k[len(emb):]: v for k, v in state_dict.items() if k.startswith(emb + ".")}
+  for i in range(1, kwargs["depth"]):
+    prefix = f"transformer_blocks.{i}.norm1.emb"
+    for name, value in first.items():
+      other = sd.take(prefix + name)
+      if other.shape == value.shape and not np.array_equal(other, np.asarray(value, np.float32)):
+        raise InputError(f"state_dict: {prefix}{name} differs from block 0's; jaxdiff's DiT has one timestep/label "
+                         f"embedder (as DiT has), so every block's must hold the same weights.")
+  for i in range(kwargs["depth"]):
+    block = f"transformer_blocks.{i}"
+    q, k, v = (sd.dense(f"{block}.attn1.{name}") for name in ("to_q", "to_k", "to_v"))
+    params[f"block_{i}"] = {
+        "ada_ln": sd.dense(f"{block}.norm1.linear"),
+        "qkv": {"kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1),
+                "bias": np.concatenate([q["bias"], k["bias"], v["bias"]])},
+        "attn_out": sd.dense(f"{block}.attn1.to_out.0"),
+        "mlp_0": sd.dense(f"{block}.ff.net.0.proj"),
+        "mlp_1": sd.dense(f"{block}.ff.net.2"),
+    }
+  params["final_ada_ln"] = sd.dense("proj_out_1")
+  final = sd.dense("proj_out_2")
+  p, out_ch = kwargs["patch_size"], kwargs["out_channels"]
+  if final["kernel"].ndim == 2 and final["kernel"].shape[1] == p * p * 2 * out_ch:  # drop the variance half
+    d = final["kernel"].shape[0]
+    final = {"kernel": final["kernel"].reshape(d, p, p, 2 * out_ch)[..., :out_ch].reshape(d, p * p * out_ch),
+             "bias": final["bias"].reshape(p, p, 2 * out_ch)[..., :out_ch].reshape(-1)}
+  params["final_proj"] = final
+
+  cfg = {**_DIT_DEFAULTS, **config}
+  size, in_ch = int(cfg["sample_size"]), int(cfg["in_channels"])
+  init = lambda x, t, y: DiT(**kwargs).init(jax.random.key(0), x, t, y)  # noqa: E731
+  want = jax.eval_shape(init, jax.ShapeDtypeStruct((1, size, size, in_ch), jnp.float32),
+                        jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))["params"]
+  _check_converted(sd, params, want, "DiT", kwargs)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def load_diffusers_dit(path_or_dir: str | os.PathLike[str], *,
+                       keep_learned_sigma: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a diffusers `DiTTransformer2DModel` checkpoint; returns `(dit_kwargs, params)`.
+
+  The published DiT-XL/2 models (facebook/DiT-XL-2-256, -512) work on Stable Diffusion VAE
+  latents, [B, 32, 32, 4] (or 64 x 64) NHWC, scaled by 0.18215; labels are ImageNet classes,
+  1000 is the null label. Their DDPM schedule is jaxdiff's `ddpm` process (linear betas
+  1e-4 .. 0.02, T = 1000) with `prediction='eps'`.
+
+  Args:
+    path_or_dir: a directory holding `config.json` and `diffusion_pytorch_model.safetensors`
+      (or a pipeline directory with them under `transformer/`), or the `.safetensors` file.
+    keep_learned_sigma: keep the output channels of DiT's learned variance (out_channels =
+      2 * in_channels, eps first); by default the network predicts eps only, the same numbers.
+
+  Returns:
+    `DiT(**dit_kwargs)` and its `params` collection.
+  """
+  config, state_dict = _read_checkpoint(path_or_dir, "transformer", "DiTTransformer2DModel")
+  return (dit_kwargs_from_config(config, keep_learned_sigma=keep_learned_sigma),
+          convert_diffusers_dit_state_dict(state_dict, config, keep_learned_sigma=keep_learned_sigma))

@@ -9,7 +9,9 @@ is 0. A run that resumes from its own checkpoint ignores `init_from`.
                               `ncsnpp` networks) or UNet (its `ddpm`; `up_attn_every_block=False`)
   'score_sde_pytorch:<path>'  a score_sde_pytorch state dict saved as .npz (how:
                               `jaxdiff.models.convert_score_sde`) -> NCSNpp
-  'diffusers:<path>'          a diffusers `UNet2DModel` directory (or its .safetensors) -> UNet
+  'diffusers:<path>'          a diffusers `UNet2DModel` directory (or its .safetensors) -> UNet,
+                              or a `DiTTransformer2DModel` one -> DiT (eps only: a learned
+                              variance is dropped)
 
 The config's network must be the checkpoint's: the same sizes (`config.model`, e.g.
 `configs/cifar10_ncsnpp.py` for score_sde's NCSN++ cont.) and the same data shape; a
@@ -34,7 +36,7 @@ import numpy as np
 from jaxdiff.errors import ConfigError
 
 # source -> the jaxdiff networks its checkpoints can hold (config.model.name)
-SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet",)}
+SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet", "dit")}
 KEY = "config.training.init_from"
 
 
@@ -43,7 +45,7 @@ def parse_init_from(init_from: str) -> tuple[str, str]:
   source, sep, path = str(init_from).partition(":")
   if not sep or source not in SOURCES or not path:
     raise ConfigError(f"{KEY}={init_from!r} is not '<source>:<path>'; use 'score_sde:<checkpoint_n or its "
-                      f"directory>', 'score_sde_pytorch:<state dict .npz>' or 'diffusers:<UNet2DModel dir>' "
+                      f"directory>', 'score_sde_pytorch:<state dict .npz>' or 'diffusers:<UNet2DModel or DiT dir>' "
                       f"(or '' for a random init).")
   return source, path
 
@@ -67,9 +69,11 @@ def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ..
   arrays, float32). `negate_output` for score_sde VE checkpoints (their output is -eps)."""
   source, path = parse_init_from(init_from)
   if source == "diffusers":
-    from jaxdiff.models.convert_diffusers import load_diffusers_unet
+    from jaxdiff.models import convert_diffusers
+    from jaxdiff.models.dit import DiT
 
-    kwargs, params = load_diffusers_unet(path)
+    is_dit = isinstance(model, DiT)
+    kwargs, params = (convert_diffusers.load_diffusers_dit if is_dit else convert_diffusers.load_diffusers_unet)(path)
     # dropout does not change the function at eval time: fine-tuning may use another rate.
     kwargs.pop("dropout", None)
     if getattr(model, "out_channels", None) is None and kwargs.get("out_channels") == image_shape[-1]:
@@ -77,7 +81,8 @@ def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ..
     differ = {k: v for k, v in kwargs.items() if _norm(getattr(model, k, None)) != _norm(v)}
     if differ:
       fix = " ".join(f"--config.model.{k}={_flag(v)}" for k, v in differ.items())
-      raise ConfigError(f"{KEY}={init_from!r} is a UNet({', '.join(f'{k}={v!r}' for k, v in differ.items())}) "
+      raise ConfigError(f"{KEY}={init_from!r} is a {type(model).__name__}("
+                        f"{', '.join(f'{k}={v!r}' for k, v in differ.items())}) "
                         f"but config.model differs there; set {fix}.")
     return params
   from jaxdiff.models import convert_score_sde as conv

@@ -204,15 +204,17 @@ def check_image_inputs(owner: str, x: Array, t: Array, num_levels: int) -> Array
   return t
 
 
-def add_label_embedding(owner: str, temb: Array, y: Array | None, batch: int, num_classes: int, **kw) -> Array:
+def add_label_embedding(owner: str, temb: Array, y: Array | None, batch: int, num_classes: int, *,
+                        stddev: float = 1.0, **kw) -> Array:
   """temb + a learned embedding of the class labels (submodule "label_embed"), if num_classes > 0.
 
-  Called inside a network's compact `__call__`. Rows are drawn from N(0, 1) as in ADM (torch's
-  nn.Embedding): as large as the time embedding at init. Row `num_classes` is the null label.
+  Called inside a network's compact `__call__`. Rows are drawn from N(0, stddev^2): 1 as in
+  ADM (torch's nn.Embedding), as large as the time embedding at init; DiT uses 0.02. Row
+  `num_classes` is the null label.
   """
   if num_classes:
     y = label_or_null(y, batch, num_classes)
-    return temb + nn.Embed(num_classes + 1, temb.shape[-1], embedding_init=nn.initializers.normal(1.0),
+    return temb + nn.Embed(num_classes + 1, temb.shape[-1], embedding_init=nn.initializers.normal(stddev),
                            name="label_embed", **kw)(y)
   if y is not None:
     raise InputError(f"{owner} got labels y, but num_classes=0 (an unconditional network); set "
