@@ -133,6 +133,19 @@ def test_gpu_suite_bad_flags(tmp_path):
   assert peak.returncode == 2 and "--peak_tflops='fast' is not 'BF16,TF32'" in peak.stderr
 
 
+def test_dit_bench_runs_and_rejects_bad_flags():
+  bench = os.path.join(ROOT, "benchmarks", "dit_bench.py")
+  recs = _records(_run([bench, "--size", "S/8", "--batch", "1", "--warmup", "1", "--steps", "1"]))
+  assert [(r["impl"], r["mode"]) for r in recs] == [("jaxdiff", "train"), ("jaxdiff", "forward")]
+  for r in recs:
+    assert r["size"] == "S/8" and r["batch"] == 1 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0
+  assert recs[0]["params"] == recs[1]["params"] > 30_000_000  # DiT-S, 1000 classes
+  for flags, msg in ((["--size", "M/2"], "--size='M/2'"), (["--modes", "sample"], "'sample' is not train"),
+                     (["--ref_python", "/nope/python"], "does not exist")):
+    proc = _run([bench, *flags])
+    assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+
+
 def test_ncsnpp_bench_runs_and_rejects_bad_flags(tmp_path):
   bench = os.path.join(ROOT, "benchmarks", "ncsnpp_bench.py")
   recs = _records(_run([bench, "--net", "ncsnpp", "--ch", "8", "--num_res_blocks", "1", "--batch", "2",
