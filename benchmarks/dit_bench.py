@@ -25,16 +25,12 @@ measurement: `impl`, `size`, `mode`, `batch`, `params`, `img_per_s`, `step_s` (m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 
+from peer_rounds import print_ratios, record, run_rounds, timed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ncsnpp_bench import timed  # noqa: E402  (the same timing loop)
 
 SIZES = ("S/2", "S/4", "S/8", "B/2", "B/4", "L/2", "XL/2")
 NUM_CLASSES, SIDE, CHANNELS = 1000, 32, 4
@@ -146,10 +142,7 @@ def worker(args) -> None:
   for mode in args.modes.split(","):
     fn = measure_jaxdiff if args.impl == "jaxdiff" else measure_diffusers
     first, step_s, n = fn(args, mode)
-    print(json.dumps(dict(impl=args.impl, size=args.size, mode=mode, batch=args.batch, params=int(n),
-                          img_per_s=round(args.batch / step_s, 3), step_s=round(step_s, 4),
-                          first_step_s=round(first, 2),
-                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1))),
+    print(record(first, step_s, impl=args.impl, size=args.size, mode=mode, batch=args.batch, params=int(n)),
           flush=True)
 
 
@@ -162,26 +155,10 @@ def main(argv=None) -> int:
     return 0
   common = ["--size", args.size, "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
   impls = [("jaxdiff", sys.executable)] + ([("diffusers", args.ref_python)] if args.ref_python else [])
-  records = []
-  runs = [(mode, impl) for r in range(args.rounds) for mode in args.modes.split(",")
-          for impl in (impls if r % 2 == 0 else impls[::-1])]
-  for mode, (impl, python) in runs:
-    proc = subprocess.run([python, os.path.abspath(__file__), *common, "--modes", mode, "--impl", impl],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-      sys.exit(f"error: the {impl} measurement failed:\n{proc.stderr[-3000:]}")
-    for line in proc.stdout.splitlines():
-      if line.startswith("{"):
-        print(line, flush=True)
-        records.append(json.loads(line))
+  modes = args.modes.split(",")
+  records = run_rounds(os.path.abspath(__file__), impls, common, modes, args.rounds, ROOT)
   if len(impls) == 2:
-    for mode in args.modes.split(","):
-      ours = [r["img_per_s"] for r in records if r["impl"] == "jaxdiff" and r["mode"] == mode]
-      ref = [r["img_per_s"] for r in records if r["impl"] == "diffusers" and r["mode"] == mode]
-      ratios = [a / b for a, b in zip(ours, ref)]
-      print(f"DiT-{args.size} {mode} B={args.batch}: jaxdiff {statistics.median(ours):.2f} img/s, "
-            f"diffusers {statistics.median(ref):.2f}; ratio {statistics.median(ratios):.2f} "
-            f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+    print_ratios(records, modes, "diffusers", "diffusers", f"DiT-{args.size} {{mode}} B={args.batch}")
   return 0
 
 

@@ -24,13 +24,10 @@ One JSON line per measurement: `impl`, `net`, `ch`, `mode`, `batch`, `params`, `
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
+
+from peer_rounds import print_ratios, record, run_rounds, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = {"ncsnpp": "cifar10_ncsnpp", "ddpmpp": "cifar10_ddpmpp"}
@@ -75,20 +72,6 @@ def config(net: str, ch: int, num_res_blocks: int):
   c = mod.get_config()
   c.model.update(ch=ch, num_res_blocks=num_res_blocks, dtype="float32", dropout=0.1)
   return c
-
-
-def timed(call, warmup, steps):
-  t0 = time.perf_counter()
-  call(0)
-  first = time.perf_counter() - t0
-  for i in range(1, warmup):
-    call(i)
-  times = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    call(warmup + i)
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
 
 
 def measure_jaxdiff(args, mode):
@@ -182,11 +165,8 @@ def worker(args) -> None:
   for mode in args.modes.split(","):  # (the driver passes one mode per process)
     fn = measure_jaxdiff if args.impl == "jaxdiff" else measure_score_sde
     first, step_s, n = fn(args, mode)
-    print(json.dumps(dict(impl=args.impl, net=args.net, ch=args.ch, mode=mode, batch=args.batch, params=int(n),
-                          img_per_s=round(args.batch / step_s, 3), step_s=round(step_s, 4),
-                          first_step_s=round(first, 2),
-                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1))),
-          flush=True)
+    print(record(first, step_s, impl=args.impl, net=args.net, ch=args.ch, mode=mode, batch=args.batch,
+                 params=int(n)), flush=True)
 
 
 def main(argv=None) -> int:
@@ -200,27 +180,11 @@ def main(argv=None) -> int:
             "--num_res_blocks", str(args.num_res_blocks),
             "--warmup", str(args.warmup), "--steps", str(args.steps)]
   impls = [("jaxdiff", sys.executable)] + ([("score_sde", args.ref_python)] if args.ref_python else [])
-  records = []
-  runs = [(r, mode, impl) for r in range(args.rounds) for mode in args.modes.split(",")
-          for impl in (impls if r % 2 == 0 else impls[::-1])]
-  for _, mode, (impl, python) in runs:
-    extra = ["--score_sde_pytorch", args.score_sde_pytorch] if impl == "score_sde" else []
-    proc = subprocess.run([python, os.path.abspath(__file__), *common, "--modes", mode, "--impl", impl, *extra],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-      sys.exit(f"error: the {impl} measurement failed:\n{proc.stderr[-3000:]}")
-    for line in proc.stdout.splitlines():
-      if line.startswith("{"):
-        print(line, flush=True)
-        records.append(json.loads(line))
+  modes = args.modes.split(",")
+  records = run_rounds(os.path.abspath(__file__), impls, common, modes, args.rounds, ROOT,
+                       extra=lambda impl: ["--score_sde_pytorch", args.score_sde_pytorch] if impl == "score_sde" else [])
   if len(impls) == 2:
-    for mode in args.modes.split(","):
-      ours = [r["img_per_s"] for r in records if r["impl"] == "jaxdiff" and r["mode"] == mode]
-      ref = [r["img_per_s"] for r in records if r["impl"] == "score_sde" and r["mode"] == mode]
-      ratios = [a / b for a, b in zip(ours, ref)]
-      print(f"{args.net} ch={args.ch} {mode} B={args.batch}: jaxdiff {statistics.median(ours):.2f} img/s, "
-            f"score_sde_pytorch {statistics.median(ref):.2f}; ratio {statistics.median(ratios):.2f} "
-            f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+    print_ratios(records, modes, "score_sde", "score_sde_pytorch", f"{args.net} ch={args.ch} {{mode}} B={args.batch}")
   return 0
 
 
