@@ -28,7 +28,7 @@ import argparse
 import os
 import sys
 
-from peer_rounds import print_ratios, record, run_rounds, timed
+from peer_rounds import jaxdiff_train_call, print_ratios, record, run_rounds, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def measure_jaxdiff(args, mode):
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxdiff import aot, losses, processes, train
+  from jaxdiff import aot, processes
   from jaxdiff.models import DiT, dit_size
 
   model = DiT(**dit_size(args.size), num_classes=NUM_CLASSES)
@@ -74,20 +74,8 @@ def measure_jaxdiff(args, mode):
   key = jax.random.key(0)
   labels = lambda k: jax.random.randint(k, (args.batch,), 0, NUM_CLASSES)  # noqa: E731
   if mode == "train":
-    optimizer = train.make_optimizer(name="adamw", learning_rate=1e-4, weight_decay=0.0)
-    state = aot.AotJit(jax.jit(lambda k: train.create_train_state(
-        k, model=model, optimizer=optimizer, example_x=jnp.zeros((1, *shape[1:])), ema=False)), name="init")(key)
-    loss_fn = losses.make_denoising_loss(process, prediction="eps")
-    step = aot.AotJit(jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model, loss_fn=loss_fn,
-                                                               optimizer=optimizer, ema_decay=None),
-                              donate_argnums=0))
-    params = state.params
-
-    def call(i):
-      nonlocal state
-      k = jax.random.fold_in(key, i)
-      state, metrics = step(state, {"x": jax.random.normal(k, shape), "label": labels(k)}, k)
-      jax.block_until_ready(metrics["loss"])
+    call, params = jaxdiff_train_call(model, process, lambda k: {"x": jax.random.normal(k, shape), "label": labels(k)},
+                                      shape[1:], learning_rate=1e-4, weight_decay=0.0)
   else:
     params = aot.AotJit(jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape[1:])), jnp.ones((1,)))["params"]),
                         name="init")(key)

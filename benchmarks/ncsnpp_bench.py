@@ -27,7 +27,7 @@ import argparse
 import os
 import sys
 
-from peer_rounds import print_ratios, record, run_rounds, timed
+from peer_rounds import jaxdiff_train_call, print_ratios, record, run_rounds, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = {"ncsnpp": "cifar10_ncsnpp", "ddpmpp": "cifar10_ddpmpp"}
@@ -80,7 +80,7 @@ def measure_jaxdiff(args, mode):
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxdiff import aot, losses, models, processes, train
+  from jaxdiff import aot, models, processes
 
   c = config(args.net, args.ch, args.num_res_blocks)
   model = models.create_model(**c.model.to_dict())
@@ -88,21 +88,8 @@ def measure_jaxdiff(args, mode):
   shape = (args.batch, 32, 32, 3)
   key = jax.random.key(0)
   if mode == "train":
-    optimizer = train.make_optimizer(name="adamw", learning_rate=2e-4, weight_decay=0.01)
-    state = aot.AotJit(jax.jit(lambda k: train.create_train_state(
-        k, model=model, optimizer=optimizer, example_x=jnp.zeros((1, 32, 32, 3)), ema=False)), name="init")(key)
-    loss_fn = losses.make_denoising_loss(process, prediction="eps")
-    # compiled ahead of its first run, with the compiler's heap handed back (as run_train does)
-    step = aot.AotJit(jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model, loss_fn=loss_fn,
-                                                               optimizer=optimizer, ema_decay=None),
-                              donate_argnums=0))
-    params = state.params
-
-    def call(i):
-      nonlocal state
-      k = jax.random.fold_in(key, i)
-      state, metrics = step(state, {"x": jax.random.normal(k, shape)}, k)
-      jax.block_until_ready(metrics["loss"])
+    call, params = jaxdiff_train_call(model, process, lambda k: {"x": jax.random.normal(k, shape)}, shape[1:],
+                                      learning_rate=2e-4, weight_decay=0.01)
   else:
     params = aot.AotJit(jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), jnp.ones((1,)),
                                                      train=False)["params"]), name="init")(key)

@@ -1,6 +1,7 @@
 """The measurement loop shared by ncsnpp_bench.py and dit_bench.py (jaxdiff against a PyTorch peer).
 
-`timed` times one workload's calls in the measuring process; `run_rounds` starts one process
+`timed` times one workload's calls in the measuring process (`jaxdiff_train_call` builds
+jaxdiff's train-step workload); `run_rounds` starts one process
 per (round, mode, impl), alternating the impl order every round, and prints and returns the
 JSON records; `print_ratios` prints jaxdiff / peer medians and ratios per mode.
 """
@@ -29,6 +30,37 @@ def timed(call: Callable[[int], None], warmup: int, steps: int) -> tuple[float, 
     call(warmup + i)
     times.append(time.perf_counter() - t0)
   return first, statistics.median(times)
+
+
+def jaxdiff_train_call(model, process, make_batch: Callable, example_shape: tuple[int, ...], *,
+                       learning_rate: float, weight_decay: float):
+  """(call(i), params): one jitted eps-MSE + AdamW step of `model` per call, state donated.
+
+  The step is compiled ahead of its first run, with the compiler's heap handed back (as
+  run_train does); `make_batch(key)` gives the batch dict ({"x": ...} and maybe "label").
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from jaxdiff import aot, losses, train
+
+  key = jax.random.key(0)
+  optimizer = train.make_optimizer(name="adamw", learning_rate=learning_rate, weight_decay=weight_decay)
+  state = aot.AotJit(jax.jit(lambda k: train.create_train_state(
+      k, model=model, optimizer=optimizer, example_x=jnp.zeros((1, *example_shape)), ema=False)), name="init")(key)
+  loss_fn = losses.make_denoising_loss(process, prediction="eps")
+  step = aot.AotJit(jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model, loss_fn=loss_fn,
+                                                             optimizer=optimizer, ema_decay=None),
+                            donate_argnums=0))
+  params = state.params
+
+  def call(i):
+    nonlocal state
+    k = jax.random.fold_in(key, i)
+    state, metrics = step(state, make_batch(k), k)
+    jax.block_until_ready(metrics["loss"])
+
+  return call, params
 
 
 def record(first: float, step_s: float, **fields) -> str:
