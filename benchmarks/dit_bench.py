@@ -18,8 +18,9 @@ embedding again, which jaxdiff computes once. Those are part of what is compared
 
 Each measurement runs in its own process; without `--impl` the script runs `--rounds`
 rounds, alternating the order, and prints the jaxdiff / diffusers ratios. One JSON line per
-measurement: `impl`, `size`, `mode`, `batch`, `params`, `img_per_s`, `step_s` (median),
-`first_step_s`, `peak_rss_mb`.
+measurement: `impl`, `size`, `mode`, `batch`, `params`, `malloc`, `img_per_s`, `step_s`
+(median), `first_step_s`, `peak_rss_mb`. `JAXDIFF_TCMALLOC=1` runs jaxdiff's processes with
+tcmalloc preloaded, as it does `run_train.py` (`jaxdiff/cli.py`); the peer keeps its allocator.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import argparse
 import os
 import sys
 
-from peer_rounds import jaxdiff_train_call, print_ratios, record, run_rounds, timed
+from peer_rounds import jaxdiff_train_call, jaxdiff_worker_setup, print_ratios, record, run_rounds, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +128,8 @@ def measure_diffusers(args, mode):
 
 
 def worker(args) -> None:
+  if args.impl == "jaxdiff":
+    jaxdiff_worker_setup(ROOT)  # JAXDIFF_TCMALLOC=1: restarts once with tcmalloc preloaded
   for mode in args.modes.split(","):
     fn = measure_jaxdiff if args.impl == "jaxdiff" else measure_diffusers
     first, step_s, n = fn(args, mode)

@@ -17,8 +17,9 @@ Each measurement runs in its own process (`--impl` picks one; without it the scr
 `--rounds` rounds, alternating the order, and prints the jaxdiff / score_sde ratios). The
 reference needs score_sde_pytorch's sources made to run on CPU: see
 tests/fixtures/make_score_sde_fixture.py for the changes; `--score_sde_pytorch` is that tree.
-One JSON line per measurement: `impl`, `net`, `ch`, `mode`, `batch`, `params`, `img_per_s`,
-`step_s` (median), `first_step_s`, `peak_rss_mb`.
+One JSON line per measurement: `impl`, `net`, `ch`, `mode`, `batch`, `params`, `malloc`,
+`img_per_s`, `step_s` (median), `first_step_s`, `peak_rss_mb`. `JAXDIFF_TCMALLOC=1` runs
+jaxdiff's processes with tcmalloc preloaded (as `run_train.py`); the peer keeps its allocator.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import argparse
 import os
 import sys
 
-from peer_rounds import jaxdiff_train_call, print_ratios, record, run_rounds, timed
+from peer_rounds import jaxdiff_train_call, jaxdiff_worker_setup, print_ratios, record, run_rounds, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = {"ncsnpp": "cifar10_ncsnpp", "ddpmpp": "cifar10_ddpmpp"}
@@ -149,6 +150,8 @@ def measure_score_sde(args, mode):
 
 
 def worker(args) -> None:
+  if args.impl == "jaxdiff":
+    jaxdiff_worker_setup(ROOT)  # JAXDIFF_TCMALLOC=1: restarts once with tcmalloc preloaded
   for mode in args.modes.split(","):  # (the driver passes one mode per process)
     fn = measure_jaxdiff if args.impl == "jaxdiff" else measure_score_sde
     first, step_s, n = fn(args, mode)

@@ -9,6 +9,7 @@ JSON records; `print_ratios` prints jaxdiff / peer medians and ratios per mode.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +31,16 @@ def timed(call: Callable[[int], None], warmup: int, steps: int) -> tuple[float, 
     call(warmup + i)
     times.append(time.perf_counter() - t0)
   return first, statistics.median(times)
+
+
+def jaxdiff_worker_setup(root: str) -> None:
+  """In a jaxdiff measuring process: `root` importable, and tcmalloc preloaded (the process
+  restarts once) if JAXDIFF_TCMALLOC=1, as run_train.py does (`jaxdiff.cli.tcmalloc_env`)."""
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from jaxdiff import cli
+
+  cli.restart_with_tcmalloc()
 
 
 def jaxdiff_train_call(model, process, make_batch: Callable, example_shape: tuple[int, ...], *,
@@ -64,8 +75,9 @@ def jaxdiff_train_call(model, process, make_batch: Callable, example_shape: tupl
 
 
 def record(first: float, step_s: float, **fields) -> str:
-  """One measurement's JSON line: `fields` (with `batch`), then img_per_s, step_s, first_step_s, peak_rss_mb."""
-  return json.dumps(dict(fields, img_per_s=round(fields["batch"] / step_s, 3), step_s=round(step_s, 4),
+  """One measurement's JSON line: `fields` (with `batch`), then malloc, img_per_s, step_s, first_step_s, peak_rss_mb."""
+  malloc = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+  return json.dumps(dict(fields, malloc=malloc, img_per_s=round(fields["batch"] / step_s, 3), step_s=round(step_s, 4),
                          first_step_s=round(first, 2),
                          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)))
 

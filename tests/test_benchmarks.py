@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from jaxdiff import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "unet_bench.py")
 COMPARE = os.path.join(ROOT, "benchmarks", "compare.py")
@@ -139,6 +141,7 @@ def test_dit_bench_runs_and_rejects_bad_flags():
   assert [(r["impl"], r["mode"]) for r in recs] == [("jaxdiff", "train"), ("jaxdiff", "forward")]
   for r in recs:
     assert r["size"] == "S/8" and r["batch"] == 1 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["malloc"] == ("tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default")
   assert recs[0]["params"] == recs[1]["params"] > 30_000_000  # DiT-S, 1000 classes
   for flags, msg in ((["--size", "M/2"], "--size='M/2'"), (["--modes", "sample"], "'sample' is not train"),
                      (["--ref_python", "/nope/python"], "does not exist")):
@@ -148,11 +151,15 @@ def test_dit_bench_runs_and_rejects_bad_flags():
 
 def test_ncsnpp_bench_runs_and_rejects_bad_flags(tmp_path):
   bench = os.path.join(ROOT, "benchmarks", "ncsnpp_bench.py")
+  # JAXDIFF_TCMALLOC=1: jaxdiff's measuring process restarts with tcmalloc (where installed)
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  malloc = "tcmalloc" if cli.tcmalloc_env({"JAXDIFF_TCMALLOC": "1"}) else "default"
   recs = _records(_run([bench, "--net", "ncsnpp", "--ch", "8", "--num_res_blocks", "1", "--batch", "2",
-                        "--warmup", "1", "--steps", "1"]))
+                        "--warmup", "1", "--steps", "1"], env=dict(env, JAXDIFF_TCMALLOC="1")))
   assert [(r["impl"], r["mode"]) for r in recs] == [("jaxdiff", "train"), ("jaxdiff", "forward")]
   for r in recs:
     assert r["net"] == "ncsnpp" and r["batch"] == 2 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["malloc"] == malloc
   assert recs[0]["params"] == recs[1]["params"] > 0
   for flags, msg in ((["--net", "unet"], "--net='unet'"),
                      (["--score_sde_pytorch", str(tmp_path), "--ref_python", sys.executable], "models/ncsnpp.py"),
