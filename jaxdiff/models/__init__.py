@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdiff.errors import ConfigError
+from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.classifier import NoiseClassifier
 from jaxdiff.models.dit import DiT, dit_size
 from jaxdiff.models.mlp import MLP
@@ -55,4 +56,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MLP", "UNet", "NCSNpp", "DiT", "dit_size", "NoiseClassifier", "MODELS", "create_model"]
+__all__ = ["MLP", "UNet", "NCSNpp", "DiT", "dit_size", "NoiseClassifier", "AutoencoderKL", "MODELS", "create_model"]

@@ -7,7 +7,11 @@
   dit_kwargs, params = load_diffusers_dit("path/to/DiT-XL-2-256")   # its transformer/
   eps_hat = DiT(**dit_kwargs).apply({"params": params}, z_nhwc, t, labels)
 
-`UNet2DModel` -> `UNet` and `DiTTransformer2DModel` -> `DiT` (see `load_diffusers_dit`).
+  vae_kwargs, vae_params = load_diffusers_vae("path/to/sd-vae-ft-ema")
+  images = decode_latents(AutoencoderKL(**vae_kwargs), vae_params, latents)
+
+`UNet2DModel` -> `UNet`, `DiTTransformer2DModel` -> `DiT` (see `load_diffusers_dit`) and
+`AutoencoderKL` -> `autoencoder.AutoencoderKL` (see `load_diffusers_vae`).
 
 A checkpoint is a directory with `config.json` and `diffusion_pytorch_model.safetensors`
 (what `save_pretrained(dir, safe_serialization=True)` writes; a pipeline directory with a
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import InputError
+from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet
 
@@ -201,19 +206,23 @@ class _StateDict:
             "bias": self.take(f"{prefix}.bias")}
 
   def dense(self, prefix: str) -> dict[str, np.ndarray]:
-    return {"kernel": self.take(f"{prefix}.weight").T, "bias": self.take(f"{prefix}.bias")}
+    weight = self.take(f"{prefix}.weight")
+    if weight.ndim == 4 and weight.shape[2:] == (1, 1):  # a 1x1 conv stored for a linear layer (old VAEs)
+      weight = weight[:, :, 0, 0]
+    return {"kernel": weight.T, "bias": self.take(f"{prefix}.bias")}
 
   def norm(self, prefix: str) -> dict[str, np.ndarray]:
     return {"scale": self.take(f"{prefix}.weight"), "bias": self.take(f"{prefix}.bias")}
 
-  def resnet(self, prefix: str) -> dict[str, Any]:
+  def resnet(self, prefix: str, temb: bool = True) -> dict[str, Any]:
     block = {
         "norm_0": self.norm(f"{prefix}.norm1"),
         "conv_0": self.conv(f"{prefix}.conv1"),
-        "temb_proj": self.dense(f"{prefix}.time_emb_proj"),
         "norm_1": self.norm(f"{prefix}.norm2"),
         "conv_1": self.conv(f"{prefix}.conv2"),
     }
+    if temb:
+      block["temb_proj"] = self.dense(f"{prefix}.time_emb_proj")
     if self.has(f"{prefix}.conv_shortcut"):
       block["shortcut"] = self.conv(f"{prefix}.conv_shortcut")
     return block
@@ -488,3 +497,111 @@ def load_diffusers_dit(path_or_dir: str | os.PathLike[str], *,
   config, state_dict = _read_checkpoint(path_or_dir, "transformer", "DiTTransformer2DModel")
   return (dit_kwargs_from_config(config, keep_learned_sigma=keep_learned_sigma),
           convert_diffusers_dit_state_dict(state_dict, config, keep_learned_sigma=keep_learned_sigma))
+
+
+# AutoencoderKL.__init__ defaults (diffusers 0.42), for keys a config.json leaves out.
+_VAE_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",),
+    "block_out_channels": (64,),
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+
+def vae_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """Maps a diffusers `AutoencoderKL` config to `AutoencoderKL(**kwargs)`; InputError if it cannot."""
+  cls = config.get("_class_name", "AutoencoderKL")
+  if cls != "AutoencoderKL":
+    raise _unsupported("_class_name", cls, "load_diffusers_vae converts AutoencoderKL checkpoints")
+  cfg = {**_VAE_DEFAULTS, **config}
+  levels = len(cfg["block_out_channels"])
+  for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+    if tuple(cfg[key]) != (block,) * levels:
+      raise _unsupported(key, cfg[key], f"only {block} blocks, one per entry of block_out_channels, are supported")
+  _expect(cfg, "act_fn", ("silu",), "only SiLU autoencoders are supported")
+  if cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None:
+    raise _unsupported("latents_mean", cfg.get("latents_mean"),
+                       "per-channel latent statistics (SDXL-style normalisation) are not supported; "
+                       "use scaling_factor / shift_factor")
+  return dict(
+      in_channels=int(cfg["in_channels"]),
+      out_channels=int(cfg["out_channels"]),
+      latent_channels=int(cfg["latent_channels"]),
+      block_out_channels=tuple(int(c) for c in cfg["block_out_channels"]),
+      layers_per_block=int(cfg["layers_per_block"]),
+      norm_num_groups=int(cfg["norm_num_groups"]),
+      norm_eps=1e-6,
+      mid_attention=bool(cfg["mid_block_add_attention"]),
+      use_quant_conv=bool(cfg["use_quant_conv"]),
+      use_post_quant_conv=bool(cfg["use_post_quant_conv"]),
+      scaling_factor=float(cfg["scaling_factor"]),
+      shift_factor=float(cfg["shift_factor"] or 0.0),
+  )
+
+
+def convert_diffusers_vae_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, Any]:
+  """Converts a diffusers `AutoencoderKL` state dict to jaxdiff `AutoencoderKL` params (float32)."""
+  kwargs = vae_kwargs_from_config(config)
+  sd = _StateDict(state_dict)
+  levels, n = len(kwargs["block_out_channels"]), kwargs["layers_per_block"]
+
+  def mid(prefix: str) -> dict[str, Any]:
+    out = {"res_0": sd.resnet(f"{prefix}.resnets.0", temb=False), "res_1": sd.resnet(f"{prefix}.resnets.1", temb=False)}
+    if kwargs["mid_attention"]:
+      out["attn"] = sd.attention(f"{prefix}.attentions.0")
+    return out
+
+  enc: dict[str, Any] = {"conv_in": sd.conv("encoder.conv_in")}
+  dec: dict[str, Any] = {"conv_in": sd.conv("decoder.conv_in")}
+  for i in range(levels):
+    for j in range(n):
+      enc[f"down_{i}_res_{j}"] = sd.resnet(f"encoder.down_blocks.{i}.resnets.{j}", temb=False)
+    for j in range(n + 1):
+      dec[f"up_{i}_res_{j}"] = sd.resnet(f"decoder.up_blocks.{i}.resnets.{j}", temb=False)
+    if i < levels - 1:
+      enc[f"down_{i}_downsample"] = {"conv": sd.conv(f"encoder.down_blocks.{i}.downsamplers.0.conv")}
+      dec[f"up_{i}_upsample"] = {"conv": sd.conv(f"decoder.up_blocks.{i}.upsamplers.0.conv")}
+  for part, prefix in ((enc, "encoder"), (dec, "decoder")):
+    part["mid"] = mid(f"{prefix}.mid_block")
+    part["norm_out"] = sd.norm(f"{prefix}.conv_norm_out")
+    part["conv_out"] = sd.conv(f"{prefix}.conv_out")
+  params: dict[str, Any] = {"encoder": enc, "decoder": dec}
+  if kwargs["use_quant_conv"]:
+    params["quant_conv"] = sd.conv("quant_conv")
+  if kwargs["use_post_quant_conv"]:
+    params["post_quant_conv"] = sd.conv("post_quant_conv")
+
+  f = 2 ** (levels - 1)
+  x = jax.ShapeDtypeStruct((1, f, f, kwargs["in_channels"]), jnp.float32)
+  want = jax.eval_shape(lambda x: AutoencoderKL(**kwargs).init(jax.random.key(0), x), x)["params"]
+  _check_converted(sd, params, want, "AutoencoderKL", kwargs)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def load_diffusers_vae(path_or_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a diffusers `AutoencoderKL` checkpoint; returns `(vae_kwargs, params)`.
+
+  E.g. stabilityai/sd-vae-ft-ema or -mse (the DiT-XL/2 VAEs; 8x downsampling, 4 latent
+  channels, scaling_factor 0.18215), or a pipeline directory with a `vae/` subfolder.
+  Use it with `autoencoder.encode_latents` / `decode_latents`.
+
+  Args:
+    path_or_dir: a directory holding `config.json` and `diffusion_pytorch_model.safetensors`
+      (or a pipeline directory with them under `vae/`), or the `.safetensors` file.
+
+  Returns:
+    `AutoencoderKL(**vae_kwargs)` and its `params` collection.
+  """
+  config, state_dict = _read_checkpoint(path_or_dir, "vae", "AutoencoderKL")
+  return vae_kwargs_from_config(config), convert_diffusers_vae_state_dict(state_dict, config)

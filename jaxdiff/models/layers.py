@@ -464,7 +464,8 @@ class Conv(nn.Module):
 class ResnetBlock(nn.Module):
   """DDPM residual block: GN, SiLU, conv3x3, + Dense(SiLU(temb)), GN, SiLU, Dropout, conv3x3.
 
-  The shortcut is a 1x1 conv when the channel count changes. Output = shortcut + h.
+  The shortcut is a 1x1 conv when the channel count changes. Output = shortcut + h. With
+  `temb=None` there is no time projection (the autoencoder's blocks, diffusers' `temb_channels=None`).
   """
 
   out_ch: int  # output channels
@@ -476,16 +477,17 @@ class ResnetBlock(nn.Module):
   custom_vjp: bool = True  # hand-written gradients of GroupNorm and the convs (see GroupNorm, conv2d)
 
   @nn.compact
-  def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-    """x [B, H, W, Cin], temb [B, D] -> [B, H, W, out_ch]."""
+  def __call__(self, x: Array, temb: Array | None, train: bool) -> Array:
+    """x [B, H, W, Cin], temb [B, D] (or None) -> [B, H, W, out_ch]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ckw = dict(kw, custom_vjp=self.custom_vjp)
     norm = lambda name: GroupNorm(  # noqa: E731
         self.num_groups, self.norm_eps, act=True, custom_vjp=self.custom_vjp, name=name, **kw)
     h = norm("norm_0")(x)
     h = Conv(self.out_ch, kernel_init=default_init, name="conv_0", **ckw)(h)
-    h = h + nn.Dense(self.out_ch, kernel_init=default_init, name="temb_proj",
-                     **kw)(nn.silu(temb))[:, None, None, :]
+    if temb is not None:
+      h = h + nn.Dense(self.out_ch, kernel_init=default_init, name="temb_proj",
+                       **kw)(nn.silu(temb))[:, None, None, :]
     h = norm("norm_1")(h)
     if self.dropout > 0.0:
       h = Dropout(self.dropout, deterministic=not train)(h)
