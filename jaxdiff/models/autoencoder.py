@@ -204,8 +204,12 @@ class AutoencoderKL(nn.Module):
 
   def __call__(self, x: Array, key: Array | None = None) -> tuple[Array, Array, Array]:
     mean, logvar = self.encode(x)
-    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return self.decode(z), mean, logvar
+    return self.decode(sample_posterior(mean, logvar, key)), mean, logvar
+
+
+def sample_posterior(mean: Array, logvar: Array, key: Array | None) -> Array:
+  """z ~ N(mean, exp(logvar)) (reparameterised, differentiable in mean and logvar); the mean when `key` is None."""
+  return mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
 
 
 def kl_divergence(mean: Array, logvar: Array) -> Array:
@@ -220,8 +224,7 @@ def encode_latents(vae: AutoencoderKL, params: Any, x: Array, key: Array | None 
   z is a sample of q(z|x) with `key`, its mean without one (deterministic latents).
   """
   mean, logvar = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
-  z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-  return vae.scaling_factor * (z - vae.shift_factor)
+  return vae.scaling_factor * (sample_posterior(mean, logvar, key) - vae.shift_factor)
 
 
 def decode_latents(vae: AutoencoderKL, params: Any, latents: Array) -> Array:
