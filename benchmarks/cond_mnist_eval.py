@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdiff import data as data_lib  # noqa: E402
-from jaxdiff import evaluate, generate, guidance, sharding, train  # noqa: E402
+from jaxdiff import evaluate, generate, guidance, latent, sharding, train  # noqa: E402
 
 
 def load(workdir: str, mesh):
@@ -103,6 +103,7 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     raise SystemExit(f"error: {workdir} holds an unconditional model (config.model.num_classes=0).")
   if not clf_exp.is_classifier or clf_exp.num_classes != k or clf_exp.data_spec.shape != exp.data_spec.shape:
     raise SystemExit(f"error: {classifier_workdir} is not a {k}-class classifier of {exp.data_spec.shape} images.")
+  decode = latent.sample_decoder(exp.latent, mesh)  # latent diffusion models' samples are decoded
   classify_fn = make_classify(clf_exp)
   result = {"workdir": workdir, "classifier_workdir": classifier_workdir, "num_samples": num_samples,
             "method": generate.resolve_method(method or config.sampling.method),
@@ -122,7 +123,7 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     for b in range(n_batches):
       y = jax.device_put(labels[b * batch_size:(b + 1) * batch_size], sharding.batch_sharding(mesh, 1))
       x, _ = fn(params, jax.random.fold_in(jax.random.key(seed), b), y)
-      xs.append(sharding.to_host(x))
+      xs.append(sharding.to_host(decode(x)))
     x = np.concatenate(xs)[:num_samples]
     pred = classify(classify_fn, clf_params, x, batch_size, mesh)
     result["settings"][name] = {"guidance_scale": w, **summarize(pred, want[:num_samples], k),

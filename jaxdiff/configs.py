@@ -9,6 +9,7 @@ Sections:
   data          dataset and preprocessing          -> `data.create_dataset`
   process       diffusion process (`name` + fields) -> `processes.get_process(**config.process)`
   model         network (`name` + fields)          -> `models.create_model(**config.model)`
+  latent        latent diffusion: a frozen autoencoder the model runs in -> `latent.latent_space`
   loss          objective                          -> `losses.make_denoising_loss(process, **config.loss)`
   optimizer     optax optimizer and schedule       -> `train.make_optimizer(**config.optimizer)`
   training      loop: steps, batch, EMA, logging, checkpoints
@@ -66,6 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
                                  # name='classifier': the classes of a noise-conditional classifier
   ))
 
+  c.latent = ml_collections.ConfigDict(dict(
+      autoencoder="",            # '' = pixel space; 'diffusers:<dir>' (an AutoencoderKL, e.g. the SD VAE) or
+                                 # 'jaxdiff:<workdir>' (a run of model.name='autoencoder'): the model is
+                                 # trained and samples in its latents (jaxdiff.latent)
+      scaling_factor=0.0,        # latents = scaling_factor * (z - shift); 0 = the autoencoder's (diffusers'
+                                 # config, or 1/std measured by the jaxdiff run)
+      sample_posterior=True,     # train on z ~ q(z|x) (LDM); False: on the posterior mean
+  ))
+
   c.loss = ml_collections.ConfigDict(dict(
       prediction="eps",          # what the network outputs: eps | x0 | v | score | flow | edm
       target="",                 # space of the squared error ('' = prediction)
@@ -73,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
       reduce="mean",             # mean | sum over data dimensions
       t_sampling="process",      # process | lognormal (EDM) | discrete (NCSN) | logit_normal (SD3;
                                  # a config may add logit_mean, logit_std: default 0, 1)
+      # model.name='autoencoder': mean reconstruction error + kl_weight * KL(q(z|x) || N(0, I)) / pixels
+      reconstruction="l1",       # l1 | l2 (the per-pixel error)
+      kl_weight=1e-6,            # LDM's KL-f8 autoencoders: 1e-6
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -202,15 +215,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.training.ema_decay={t.ema_decay} must be in [0, 1).")
   d, m = config.data, config.model
   _validate_data(d)
+  _validate_autoencoder(config)
+  res = _validate_latent(config)  # the side of what the network sees: pixels or latents
+  what = "config.data.resolution" if res == d.resolution else f"the latent side {res} (config.latent)"
   if m.name in ("unet", "ncsnpp") and d.dataset != "gmm2d":
     levels = len(m.ch_mult)
     div = 2 ** (levels - 1)
-    if d.resolution % div:
+    if res % div:
       raise ConfigError(
-          f"config.data.resolution={d.resolution} cannot pass through the U-Net's {levels} levels "
+          f"{what}={res} cannot pass through the U-Net's {levels} levels "
           f"(config.model.ch_mult={tuple(m.ch_mult)}), which halve it {levels - 1} times; use a "
           f"multiple of {div} or fewer levels.")
-    sizes = {d.resolution // 2**i for i in range(levels)}
+    sizes = {res // 2**i for i in range(levels)}
     missing = [r for r in m.attn_resolutions if r not in sizes]
     if missing:
       raise ConfigError(f"config.model.attn_resolutions={tuple(m.attn_resolutions)} includes {missing}, "
@@ -224,15 +240,68 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.dataset == "gmm2d":
       raise ConfigError("config.model.name='dit' takes images, but config.data.dataset='gmm2d' is 2-D vector "
                         "data; use model.name='mlp'.")
-    if d.resolution % m.patch_size:
-      raise ConfigError(f"config.data.resolution={d.resolution} is not a multiple of config.model.patch_size="
-                        f"{m.patch_size}; use a patch size that divides it (MNIST's 28: 2, 4 or 7).")
+    if res % m.patch_size:
+      raise ConfigError(f"{what}={res} is not a multiple of config.model.patch_size={m.patch_size}; use a "
+                        f"patch size that divides it (MNIST's 28: 2, 4 or 7).")
   if m.name == "mlp" and d.dataset != "gmm2d":
     raise ConfigError(f"config.model.name='mlp' takes vector data, but config.data.dataset={d.dataset!r} "
                       f"is an image dataset; use model.name='unet'.")
   _validate_labels(config)
   _validate_superres(config)
   _validate_guidance(config.sampling)
+
+
+def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:
+  """`model.name='autoencoder'` (latent diffusion's VAE): centred, unlabelled images it can code."""
+  from jaxdiff.data import catalog
+
+  d, m = config.data, config.model
+  if m.name != "autoencoder":
+    return
+  if not catalog.lookup(d.dataset).is_image:
+    raise ConfigError(f"config.model.name='autoencoder' codes images, but config.data.dataset={d.dataset!r} is "
+                      f"vector data; use an image dataset.")
+  f = 2 ** (len(m.block_out_channels) - 1)
+  if d.resolution % f:
+    raise ConfigError(f"config.data.resolution={d.resolution} is not a multiple of the autoencoder's downsampling "
+                      f"factor {f} (config.model.block_out_channels={tuple(m.block_out_channels)}: "
+                      f"{len(m.block_out_channels)} levels); use a multiple of {f} or fewer levels.")
+  for key in ("in_channels", "out_channels"):
+    if int(m[key]) != int(d.num_channels):
+      raise ConfigError(f"config.model.{key}={m[key]} but config.data.num_channels={d.num_channels}; set "
+                        f"--config.model.{key}={d.num_channels}.")
+  if not d.centered:
+    raise ConfigError("config.model.name='autoencoder' codes images in [-1, 1] (as latent diffusion and the SD VAE "
+                      "do); set --config.data.centered=True.")
+  if d.use_labels or int(d.get("cond_resolution", 0)):
+    raise ConfigError("config.model.name='autoencoder' is trained on images alone; set "
+                      "--config.data.use_labels=False and --config.data.cond_resolution=0.")
+
+
+def _validate_latent(config: ml_collections.ConfigDict) -> int:
+  """Latent diffusion (`config.latent.autoencoder`): returns the side of the network's input."""
+  d, m = config.data, config.model
+  spec = str(config.latent.autoencoder or "")
+  if not spec:
+    return int(d.resolution)
+  from jaxdiff import latent
+  from jaxdiff.data import catalog
+
+  latent.parse_source(spec)
+  if m.name not in ("unet", "ncsnpp", "dit"):
+    raise ConfigError(f"{latent.KEY}={spec!r} trains a diffusion model in the autoencoder's latents, but "
+                      f"config.model.name={m.name!r}; use 'unet', 'ncsnpp' or 'dit' (or set {latent.KEY}='').")
+  if not catalog.lookup(d.dataset).is_image:
+    raise ConfigError(f"{latent.KEY}={spec!r} encodes images, but config.data.dataset={d.dataset!r} is vector "
+                      f"data; set {latent.KEY}=''.")
+  if not d.centered:
+    raise ConfigError(f"{latent.KEY}={spec!r}: autoencoders code images in [-1, 1]; set "
+                      f"--config.data.centered=True.")
+  if int(d.get("cond_resolution", 0)):
+    raise ConfigError(f"{latent.KEY}={spec!r} with config.data.cond_resolution={d.cond_resolution}: "
+                      f"super-resolution in latent space is not supported; set one of them to ''/0.")
+  space = latent.latent_space((int(d.resolution), int(d.resolution), int(d.num_channels)), **config.latent.to_dict())
+  return space.shape[0]
 
 
 def _validate_labels(config: ml_collections.ConfigDict) -> None:

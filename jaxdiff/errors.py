@@ -55,3 +55,12 @@ def check_choice(name: str, value, choices) -> None:
   if value not in choices:
     valid = ", ".join(repr(c) for c in choices)
     raise InputError(f"{name}={value!r} is not known; valid values are: {valid}.")
+
+
+def split_source(key: str, value: str, sources, forms: str) -> tuple[str, str]:
+  """'<source>:<path>' -> (source, path) with `source` in `sources`; a ConfigError naming `key`
+  and the valid `forms` (a phrase: "use 'a:<...>' or ...") otherwise."""
+  source, sep, path = str(value).partition(":")
+  if not sep or source not in sources or not path:
+    raise ConfigError(f"{key}={value!r} is not '<source>:<path>'; {forms}.")
+  return source, path

@@ -181,6 +181,11 @@ def evaluate_likelihood(config: ml_collections.ConfigDict, workdir: str, *, step
     if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
       raise InputError(f"{name}={value!r} must be a positive integer (or None for the default).")
   exp = train.build_experiment(config)
+  if exp.is_classifier or exp.is_autoencoder or exp.latent is not None:
+    what = ("a latent diffusion model: its bits/dim would be of the latents, not of the images "
+            f"(config.latent.autoencoder={exp.latent.source!r})" if exp.latent is not None else
+            f"a {'classifier' if exp.is_classifier else 'autoencoder'}, which has no likelihood")
+    raise InputError(f"--mode=likelihood evaluates a pixel-space diffusion model, but {workdir!r} holds {what}.")
   mesh = sharding.create_mesh(config.mesh.to_dict())
   d = config.data
   split = split or d.eval_split

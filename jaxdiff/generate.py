@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxdiff import aot
 from jaxdiff import guidance
+from jaxdiff import latent
 from jaxdiff import parameterization
 from jaxdiff import samplers
 from jaxdiff import sharding
@@ -88,7 +89,7 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
   num_steps = int(num_steps or config.sampling.num_steps)
   denoise = config.sampling.denoise if denoise is None else denoise
   sharding.check_batch_size(batch_size, mesh, name="sampling batch size")
-  shape = (batch_size,) + tuple(exp.data_spec.shape)
+  shape = (batch_size,) + exp.shape  # latent diffusion: the latents' shape (decode them: jaxdiff.latent)
   w = float(config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
   interval = tuple(float(v) for v in config.sampling.guidance_interval)
   rescale = float(config.sampling.guidance_rescale)
@@ -100,7 +101,7 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
   if classifier is not None:
     check_classifier(exp, classifier)
   k = exp.num_classes
-  clip = bool(config.sampling.clip_denoised) and exp.data_spec.is_image
+  clip = bool(config.sampling.clip_denoised) and exp.data_spec.is_image and exp.latent is None
   # The interval (0, inf) is "everywhere": no mask in the traced function.
   interval = None if interval[0] <= 0.0 and interval[1] == float("inf") else interval
 
@@ -147,9 +148,9 @@ def check_classifier(exp, classifier) -> None:
   if exp.num_classes and classifier.num_classes != exp.num_classes:
     raise InputError(f"the classifier has {classifier.num_classes} classes but the model is conditional on "
                      f"{exp.num_classes}; use a classifier trained on the same dataset.")
-  if tuple(classifier.data_spec.shape) != tuple(exp.data_spec.shape) or classifier.centered != exp.centered:
-    raise InputError(f"the classifier was trained on data of shape {classifier.data_spec.shape} "
-                     f"(centered={classifier.centered}) but the model makes {exp.data_spec.shape} "
+  if classifier.shape != exp.shape or classifier.centered != exp.centered:
+    raise InputError(f"the classifier was trained on data of shape {classifier.shape} "
+                     f"(centered={classifier.centered}) but the model makes {exp.shape} "
                      f"(centered={exp.centered}); use a classifier of the same data.")
   if not _same_process(classifier.process, exp.process):
     raise InputError(f"the classifier was trained on x_t of a different process ({_describe(classifier.process)}) "
@@ -298,6 +299,10 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   if exp.is_classifier:
     raise InputError(f"--workdir={workdir!r} holds a noise-conditional classifier, which does not draw "
                      f"samples; pass it as --classifier_workdir of a diffusion model's run.")
+  if exp.is_autoencoder:
+    raise InputError(f"--workdir={workdir!r} holds an autoencoder, which does not draw samples; train a latent "
+                     f"diffusion model in it with --config.latent.autoencoder=jaxdiff:{workdir} (e.g. "
+                     f"configs/mnist_latent.py).")
   if exp.cond_resolution:
     raise InputError(f"--workdir={workdir!r} holds a super-resolution model (config.data.cond_resolution="
                      f"{exp.cond_resolution}), which needs low-resolution inputs; use run_sample.py --task "
@@ -328,6 +333,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   label_list = (parse_labels(labels, n_labels, allow_null=bool(k) and classifier is None) if labels
                 else list(range(k)) if k else None)
   step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
+  decode = latent.sample_decoder(exp.latent, mesh)  # latent diffusion: the frozen autoencoder's decoder
 
   n_shards = sharding.num_data_shards(mesh)
   batch_size = batch_size or min(config.sampling.batch_size, num_samples)
@@ -347,7 +353,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   for b in range(n_batches):
     y = None if all_labels is None else jax.device_put(all_labels[b * batch_size:(b + 1) * batch_size], label_sh)
     x, nfe = fn(params, jax.random.fold_in(key, b), y, classifier_params)
-    out.append(sharding.to_host(x))
+    out.append(sharding.to_host(decode(x)))
     nfe = int(nfe)
     done = min((b + 1) * batch_size, num_samples)
     el = time.time() - t0

@@ -22,6 +22,9 @@ averaged over the batch.
 
 `make_classifier_loss(process)` is the cross-entropy objective of a noise-conditional
 classifier for classifier guidance: `loss_fn(net, x0, labels, key) -> (loss, aux)`.
+
+`make_autoencoder_loss(kl_weight=...)` is the KL-regularised autoencoder's objective (the
+VAE of latent diffusion): `loss_fn(autoencoder, x, key) -> (loss, aux)`.
 """
 
 from __future__ import annotations
@@ -187,5 +190,39 @@ def make_classifier_loss(process: Process, *,
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
     return jnp.mean(nll), {"accuracy": accuracy, "t": t, "loss_per_example": nll}
+
+  return loss_fn
+
+
+RECONSTRUCTIONS = ("l1", "l2")
+
+
+def make_autoencoder_loss(*, kl_weight: float = 1e-6,
+                          reconstruction: str = "l1") -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds `loss_fn(autoencoder, x, key) -> (loss, aux)` for a KL-regularised autoencoder.
+
+  `autoencoder(x, key) -> (reconstruction, mean, logvar)` decodes a sample of q(z|x) =
+  N(mean, exp(logvar)) (`models.AutoencoderKL` with its parameters bound). The loss is
+
+    mean over pixels of |x - x_hat| (l1) or (x - x_hat)^2 (l2)
+      + kl_weight * KL(q(z|x) || N(0, I)) / (pixels per example),
+
+  averaged over the batch: Rombach et al.'s objective without its perceptual and
+  adversarial terms, divided by the number of pixels, so `kl_weight` means what it does
+  there (1e-6 for their KL-f8 autoencoders). `aux` holds the batch means of the
+  reconstruction error and of the KL per example (`reconstruction`, `kl`).
+  """
+  _check("reconstruction", reconstruction, RECONSTRUCTIONS)
+  if not kl_weight >= 0.0:
+    raise ConfigError(f"config.loss.kl_weight={kl_weight} must be >= 0 (LDM's KL-f8 autoencoders: 1e-6).")
+  from jaxdiff.models.autoencoder import kl_divergence
+
+  def loss_fn(autoencoder, x: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+    recon, mean, logvar = autoencoder(x, key)
+    err = recon.astype(jnp.float32) - x
+    rec = jnp.mean(jnp.abs(err) if reconstruction == "l1" else jnp.square(err))
+    kl = jnp.mean(kl_divergence(mean, logvar))
+    pixels = x.size // x.shape[0]
+    return rec + kl_weight * kl / pixels, {"reconstruction": rec, "kl": kl}
 
   return loss_fn

@@ -570,9 +570,13 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     raise InputError(f"--conditioning={conditioning} applies to inpaint, outpaint and colorize, not --task={task}.")
 
   exp = train.build_experiment(config)
-  if not exp.data_spec.is_image or exp.is_classifier:
-    raise InputError(f"--task={task} needs an image diffusion model; {workdir!r} holds a "
-                     f"{'classifier' if exp.is_classifier else 'model of ' + repr(config.data.dataset)}.")
+  if not exp.data_spec.is_image or exp.is_classifier or exp.is_autoencoder:
+    what = ("classifier" if exp.is_classifier else "autoencoder" if exp.is_autoencoder
+            else f"model of {config.data.dataset!r}")
+    raise InputError(f"--task={task} needs an image diffusion model; {workdir!r} holds a {what}.")
+  if exp.latent is not None:
+    raise InputError(f"--task={task} conditions on pixels, but {workdir!r} is a latent diffusion model "
+                     f"(config.latent.autoencoder={exp.latent.source!r}); tasks in latent space are not supported.")
   res, channels = int(exp.data_spec.shape[0]), int(exp.data_spec.shape[-1])
   low = exp.cond_resolution
   if task == "superres" and not low:

@@ -11,9 +11,13 @@ The pieces are small top-level functions so they can be used and tested on their
   (`microbatched_value_and_grad`, any objective);
 * `classifier_train_step(...)`  the same for a noise-conditional classifier
   (`config.model.name='classifier'`, cross-entropy on noised data);
+* `autoencoder_train_step(...)`  the same for latent diffusion's KL autoencoder
+  (`config.model.name='autoencoder'`, `losses.make_autoencoder_loss`);
 * `train_and_evaluate(config, workdir)`  the loop: sharded init, resume from the latest
   checkpoint, metrics pulled from the device only every `log_every` steps, NaN guard before
-  every checkpoint, sample grids and a loss curve under the workdir.
+  every checkpoint, sample grids and a loss curve under the workdir. With
+  `config.latent.autoencoder` (latent diffusion) each batch is encoded by the frozen
+  autoencoder on the devices before the step, and sample grids are decoded.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from jaxdiff import checkpoint as ckpt_lib
 from jaxdiff import configs as config_lib
 from jaxdiff import data as data_lib
 from jaxdiff import generate
+from jaxdiff import latent as latent_lib
 from jaxdiff import losses
 from jaxdiff import models
 from jaxdiff import processes
@@ -135,7 +140,9 @@ def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.Gradien
                        example_x: Array, ema: bool = True, params: Any = None) -> TrainState:
   """Initial parameters (`params`, e.g. published weights, or `model`'s init), their EMA copy
   (None with `ema=False`) and optimizer state, at step 0."""
-  if params is None:
+  if params is None and isinstance(model, models.AutoencoderKL):
+    params = model.init({"params": key}, example_x)["params"]
+  elif params is None:
     t = jnp.zeros((example_x.shape[0],), jnp.float32)
     params = model.init({"params": key}, example_x, t, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -270,6 +277,19 @@ def classifier_train_step(state: TrainState, batch: dict[str, Array], key: Array
       "loss": loss, "grad_norm": optax.tree.norm(grads), "accuracy": aux["accuracy"]}
 
 
+def autoencoder_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                           loss_fn: Callable, optimizer: optax.GradientTransformation,
+                           ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
+  """One update of a KL autoencoder (`losses.make_autoencoder_loss`; the posterior sample draws from `key`). Pure."""
+
+  def objective(params, batch, key):
+    return loss_fn(lambda x, k: model.apply({"params": params}, x, k), batch["x"], key)
+
+  (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, {"x": batch["x"]}, key)
+  return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
+      "loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+
 def apply_gradients(state: TrainState, grads, *, optimizer: optax.GradientTransformation,
                     ema_decay: float) -> TrainState:
   """The optimizer update and the EMA of the parameters: the end of every train step."""
@@ -295,6 +315,12 @@ class Experiment:
   data_spec: data_lib.DataSpec = struct.field(pytree_node=False)
   centered: bool = struct.field(pytree_node=False)
   cond_resolution: int = struct.field(pytree_node=False, default=0)  # low-res side (super-resolution)
+  latent: latent_lib.LatentSpace | None = struct.field(pytree_node=False, default=None)  # latent diffusion
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """One example of what the network sees: the data's shape, or the latents' (latent diffusion)."""
+    return tuple(self.latent.shape if self.latent is not None else self.data_spec.shape)
 
   @property
   def num_classes(self) -> int:
@@ -305,6 +331,11 @@ class Experiment:
   def is_classifier(self) -> bool:
     """A noise-conditional classifier (trained with cross-entropy, used for guidance)."""
     return isinstance(self.model, models.NoiseClassifier)
+
+  @property
+  def is_autoencoder(self) -> bool:
+    """Latent diffusion's KL autoencoder (trained on reconstruction + KL; encodes for latent runs)."""
+    return isinstance(self.model, models.AutoencoderKL)
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -318,8 +349,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     model_kwargs.setdefault("out_channels", d.num_channels)
   model = models.create_model(**model_kwargs)
   process = processes.get_process(**config.process.to_dict())
+  space = latent_lib.latent_space(tuple(spec.shape), **config.latent.to_dict())
   exp = Experiment(model=model, process=process, prediction=config.loss.prediction,
-                   data_spec=spec, centered=bool(config.data.centered), cond_resolution=cond_resolution)
+                   data_spec=spec, centered=bool(config.data.centered), cond_resolution=cond_resolution,
+                   latent=space)
   if d.use_labels and not exp.num_classes:
     raise ConfigError(f"config.data.use_labels=True but config.model.num_classes=0 (an unconditional "
                       f"model); set --config.model.num_classes={spec.num_classes or 'K'} to condition on "
@@ -334,7 +367,12 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process):
   """The objective `config` describes: denoising, or cross-entropy for `model.name='classifier'`."""
   if config.model.name == "classifier":
     return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
+  if config.model.name == "autoencoder":
+    return losses.make_autoencoder_loss(kl_weight=float(config.loss.kl_weight),
+                                        reconstruction=config.loss.reconstruction)
   kw = config.loss.to_dict()
+  for key in ("kl_weight", "reconstruction"):  # the autoencoder's
+    kw.pop(key, None)
   kw["target"] = kw.get("target") or None
   return losses.make_denoising_loss(process, **kw)
 
@@ -343,8 +381,9 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   """`step(state, batch, key) -> (state, metrics)` for `config` (not jitted)."""
   tc = config.training
   loss_fn = make_loss(config, exp.process)
-  if exp.is_classifier:
-    return functools.partial(classifier_train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
+  if exp.is_classifier or exp.is_autoencoder:
+    step = classifier_train_step if exp.is_classifier else autoencoder_train_step
+    return functools.partial(step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
                              ema_decay=tc.ema_decay, microbatches=int(tc.microbatches))
   return functools.partial(train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
                            ema_decay=tc.ema_decay,
@@ -354,7 +393,7 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
 
 def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   """The train state's shapes and shardings, without allocating it."""
-  example = jnp.zeros((1,) + exp.data_spec.shape, jnp.float32)
+  example = jnp.zeros((1,) + exp.shape, jnp.float32)
   if exp.cond_resolution:  # the network also sees the upsampled low-res image as channels
     example = jnp.concatenate([example, example], axis=-1)
   init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example)
@@ -423,7 +462,8 @@ class _Metrics:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
     eta = (self.num_steps - step) / max(rate, 1e-9)
-    extra = f" | accuracy {mean['accuracy']:.3f}" if "accuracy" in mean else ""  # classifiers
+    # classifiers: accuracy; autoencoders: reconstruction, kl
+    extra = "".join(f" | {k} {v:.4g}" for k, v in mean.items() if k not in ("loss", "grad_norm"))
     log.info("step %d/%d | loss %.4f | grad_norm %.3f%s | %.2f steps/s | ETA %s", step, self.num_steps,
              mean["loss"], mean["grad_norm"], extra, rate, _fmt_time(eta))
     return row
@@ -446,7 +486,7 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
   # never materialised unsharded; compiled ahead so the compiler's freed heap is returned first
   params = None  # a random init
   if init_from:
-    host = pretrained.load_pretrained(init_from, exp.model, exp.data_spec.shape,
+    host = pretrained.load_pretrained(init_from, exp.model, exp.shape,
                                       negate_output=config.process.name == "ve")  # VE: score_sde's -eps
     pretrained.check_fits(host, abstract.params, init_from)
     host = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), host, abstract.params)
@@ -499,9 +539,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("Imported %s as step 0 in %s.", tc.init_from, ckpt.directory)  # starts the data afresh
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("Model %s: %s parameters; %s on mesh %s.", config.model.name, f"{n_params:,}",
-           type(exp.process).__name__, dict(mesh.shape))
+           "reconstruction + KL" if exp.is_autoencoder else type(exp.process).__name__, dict(mesh.shape))
 
-  batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.data_spec.shape))}
+  batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.shape))}
   if config.data.use_labels:
     batch_sh["label"] = sharding.batch_sharding(mesh, 1)
   # Compiled at the first call, ahead of running it (the compiler's freed heap is returned
@@ -557,9 +597,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   sampler = None
   batch = None  # the last training batch (super-resolution samples restore its low-res images)
+  # latent diffusion: the frozen autoencoder encodes each batch on the devices, decodes samples
+  encode = vae_params = None
+  if exp.latent is not None:
+    vae_params = latent_lib.load_params(exp.latent, mesh)
+    encode = latent_lib.make_encoder(exp.latent, mesh)
+    log.info("Latent diffusion in %s: images %s -> latents %s (scaling_factor %.5g, shift_factor %.5g).",
+             exp.latent.source, exp.latent.image_shape, exp.latent.shape, exp.latent.autoencoder.scaling_factor,
+             exp.latent.autoencoder.shift_factor)
+  decode = latent_lib.sample_decoder(exp.latent, mesh, vae_params)
+  if exp.is_autoencoder:
+    measure = jax.jit(functools.partial(latent_lib.measure_statistics, exp.model),
+                      out_shardings={"reconstruction": sharding.batch_sharding(mesh, 1 + len(exp.shape)),
+                                     "latent_mean": sharding.replicated(mesh),
+                                     "latent_std": sharding.replicated(mesh)})
+
+  def write_reconstructions(step: int) -> None:
+    """An autoencoder's reconstructions of the last batch (pairs: input | output) and its latents'
+    statistics (`latent.STATS_FILE`, what latent diffusion runs scale their latents by)."""
+    if batch is None:
+      return
+    out = measure(state.ema_params, batch["x"], jax.random.fold_in(sample_key, step))
+    x, recon = sharding.to_host(batch["x"]), sharding.to_host(out["reconstruction"])
+    pixels = [viz.to_uint8(a, exp.centered) for a in (x, recon)]
+    std = float(out["latent_std"])
+    stats = {"step": step, "num_examples": int(x.shape[0]), "latent_mean": float(out["latent_mean"]),
+             "latent_std": std, "scaling_factor": 1.0 / max(std, 1e-12), "shift_factor": float(out["latent_mean"]),
+             "psnr_db": float(np.mean(tasks.psnr(pixels[1], pixels[0], 255.0)))}
+    log.info("Autoencoder at step %d: reconstruction PSNR %.2f dB on the last batch; latents' mean %.4g, std %.4g "
+             "(scaling_factor %.5g).", step, stats["psnr_db"], stats["latent_mean"], std, stats["scaling_factor"])
+    if sharding.is_main_process():
+      latent_lib.write_stats(workdir, stats)
+      n = tc.num_final_samples
+      if n > 0:
+        pairs = np.concatenate([pixels[0][:n], pixels[1][:n]], axis=2)
+        viz.save_image_grid(pairs, os.path.join(workdir, f"reconstructions_{step:06d}.png"))
 
   def write_samples(step: int) -> None:
     nonlocal sampler
+    if exp.is_autoencoder:
+      return write_reconstructions(step)
     if tc.num_final_samples <= 0 or exp.is_classifier:
       return
     cond = {}
@@ -574,7 +651,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     labels = (generate.cycle_labels(range(exp.num_classes), tc.num_final_samples)
               if exp.num_classes else None)
     x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step), labels, **cond)
-    x = sharding.to_host(x)
+    x = sharding.to_host(decode(x))
     if sharding.is_main_process():
       generate.save_samples(x, exp, os.path.join(workdir, f"samples_{step:06d}"), write_npz=False)
 
@@ -586,6 +663,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batches = tuple(next(data_iter) for _ in range(n))  # already on the devices
       batch = batches[-1]
       with jax.transfer_guard(tc.transfer_guard):  # 'disallow' proves there is no implicit transfer
+        if encode is not None:  # latent diffusion: the step sees the batches' latents
+          zs = encode(vae_params, tuple(b["x"] for b in batches), train_key, state.step)
+          batches = tuple({**b, "x": z} for b, z in zip(batches, zs))
+          batch = batches[-1]
         # fold_in with the on-device step: no host-to-device transfer in the loop
         if n == 1:
           state, m = step_program(1)(state, batch, jax.random.fold_in(train_key, state.step))

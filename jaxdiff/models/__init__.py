@@ -15,7 +15,8 @@ from jaxdiff.models.mlp import MLP
 from jaxdiff.models.ncsnpp import NCSNpp
 from jaxdiff.models.unet import UNet
 
-MODELS = {"unet": UNet, "ncsnpp": NCSNpp, "dit": DiT, "mlp": MLP, "classifier": NoiseClassifier}
+MODELS = {"unet": UNet, "ncsnpp": NCSNpp, "dit": DiT, "mlp": MLP, "classifier": NoiseClassifier,
+          "autoencoder": AutoencoderKL}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -324,9 +324,8 @@ def _check_converted(sd: _StateDict, params: Mapping[str, Any], want: Mapping[st
                      f"pass the checkpoint that belongs to this config.json.")
 
 
-def _read_checkpoint(path_or_dir: str | os.PathLike[str], subfolder: str,
-                     model_class: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
-  """(config, state_dict) of a save_pretrained directory, its pipeline's `subfolder`, or a weights file."""
+def _read_config(path_or_dir: str | os.PathLike[str], subfolder: str, model_class: str) -> tuple[dict[str, Any], str]:
+  """(config, weights path) of a save_pretrained directory, its pipeline's `subfolder`, or a weights file."""
   path = os.fspath(path_or_dir)
   if os.path.isdir(path):
     if not os.path.exists(os.path.join(path, CONFIG_NAME)) and os.path.isdir(os.path.join(path, subfolder)):
@@ -340,13 +339,19 @@ def _read_checkpoint(path_or_dir: str | os.PathLike[str], subfolder: str,
     if not os.path.isfile(f):
       raise InputError(f"path_or_dir={os.fspath(path_or_dir)!r}: {f} does not exist; pass a diffusers {model_class} "
                        f"directory saved with save_pretrained(dir, safe_serialization=True).")
+  with open(config_path) as f:
+    return json.load(f), weights
+
+
+def _read_checkpoint(path_or_dir: str | os.PathLike[str], subfolder: str,
+                     model_class: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
+  """(config, state_dict) of a save_pretrained directory, its pipeline's `subfolder`, or a weights file."""
+  config, weights = _read_config(path_or_dir, subfolder, model_class)
   try:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise InputError("reading diffusers checkpoints needs the optional dependency safetensors; "
                      "install it with `pip install jaxdiff[convert]` (or `pip install safetensors`).") from e
-  with open(config_path) as f:
-    config = json.load(f)
   return config, load_file(weights)
 
 
@@ -605,3 +610,9 @@ def load_diffusers_vae(path_or_dir: str | os.PathLike[str]) -> tuple[dict[str, A
   """
   config, state_dict = _read_checkpoint(path_or_dir, "vae", "AutoencoderKL")
   return vae_kwargs_from_config(config), convert_diffusers_vae_state_dict(state_dict, config)
+
+
+def read_diffusers_vae_kwargs(path_or_dir: str | os.PathLike[str]) -> dict[str, Any]:
+  """`load_diffusers_vae`'s `vae_kwargs` from the config alone (the weights are not read)."""
+  config, _ = _read_config(path_or_dir, "vae", "AutoencoderKL")
+  return vae_kwargs_from_config(config)

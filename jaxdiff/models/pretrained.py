@@ -30,10 +30,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import numpy as np
 
-from jaxdiff.errors import ConfigError
+from jaxdiff.errors import ConfigError, split_source
 
 # source -> the jaxdiff networks its checkpoints can hold (config.model.name)
 SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet", "dit")}
@@ -42,12 +41,9 @@ KEY = "config.training.init_from"
 
 def parse_init_from(init_from: str) -> tuple[str, str]:
   """'<source>:<path>' -> (source, path); a ConfigError naming the valid forms otherwise."""
-  source, sep, path = str(init_from).partition(":")
-  if not sep or source not in SOURCES or not path:
-    raise ConfigError(f"{KEY}={init_from!r} is not '<source>:<path>'; use 'score_sde:<checkpoint_n or its "
-                      f"directory>', 'score_sde_pytorch:<state dict .npz>' or 'diffusers:<UNet2DModel or DiT dir>' "
-                      f"(or '' for a random init).")
-  return source, path
+  return split_source(KEY, init_from, SOURCES, "use 'score_sde:<checkpoint_n or its directory>', "
+                      "'score_sde_pytorch:<state dict .npz>' or 'diffusers:<UNet2DModel or DiT dir>' (or '' for "
+                      "a random init)")
 
 
 def validate_init_from(init_from: str, model_name: str, prediction: str) -> None:

@@ -1,0 +1,180 @@
+"""Latent diffusion from the configs: an autoencoder trained by run_train (model.name='autoencoder'),
+a DiT trained and sampled in its latents (config.latent), a diffusers VAE as the autoencoder, the
+autoencoder's objective, and the errors of configs that cannot work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from jaxdiff import configs, evaluate, generate, latent, losses, sharding, tasks, train
+from jaxdiff.errors import ConfigError, InputError
+from jaxdiff.models.autoencoder import AutoencoderKL, decode_latents, encode_latents
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "diffusers_vae_tiny")
+
+
+def test_autoencoder_loss_closed_form():
+  x = jnp.linspace(-1.0, 1.0, 2 * 4 * 4 * 1).reshape(2, 4, 4, 1)
+  mean = jnp.ones((2, 2, 2, 3))  # KL per latent element: (1 + 1 - 1 - 0) / 2 = 0.5 -> 6 per example
+  logvar = jnp.zeros_like(mean)
+
+  def ae(x, key):
+    return x + 0.25, mean, logvar
+
+  for rec, want_rec in (("l1", 0.25), ("l2", 0.0625)):
+    loss, aux = losses.make_autoencoder_loss(kl_weight=0.5, reconstruction=rec)(ae, x, jax.random.key(0))
+    np.testing.assert_allclose(float(aux["reconstruction"]), want_rec, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["kl"]), 6.0, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), want_rec + 0.5 * 6.0 / 16, rtol=1e-6)  # KL / pixels per example
+  with pytest.raises(ConfigError, match="config.loss.reconstruction='l3'"):
+    losses.make_autoencoder_loss(reconstruction="l3")
+  with pytest.raises(ConfigError, match="config.loss.kl_weight=-1"):
+    losses.make_autoencoder_loss(kl_weight=-1.0)
+
+
+def test_diffusers_latent_space_encodes_and_decodes_as_the_autoencoder():
+  pytest.importorskip("safetensors")
+  section = {"autoencoder": f"diffusers:{FIXTURE}", "scaling_factor": 0.0, "sample_posterior": True}
+  space = latent.latent_space((16, 16, 3), **section)
+  assert space.shape == (8, 8, 4) and space.autoencoder.scaling_factor == pytest.approx(0.18215)
+  assert latent.latent_space((16, 16, 3), **{**section, "scaling_factor": 0.5}).autoencoder.scaling_factor == 0.5
+  mesh = sharding.create_mesh({"data": -1})
+  params = latent.load_params(space, mesh)
+  x = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3), minval=-1.0, maxval=1.0)
+  x2 = -x[:, ::-1]
+  key, step = jax.random.key(7), jnp.asarray(5, jnp.int32)
+  encode = latent.make_encoder(space, mesh)
+  z1, z2 = encode(params, (x, x2), key, step)
+  # batch i draws with fold_in(fold_in(key, POSTERIOR_STREAM), step + i): any steps_per_call, same latents
+  (z2_alone,) = encode(params, (x2,), key, step + 1)
+  np.testing.assert_allclose(np.asarray(z2), np.asarray(z2_alone), rtol=1e-5, atol=1e-6)
+  k1 = jax.random.fold_in(jax.random.fold_in(key, latent.POSTERIOR_STREAM), 5)
+  np.testing.assert_allclose(np.asarray(z1), np.asarray(encode_latents(space.autoencoder, params, x, k1)),
+                             rtol=1e-5, atol=1e-5)
+  assert z1.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 4), 4)
+  # the posterior mean with sample_posterior=False: 0.18215 * mean
+  mean_space = latent.latent_space((16, 16, 3), **{**section, "sample_posterior": False})
+  (zm,) = latent.make_encoder(mean_space, mesh)(params, (x,), key, step)
+  mean, _ = space.autoencoder.apply({"params": params}, x, method=AutoencoderKL.encode)
+  np.testing.assert_allclose(np.asarray(zm), 0.18215 * np.asarray(mean), rtol=1e-5, atol=1e-6)
+  images = latent.make_decoder(space, mesh)(params, zm)
+  assert images.shape == (8, 16, 16, 3)
+  np.testing.assert_allclose(np.asarray(images), np.asarray(decode_latents(space.autoencoder, params, zm)),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tfds_dir, tmp_path_factory):
+  """(config, workdir) of mnist_autoencoder:tiny and of mnist_latent:tiny in its latents (2 steps per
+  call), 4 steps each."""
+  ae = load_config("mnist_autoencoder", "tiny")
+  ae.data.data_dir = tfds_dir
+  ae_dir = str(tmp_path_factory.mktemp("ae"))
+  train.train_and_evaluate(ae, ae_dir)
+  lat = load_config("mnist_latent", "tiny")
+  lat.data.data_dir = tfds_dir
+  lat.latent.autoencoder = f"jaxdiff:{ae_dir}"
+  lat.training.steps_per_call = 2  # the loop encodes a tuple of batches per call
+  lat_dir = str(tmp_path_factory.mktemp("latent"))
+  train.train_and_evaluate(lat, lat_dir)
+  return {"ae": (ae, ae_dir), "latent": (lat, lat_dir)}
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_autoencoder_run_writes_reconstructions_and_latent_statistics(runs):
+  _, ae_dir = runs["ae"]
+  rows = _rows(ae_dir)
+  assert [r["step"] for r in rows] == [2, 4]
+  for r in rows:  # loss = reconstruction + 1e-6 KL / 784
+    assert r["kl"] > 0 and r["loss"] == pytest.approx(r["reconstruction"] + 1e-6 * r["kl"] / 784, rel=1e-5)
+  stats = latent.read_stats(ae_dir)
+  assert stats["step"] == 4 and stats["num_examples"] == 8 and stats["latent_std"] > 0
+  assert stats["scaling_factor"] == pytest.approx(1.0 / stats["latent_std"])
+  assert stats["shift_factor"] == stats["latent_mean"] and np.isfinite(stats["psnr_db"])
+  assert os.path.getsize(os.path.join(ae_dir, "reconstructions_000004.png")) > 0
+
+
+def test_latent_model_trains_and_samples_in_the_latents(runs, tmp_path):
+  lat, lat_dir = runs["latent"]
+  _, ae_dir = runs["ae"]
+  assert all(np.isfinite(r["loss"]) for r in _rows(lat_dir))
+  assert os.path.getsize(os.path.join(lat_dir, "samples_000004.png")) > 0
+  config = generate.load_config(lat_dir)
+  exp = train.build_experiment(config)
+  stats = latent.read_stats(ae_dir)
+  assert exp.shape == (14, 14, 4) and exp.latent.image_shape == (28, 28, 1)  # 2 levels: 2x down
+  assert exp.latent.autoencoder.scaling_factor == pytest.approx(stats["scaling_factor"])
+  mesh = sharding.create_mesh(config.mesh.to_dict())
+  _, params = evaluate.restore_ema_params(config, lat_dir, exp, mesh)
+  assert params["patch_embed_kernel"].shape == (1, 1, 4, 16)  # the DiT takes the 4 latent channels
+  out = generate.generate(config, lat_dir, num_samples=8, labels=[3], out_dir=str(tmp_path))
+  images = np.load(out["paths"]["npz"])["images"]
+  assert images.shape == (8, 28, 28, 1) and images.dtype == np.uint8  # decoded to pixels
+  # the decoder is the autoencoder run's, at its EMA parameters
+  ae_config = generate.load_config(ae_dir)
+  _, ae_params = evaluate.restore_ema_params(ae_config, ae_dir, train.build_experiment(ae_config), mesh)
+  vae_params = latent.load_params(exp.latent, mesh)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ae_params), jax.tree.leaves(vae_params)))
+
+
+def test_what_cannot_run_says_so(runs, tmp_path):
+  ae, ae_dir = runs["ae"]
+  lat, lat_dir = runs["latent"]
+  with pytest.raises(InputError, match="holds an autoencoder, which does not draw samples"):
+    generate.generate(ae, ae_dir, num_samples=2)
+  with pytest.raises(InputError, match="latent diffusion model: its bits/dim would be of the latents"):
+    evaluate.evaluate_likelihood(lat, lat_dir, num_examples=8)
+  with pytest.raises(InputError, match="tasks in latent space are not supported"):
+    tasks.run_task(lat, lat_dir, task="sdedit", input_path="unused.npz")
+
+  def check(match, **changes):
+    c = load_config("mnist_latent", "tiny")
+    c.latent.autoencoder = f"jaxdiff:{ae_dir}"
+    for key, value in changes.items():
+      section, name = key.split("__")
+      c[section][name] = value
+    with pytest.raises(ConfigError, match=match):
+      configs.validate(c)
+
+  check(r"config.latent.autoencoder='vae:x' is not '<source>:<path>'", latent__autoencoder="vae:x")
+  check(r"config.json does not exist", latent__autoencoder=f"jaxdiff:{tmp_path}")
+  check(r"is a run of config.model.name='dit', not an autoencoder", latent__autoencoder=f"jaxdiff:{lat_dir}")
+  check(r"set --config.data.centered=True", data__centered=False)
+  check(r"super-resolution in latent space is not supported", data__cond_resolution=14, model__num_classes=0,
+        data__use_labels=False)
+  check(r"the latent side 14 \(config.latent\)=14 is not a multiple of config.model.patch_size=3",
+        model__patch_size=3)
+  check(r"config.latent.scaling_factor=-1.0 must be > 0", latent__scaling_factor=-1.0)
+  pytest.importorskip("safetensors")
+  check(r"codes images of 3 channel\(s\) \(out: 3\), but config.data.num_channels=1",
+        latent__autoencoder=f"diffusers:{FIXTURE}")
+  no_stats = tmp_path / "ae_without_stats"
+  no_stats.mkdir()
+  shutil.copy(os.path.join(ae_dir, "config.json"), no_stats)
+  check(r"has no latent_stats.json", latent__autoencoder=f"jaxdiff:{no_stats}")
+
+  def check_ae(match, **changes):
+    c = load_config("mnist_autoencoder", "tiny")
+    for key, value in changes.items():
+      section, name = key.split("__")
+      c[section][name] = value
+    with pytest.raises(ConfigError, match=match):
+      configs.validate(c)
+
+  check_ae(r"config.model.in_channels=3 but config.data.num_channels=1", model__in_channels=3)
+  check_ae(r"config.data.resolution=28 is not a multiple of the autoencoder's downsampling factor 8",
+           model__block_out_channels=(8, 8, 8, 8))
+  check_ae(r"set --config.data.use_labels=False", data__use_labels=True)
