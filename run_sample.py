@@ -26,6 +26,8 @@ With --task it runs a controlled-generation task on --input (PNG, .npy or .npz; 
   python run_sample.py --workdir runs/cifar10 --task colorize --input gray.png
   python run_sample.py --workdir runs/mnist --task sdedit --input sketch.png --strength 0.5
   python run_sample.py --workdir runs/mnist_superres --task superres --input low_res_14x14.png
+  python run_sample.py --workdir runs/mnist_latent --task sdedit --input digits.npz --strength 0.5 \
+      --labels 3 --guidance_scale 3     # img2img in a latent model, towards the class 3
 
 The config is read from <workdir>/config.json unless --config is given.
 """
@@ -51,7 +53,7 @@ _OUT = flags.DEFINE_string("out_dir", None, "Output directory (default: <workdir
                            "<workdir>/eval; --task: <workdir>/tasks).")
 _LABELS = flags.DEFINE_list("labels", None, "Class labels to draw, cycled over --num_samples (class-conditional "
                             "models: default all classes; 'null' = unconditional; with a classifier: the "
-                            "classes to guide towards).")
+                            "classes to guide towards; with --task: cycled over the inputs, default null).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w: cond + w (cond - uncond); "
                                "0 = conditional only (default: config.sampling.guidance_scale).")
 _CLF_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Run directory of a noise-conditional classifier "
@@ -100,11 +102,16 @@ def main(argv):
                                    vlb_timesteps=_VLB_T.value, out_dir=_OUT.value)
       return
     if _TASK.value is not None:
+      if _CLF_WORKDIR.value or _CLF_SCALE.value is not None:
+        raise errors.InputError(f"--task={_TASK.value} does not take classifier guidance (--classifier_workdir, "
+                                f"--classifier_scale); a class-conditional model takes --labels and "
+                                f"--guidance_scale.")
       tasks.run_task(config, _WORKDIR.value, task=_TASK.value, input_path=_INPUT.value, mask_path=_MASK.value,
                      invert_mask=_INVERT.value, strength=_STRENGTH.value, convert_channels=_CONVERT.value,
                      conditioning=_CONDITIONING.value, cg_steps=_CG_STEPS.value, step=_STEP.value,
                      method=_SAMPLER.value, num_steps=_STEPS.value, options=cli.parse_options(_OPTS.value),
-                     seed=_SEED.value, batch_size=_BATCH.value, out_dir=_OUT.value)
+                     seed=_SEED.value, batch_size=_BATCH.value, out_dir=_OUT.value, labels=_LABELS.value,
+                     guidance_scale=_GUIDANCE.value)
       return
     generate.generate(config, _WORKDIR.value, step=_STEP.value, method=_SAMPLER.value,
                       num_steps=_STEPS.value, num_samples=_NUM.value, seed=_SEED.value,

@@ -17,6 +17,11 @@ can be read against it.
 Prints one JSON object: `classifier_test_accuracy`, and per setting the `accuracy`
 (fraction of samples classified as the requested digit), its binomial standard error
 and the per-digit accuracies.
+
+With `--img2img_strengths 0.3,0.5` it also edits the first `--num_samples` test digits
+towards the next digit, (y + 1) mod 10, with SDEdit at each strength and guidance scale
+(`tasks.sdedit_images`; a latent model edits in its latents: img2img), and reports under
+`img2img` how many edits the classifier reads as the target and how many as the original.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdiff import data as data_lib  # noqa: E402
-from jaxdiff import evaluate, generate, guidance, latent, sharding, train  # noqa: E402
+from jaxdiff import evaluate, generate, guidance, latent, parameterization, sharding, tasks, train  # noqa: E402
 
 
 def load(workdir: str, mesh):
@@ -71,15 +76,65 @@ def classify(fn, params, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
   return np.concatenate(out)
 
 
-def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) -> float:
-  """The classifier's accuracy on the first `num_test` images of the test split."""
-  kw = data_lib.dataset_kwargs(clf_config.data)
-  kw.update(split=f"{clf_config.data.eval_split}[:{num_test}]", use_labels=True, random_flip=False,
+def test_images(config, num: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `num` images of a run's test split (scaled as in training) and their labels."""
+  kw = data_lib.dataset_kwargs(config.data)
+  kw.update(split=f"{config.data.eval_split}[:{num}]", use_labels=True, random_flip=False,
             uniform_dequantization=False)
   it = data_lib.create_dataset(**kw, batch_size=batch_size, num_epochs=1, shuffle=False, drop_remainder=False)
   x, y = zip(*[(b["x"], b["label"]) for b in it])
-  x, y = np.concatenate(x), np.concatenate(y)
+  return np.concatenate(x), np.concatenate(y)
+
+
+def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) -> float:
+  """The classifier's accuracy on the first `num_test` images of the test split."""
+  x, y = test_images(clf_config, num_test, batch_size)
   return float(np.mean(classify(fn, params, x, batch_size, mesh) == y))
+
+
+def make_edit(exp, config, *, strength: float, guidance_scale: float, method, num_steps):
+  """Jitted img2img `fn(params, vae_params, key, x, labels) -> edited x` towards `labels`."""
+  method = generate.resolve_method(method or config.sampling.method)
+  kw = dict(method=method, num_steps=int(num_steps or config.sampling.num_steps),
+            denoise=bool(config.sampling.denoise), **generate.sampler_options(config, method))
+  clip = bool(config.sampling.clip_denoised) and exp.latent is None
+
+  def fn(params, vae_params, key, x, labels):
+    score_fn = generate.model_score_fn(exp, params, labels=labels, guidance_scale=guidance_scale)
+    if clip:
+      score_fn = parameterization.clip_denoised(score_fn, exp.process, -1.0 if exp.centered else 0.0, 1.0)
+    return tasks.sdedit_images(key, exp, score_fn, x, strength, vae_params=vae_params, **kw)[0]
+
+  return jax.jit(fn)
+
+
+def img2img(exp, config, params, classify_fn, clf_params, mesh, *, strengths, guidance_scales, num: int,
+            batch_size: int, method, num_steps, seed: int) -> dict:
+  """SDEdit of the first `num` test digits towards (y + 1) mod K: the fraction read as the target / original."""
+  k = exp.num_classes
+  x, y = test_images(config, num, batch_size)
+  target = ((y + 1) % k).astype(np.int32)
+  vae_params = None if exp.latent is None else latent.load_params(exp.latent, mesh)
+  out = {}
+  for strength in strengths:
+    for w in guidance_scales:
+      t0 = time.time()
+      fn = make_edit(exp, config, strength=strength, guidance_scale=w, method=method, num_steps=num_steps)
+      edited = []
+      for b, lo in enumerate(range(0, num, batch_size)):
+        xb, tb = x[lo:lo + batch_size], target[lo:lo + batch_size]
+        pad = batch_size - len(xb)
+        if pad:
+          xb, tb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)]), np.concatenate([tb, np.repeat(tb[-1:], pad)])
+        xb, tb = (jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in (xb, tb))
+        e = fn(params, vae_params, jax.random.fold_in(jax.random.key(seed), b), xb, tb)
+        edited.append(sharding.to_host(e)[:batch_size - pad])
+      pred = classify(classify_fn, clf_params, np.concatenate(edited), batch_size, mesh)
+      out[f"s{strength:g}_w{w:g}"] = {"strength": strength, "guidance_scale": w, "n": int(num),
+                                      "to_target": float(np.mean(pred == target)),
+                                      "kept_original": float(np.mean(pred == y)),
+                                      "wall_s": round(time.time() - t0, 1)}
+  return out
 
 
 def summarize(pred: np.ndarray, want: np.ndarray, num_classes: int) -> dict:
@@ -91,7 +146,7 @@ def summarize(pred: np.ndarray, want: np.ndarray, num_classes: int) -> dict:
 
 def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), num_samples: int = 100,
         method: str | None = None, num_steps: int | None = None, batch_size: int = 100, num_test: int = 1000,
-        seed: int = 0) -> dict:
+        seed: int = 0, img2img_strengths=()) -> dict:
   """The evaluation as a dict (what the script prints)."""
   mesh = sharding.create_mesh({"data": -1})
   n_shards = sharding.num_data_shards(mesh)
@@ -128,6 +183,10 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     pred = classify(classify_fn, clf_params, x, batch_size, mesh)
     result["settings"][name] = {"guidance_scale": w, **summarize(pred, want[:num_samples], k),
                                 "wall_s": round(time.time() - t0, 1)}
+  if img2img_strengths:
+    result["img2img"] = img2img(exp, config, params, classify_fn, clf_params, mesh, strengths=img2img_strengths,
+                                guidance_scales=guidance_scales, num=num_samples, batch_size=batch_size,
+                                method=method, num_steps=num_steps, seed=seed)
   return result
 
 
@@ -143,10 +202,13 @@ def main():
   ap.add_argument("--num_test", type=int, default=1000, help="test images to measure the classifier on")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None, help="also write the JSON here")
+  ap.add_argument("--img2img_strengths", default="", help="comma-separated SDEdit strengths: also edit test "
+                  "digits towards the next digit (img2img)")
   a = ap.parse_args()
   result = run(a.workdir, a.classifier_workdir, guidance_scales=[float(w) for w in a.guidance_scales.split(",")],
                num_samples=a.num_samples, method=a.sampler, num_steps=a.steps, batch_size=a.batch_size,
-               num_test=a.num_test, seed=a.seed)
+               num_test=a.num_test, seed=a.seed,
+               img2img_strengths=[float(s) for s in a.img2img_strengths.split(",") if s])
   text = json.dumps(result, indent=1)
   print(text)
   if a.out:

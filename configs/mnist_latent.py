@@ -33,6 +33,18 @@ So the same 49-token DiT and steps do far better in the latents than on pixel pa
 better than the U-Net, for 12 CPU minutes in all (the autoencoder's 5.4 included) against 7.5.
 The 5s are the weakest class (32% at w=3), then the 9s and 8s.
 
+img2img (SDEdit in the latents, `run_sample.py --task sdedit --labels ... --guidance_scale ...`):
+the first 200 test digits edited towards the next digit, (y + 1) mod 10, DDIM 25, the
+fraction the classifier reads as the target / as the original digit:
+
+  python benchmarks/cond_mnist_eval.py --workdir runs/mnist_latent \
+      --classifier_workdir runs/mnist_clf_clean --num_samples 200 --guidance_scales 0,3 \
+      --num_test 10000 --img2img_strengths 0.3,0.5,0.7
+
+  strength 0.3: w=0 9% / 66%, w=3 41% / 22%
+  strength 0.5: w=0 23% / 18%, w=3 83% / 2.5%
+  strength 0.7: w=0 36% / 7%,  w=3 88% / 0%
+
 Variant `:tiny`: a few steps of a very small DiT, for the test suite (plumbing only); the
 test sets config.latent.autoencoder to a `configs/mnist_autoencoder.py:tiny` run.
 """

@@ -116,16 +116,8 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
                        "there is no classifier to guide with; drop the labels, or pass a classifier.")
     if classifier is not None and labels is None:
       raise InputError("classifier guidance needs labels: the classes to steer towards.")
-    if k and labels is not None and w:
-      cond_net = lambda x, c, y: exp.model.apply({"params": params}, x, c, y, train=False)  # noqa: E731
-      score_fn = guidance.cfg_score_fn(cond_net, exp.process, exp.prediction, labels, w, null_label=k,
-                                       interval=interval, rescale=rescale)
-    else:
-      cond = {"y": labels} if (k and labels is not None) else {}
-      if low_res is not None:
-        cond["low_res"] = low_res
-      score_fn = parameterization.score_fn_from_network(
-          network_fn(exp.model, params, **cond), exp.process, exp.prediction)
+    score_fn = model_score_fn(exp, params, labels=labels, guidance_scale=w, interval=interval, rescale=rescale,
+                              low_res=low_res)
     if classifier is not None:
       logp_fn = guidance.classifier_logp_fn(network_fn(classifier.model, classifier_params), exp.process)
       score_fn = guidance.classifier_guidance_score_fn(score_fn, logp_fn, labels, classifier_scale)
@@ -137,6 +129,28 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
 
   return jax.jit(sample_fn, out_shardings=(sharding.batch_sharding(mesh, len(shape)),
                                            sharding.replicated(mesh)))
+
+
+def model_score_fn(exp, params, *, labels=None, guidance_scale: float = 0.0, interval=None, rescale: float = 0.0,
+                   low_res=None):
+  """`score_fn(x, t)` of `exp`'s network at `params`.
+
+  A class-conditional model is conditioned on `labels` ([B] int32; None: the null label),
+  with classifier-free guidance `guidance_scale` w where labels are given
+  (`guidance.cfg_score_fn`, applied where sigma/alpha is in `interval`, rescaled by
+  `rescale`); a super-resolution model on `low_res`.
+  """
+  from jaxdiff.train import network_fn  # train imports this module
+
+  k = exp.num_classes
+  if k and labels is not None and guidance_scale:
+    cond_net = lambda x, c, y: exp.model.apply({"params": params}, x, c, y, train=False)  # noqa: E731
+    return guidance.cfg_score_fn(cond_net, exp.process, exp.prediction, labels, guidance_scale, null_label=k,
+                                 interval=interval, rescale=rescale)
+  cond = {"y": labels} if (k and labels is not None) else {}
+  if low_res is not None:
+    cond["low_res"] = low_res
+  return parameterization.score_fn_from_network(network_fn(exp.model, params, **cond), exp.process, exp.prediction)
 
 
 def check_classifier(exp, classifier) -> None:

@@ -47,7 +47,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -365,6 +365,17 @@ def sdedit(key: Array, process: Process, score_fn: ScoreFn, image: Array, streng
                          x_init=x_init, **options)
 
 
+def sdedit_images(key: Array, exp, score_fn: ScoreFn, image: Array, strength: float, *, vae_params: Any = None,
+                  **kw) -> tuple[Array, dict[str, Any]]:
+  """`sdedit` of images with the model of `exp` (a `train.Experiment`): in pixel space, or for a
+  latent diffusion model (`exp.latent`, its autoencoder's `vae_params`) on the latents of the
+  posterior mean, decoded after: Stable Diffusion's img2img. `score_fn` is the model's."""
+  if exp.latent is None:
+    return sdedit(key, exp.process, score_fn, image, strength, **kw)
+  z, info = sdedit(key, exp.process, score_fn, exp.latent.encode(vae_params, image), strength, **kw)
+  return exp.latent.decode(vae_params, z), info
+
+
 # --------------------------------------------------------------------------------------
 # Super-resolution (SR3-style: the low-resolution image as extra input channels)
 # --------------------------------------------------------------------------------------
@@ -532,7 +543,8 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
              invert_mask: bool = False, strength: float | None = None, convert_channels: bool = False,
              conditioning: str = "replace", cg_steps: int = 5, step: int | None = None,
              method: str | None = None, num_steps: int | None = None, options: dict | None = None,
-             seed: int = 0, batch_size: int | None = None, out_dir: str | None = None) -> dict[str, Any]:
+             seed: int = 0, batch_size: int | None = None, out_dir: str | None = None,
+             labels: Sequence[int | str] | None = None, guidance_scale: float | None = None) -> dict[str, Any]:
   """Runs `task` with the EMA model of `workdir` on the images of `input_path`; writes the results.
 
   Tasks (all with any sampler, `method` / `num_steps` / `options` as for `run_sample.py`):
@@ -542,17 +554,23 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     colorize  grey input (1 channel, or RGB with equal channels; an RGB image with
               `convert_channels`) -> RGB; needs an RGB model.
     sdedit    the input noised to t0 = strength * T and denoised (strength in (0, 1], 0.5 by
-              default).
+              default). A latent diffusion model (`config.latent`) edits the input's latents
+              (the posterior mean) and decodes the result: Stable Diffusion's img2img.
     superres  a super-resolution model (`config.data.cond_resolution`): an input at the
               low resolution is super-resolved; one at the model's resolution is taken as
               ground truth, area-downsampled, super-resolved and scored (PSNR, also for
               bicubic upsampling).
 
+  A class-conditional model is conditioned on `labels` (cycled over the inputs; 'null' or
+  none: the null label, i.e. unconditional), with classifier-free guidance `guidance_scale`
+  (default `config.sampling.guidance_scale`) where a label is given, as `run_sample.py`'s
+  samples are.
+
   Writes `<out_dir or workdir/tasks>/<task>_<method>_step<step>_seed<seed>.png`: one row per
   input with input | mask | output (and the task's other columns) side by side, and an
   `.npz` of the same uint8 arrays. Returns the paths, NFE, timings (and PSNRs for superres).
   """
-  from jaxdiff import evaluate, generate, parameterization, sharding, train, viz
+  from jaxdiff import evaluate, generate, latent, parameterization, sharding, train, viz
   from jaxdiff.errors import check_choice
 
   check_choice("--task", task, TASKS)
@@ -571,12 +589,13 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
 
   exp = train.build_experiment(config)
   if not exp.data_spec.is_image or exp.is_classifier or exp.is_autoencoder:
-    what = ("classifier" if exp.is_classifier else "autoencoder" if exp.is_autoencoder
-            else f"model of {config.data.dataset!r}")
-    raise InputError(f"--task={task} needs an image diffusion model; {workdir!r} holds a {what}.")
-  if exp.latent is not None:
+    what = ("a classifier" if exp.is_classifier else "an autoencoder" if exp.is_autoencoder
+            else f"a model of {config.data.dataset!r}")
+    raise InputError(f"--task={task} needs an image diffusion model; {workdir!r} holds {what}.")
+  if exp.latent is not None and task != "sdedit":
     raise InputError(f"--task={task} conditions on pixels, but {workdir!r} is a latent diffusion model "
-                     f"(config.latent.autoencoder={exp.latent.source!r}); tasks in latent space are not supported.")
+                     f"(config.latent.autoencoder={exp.latent.source!r}); of the tasks, only --task=sdedit "
+                     f"(img2img: the input encoded, edited in the latents, decoded) runs in latent space.")
   res, channels = int(exp.data_spec.shape[0]), int(exp.data_spec.shape[-1])
   low = exp.cond_resolution
   if task == "superres" and not low:
@@ -587,6 +606,16 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
                      f"--task=superres, not --task={task}.")
   if task == "colorize" and channels != 3:
     raise InputError(f"--task=colorize needs an RGB model, but {workdir!r} makes {channels}-channel images.")
+  k = exp.num_classes
+  cfg_w = float(config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+  if (labels or guidance_scale) and not k:
+    given = f"--labels={','.join(map(str, labels))}" if labels else f"--guidance_scale={guidance_scale:g}"
+    raise InputError(f"{given} needs a class-conditional model, but {workdir!r} is unconditional "
+                     f"(config.model.num_classes=0); drop it.")
+  if guidance_scale and not labels:
+    raise InputError(f"--guidance_scale={guidance_scale:g} guides towards --labels, which were not given; pass "
+                     f"the classes, e.g. --labels=0,1,2 (0..{k - 1}; cycled over the inputs).")
+  label_list = generate.parse_labels(labels, k, allow_null=True) if labels else None
 
   name = f"--input={input_path!r}"
   pixels = load_images(input_path)
@@ -629,19 +658,24 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
   if task == "outpaint":
     canvas, out_mask = place_on_canvas(jnp.asarray(inputs["image"]), (res, res), fill=float(to_model(0.5)))
     inputs = {"image": np.asarray(canvas), "mask": np.asarray(out_mask)}
+  if label_list is not None:
+    inputs["label"] = generate.cycle_labels(label_list, n)
+  interval = tuple(float(v) for v in config.sampling.guidance_interval)
+  interval = None if interval[0] <= 0.0 and interval[1] == float("inf") else interval
 
   method = generate.resolve_method(method or config.sampling.method)
   opts = generate.sampler_options(config, method, options)
   num_steps = int(num_steps or config.sampling.num_steps)
   denoise = bool(config.sampling.denoise)
-  clip = bool(config.sampling.clip_denoised)
+  clip = bool(config.sampling.clip_denoised) and exp.latent is None  # latents are unbounded
   lo = -1.0 if exp.centered else 0.0
   process = exp.process
 
-  def run(params, key, batch):
+  def run(params, key, batch, vae_params):
     def score_fn_for(low_res=None):
-      net = train.network_fn(exp.model, params, **({} if low_res is None else {"low_res": low_res}))
-      score_fn = parameterization.score_fn_from_network(net, process, exp.prediction)
+      score_fn = generate.model_score_fn(exp, params, labels=batch.get("label"), guidance_scale=cfg_w,
+                                         interval=interval, rescale=float(config.sampling.guidance_rescale),
+                                         low_res=low_res)
       return parameterization.clip_denoised(score_fn, process, lo, 1.0) if clip else score_fn
 
     kw = dict(method=method, num_steps=num_steps, denoise=denoise, **opts)
@@ -651,13 +685,14 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     elif task == "colorize":
       x, info = colorize(key, process, score_fn_for(), batch["image"], **cond, **kw)
     elif task == "sdedit":
-      x, info = sdedit(key, process, score_fn_for(), batch["image"], strength, **kw)
+      x, info = sdedit_images(key, exp, score_fn_for(), batch["image"], strength, vae_params=vae_params, **kw)
     else:
       x, info = superres(key, process, lambda x, t, lr: score_fn_for(lr)(x, t), batch["image"], res, **kw)
     return x, jnp.asarray(info["nfe"], jnp.int32)
 
   mesh = sharding.create_mesh(config.mesh.to_dict())
   step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
+  vae_params = None if exp.latent is None else latent.load_params(exp.latent, mesh)
   n_shards = sharding.num_data_shards(mesh)
   bs = min(int(batch_size or config.sampling.batch_size), n)
   bs = int(math.ceil(bs / n_shards) * n_shards)
@@ -674,7 +709,7 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     m = chunk["image"].shape[0]
     if m < bs:  # pad the last chunk with copies of its last image; dropped below
       chunk = {k: np.concatenate([v, np.repeat(v[-1:], bs - m, axis=0)]) for k, v in chunk.items()}
-    x, nfe = fn(params, jax.random.fold_in(key, b), {k: put(v) for k, v in chunk.items()})
+    x, nfe = fn(params, jax.random.fold_in(key, b), {k: put(v) for k, v in chunk.items()}, vae_params)
     outs.append(sharding.to_host(x)[:m])
     log.info("%s: %d/%d images (%s, %d NFE) in %.1fs", task, min((b + 1) * bs, n), n, method, int(nfe),
              time.time() - t0)
@@ -705,10 +740,15 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
       result["psnr_bicubic"] = float(np.mean(psnr(bicubic, truth, 1.0)))
 
   tag = f"_s{strength:g}" if task == "sdedit" else (f"_{conditioning}" if conditioning != "replace" else "")
+  if label_list is not None:
+    result["labels"] = inputs["label"].tolist()
+    if cfg_w:
+      tag += f"_cfg{cfg_w:g}"
+      result["guidance_scale"] = cfg_w
   prefix = os.path.join(out_dir or os.path.join(workdir, "tasks"), f"{task}_{method}_step{step}_seed{seed}{tag}")
   if sharding.is_main_process():
     viz.save_side_by_side(list(columns.values()), prefix + ".png", titles=list(columns))
-    np.savez_compressed(prefix + ".npz", **columns)
+    np.savez_compressed(prefix + ".npz", **columns, **({} if label_list is None else {"labels": inputs["label"]}))
   result["paths"] = {"png": prefix + ".png", "npz": prefix + ".npz"}
   extra = (f"; PSNR {result['psnr']:.2f} dB (bicubic {result['psnr_bicubic']:.2f} dB)" if "psnr" in result else "")
   log.info("Wrote %s: %s of %d images, %s, %d NFE, %.1fs%s.", result["paths"]["png"], task, n, method,

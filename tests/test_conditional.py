@@ -259,8 +259,11 @@ def test_mnist_eval_script_runs(runs):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   (_, workdir), (_, clf_dir) = runs["cond"], runs["clf"]
-  out = mod.run(workdir, clf_dir, guidance_scales=(3.0,), num_samples=10, batch_size=8, num_test=16)
+  out = mod.run(workdir, clf_dir, guidance_scales=(3.0,), num_samples=10, batch_size=8, num_test=16,
+                img2img_strengths=(0.5,))
   assert set(out["settings"]) == {"cfg_w3", "unconditional"}
+  edit = out["img2img"]["s0.5_w3"]
+  assert edit["n"] == 10 and 0.0 <= edit["to_target"] <= 1.0 and 0.0 <= edit["kept_original"] <= 1.0
   for s in out["settings"].values():
     assert s["n"] == 10 and 0.0 <= s["accuracy"] <= 1.0 and len(s["per_class"]) == 10
   assert 0.0 <= out["classifier_test_accuracy"] <= 1.0

@@ -74,6 +74,8 @@ def test_one_line_errors(trained, tmp_path):
       (["run_sample.py", "--workdir", trained, "--step", "5"], "step=5 does not exist"),
       (["run_sample.py", "--workdir", trained, "--sampler", "dpm"], "valid samplers"),
       (["run_sample.py", "--workdir", str(tmp_path / "nothing")], "holds no training run"),
+      (["run_sample.py", "--workdir", trained, "--task", "sdedit", "--input", "x.png", "--classifier_workdir",
+        trained], "does not take classifier guidance"),
   ]
   for argv, needle in cases:
     proc = run(*argv, check=False)

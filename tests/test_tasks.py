@@ -472,6 +472,10 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
       (tiny_sr, sr, dict(task="inpaint", input_path=d / "rgb8.png", mask_path=d / "mask8.png"),
        "holds a super-resolution model .* it takes --task=superres"),
       (tiny, rgb, dict(task="colorize", input_path=tmp_path / "missing.png"), "missing.png' is not a file"),
+      (tiny, rgb, dict(task="sdedit", input_path=d / "rgb8.png", labels=["1"]),
+       r"--labels=1 needs a class-conditional model, but .* is unconditional"),
+      (tiny, rgb, dict(task="sdedit", input_path=d / "rgb8.png", guidance_scale=2.0),
+       r"--guidance_scale=2 needs a class-conditional model"),
   ]
   for config, workdir, kw, pattern in cases:
     kw = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in kw.items()}
