@@ -125,6 +125,9 @@ def latent_space(image_shape: tuple[int, ...], *, autoencoder: str = "", scaling
   if not spec:
     return None
   source, path = parse_source(spec)
+  if len(image_shape) != 3:
+    raise ConfigError(f"{KEY}={spec!r} encodes images, but the data are vectors of shape {tuple(image_shape)}; "
+                      f"set {KEY}='' for this dataset.")
   if source == "diffusers":
     try:
       kwargs = convert_diffusers.read_diffusers_vae_kwargs(path)
@@ -144,10 +147,7 @@ def latent_space(image_shape: tuple[int, ...], *, autoencoder: str = "", scaling
   if scale:
     kwargs["scaling_factor"] = scale
   vae = models.create_model("autoencoder", **kwargs)
-  h, w, c = (tuple(image_shape) + (0, 0, 0))[:3]
-  if len(image_shape) != 3:
-    raise ConfigError(f"{KEY}={spec!r} encodes images, but the data are vectors of shape {tuple(image_shape)}; "
-                      f"set {KEY}='' for this dataset.")
+  h, w, c = image_shape
   if c != vae.in_channels or c != vae.out_channels:
     raise ConfigError(f"{KEY}={spec!r} codes images of {vae.in_channels} channel(s) (out: {vae.out_channels}), but "
                       f"config.data.num_channels={c}; use an autoencoder of the data's channels.")

@@ -47,6 +47,8 @@ def test_diffusers_latent_space_encodes_and_decodes_as_the_autoencoder():
   space = latent.latent_space((16, 16, 3), **section)
   assert space.shape == (8, 8, 4) and space.autoencoder.scaling_factor == pytest.approx(0.18215)
   assert latent.latent_space((16, 16, 3), **{**section, "scaling_factor": 0.5}).autoencoder.scaling_factor == 0.5
+  with pytest.raises(ConfigError, match=r"encodes images, but the data are vectors of shape \(2,\)"):
+    latent.latent_space((2,), **section)
   mesh = sharding.create_mesh({"data": -1})
   params = latent.load_params(space, mesh)
   x = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3), minval=-1.0, maxval=1.0)
