@@ -15,8 +15,14 @@ accuracy on `--num_test` MNIST test images is reported alongside, so the sample 
 can be read against it.
 
 Prints one JSON object: `classifier_test_accuracy`, and per setting the `accuracy`
-(fraction of samples classified as the requested digit), its binomial standard error
-and the per-digit accuracies.
+(fraction of samples classified as the requested digit), its binomial standard error,
+the per-digit accuracies, the sampler's network evaluations (`nfe`) and `classifier_fd`:
+the Frechet distance between the samples' and the `--num_test` test images' pooled
+classifier features (FID's formula with the MNIST classifier in Inception's place;
+`evaluate.frechet_distance`; `test_halves_fd`, the distance between the even and odd test
+images, is the floor at that sample size). Accuracy alone rewards blurry class means (a one-step
+sampler's x0 estimate is classified perfectly); the distance also sees sharpness and
+diversity.
 
 With `--img2img_strengths 0.3,0.5` it also edits the first `--num_samples` test digits
 towards the next digit, (y + 1) mod 10, with SDEdit at each strength and guidance scale
@@ -54,26 +60,31 @@ def load(workdir: str, mesh):
 
 
 def make_classify(clf_exp):
-  """A jitted `fn(params, x [B, ...]) -> predicted class [B]` of a classifier at t = t_min."""
+  """A jitted `fn(params, x [B, ...]) -> (predicted class [B], pooled features [B, d])` of a classifier
+  at t = t_min."""
   process = clf_exp.process
 
   def fn(params, x):
-    logp = guidance.classifier_logp_fn(train.network_fn(clf_exp.model, params), process)
-    return jnp.argmax(logp(x, jnp.full((x.shape[0],), process.t_min, jnp.float32)), axis=-1)
+    t = jnp.full((x.shape[0],), process.t_min, jnp.float32)
+    xin, c = guidance.classifier_input(process, x, t)
+    logits, aux = clf_exp.model.apply({"params": params}, xin, c, train=False, mutable=["intermediates"])
+    return jnp.argmax(logits, axis=-1), aux["intermediates"]["features"][0]
 
   return jax.jit(fn)
 
 
-def classify(fn, params, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-  """Predicted classes of `x`, in batches (the last one padded)."""
-  out = []
+def classify(fn, params, x: np.ndarray, batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Predicted classes and classifier features of `x`, in batches (the last one padded)."""
+  preds, feats = [], []
   for lo in range(0, len(x), batch_size):
     xb = x[lo:lo + batch_size]
     pad = batch_size - len(xb)
     xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)]) if pad else xb
     xb = jax.device_put(xb, sharding.batch_sharding(mesh, xb.ndim))
-    out.append(sharding.to_host(fn(params, xb))[:batch_size - pad])
-  return np.concatenate(out)
+    p, f = fn(params, xb)
+    preds.append(sharding.to_host(p)[:batch_size - pad])
+    feats.append(sharding.to_host(f)[:batch_size - pad])
+  return np.concatenate(preds), np.concatenate(feats)
 
 
 def test_images(config, num: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +97,12 @@ def test_images(config, num: int, batch_size: int) -> tuple[np.ndarray, np.ndarr
   return np.concatenate(x), np.concatenate(y)
 
 
-def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) -> float:
-  """The classifier's accuracy on the first `num_test` images of the test split."""
+def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) -> tuple[float, np.ndarray]:
+  """The classifier's accuracy on the first `num_test` images of the test split, and their features
+  (the reference set of the Frechet distance)."""
   x, y = test_images(clf_config, num_test, batch_size)
-  return float(np.mean(classify(fn, params, x, batch_size, mesh) == y))
+  pred, feats = classify(fn, params, x, batch_size, mesh)
+  return float(np.mean(pred == y)), feats
 
 
 def make_edit(exp, config, *, strength: float, guidance_scale: float, method, num_steps):
@@ -129,7 +142,7 @@ def img2img(exp, config, params, classify_fn, clf_params, mesh, *, strengths, gu
         xb, tb = (jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in (xb, tb))
         e = fn(params, vae_params, jax.random.fold_in(jax.random.key(seed), b), xb, tb)
         edited.append(sharding.to_host(e)[:batch_size - pad])
-      pred = classify(classify_fn, clf_params, np.concatenate(edited), batch_size, mesh)
+      pred, _ = classify(classify_fn, clf_params, np.concatenate(edited), batch_size, mesh)
       out[f"s{strength:g}_w{w:g}"] = {"strength": strength, "guidance_scale": w, "n": int(num),
                                       "to_target": float(np.mean(pred == target)),
                                       "kept_original": float(np.mean(pred == y)),
@@ -160,11 +173,13 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     raise SystemExit(f"error: {classifier_workdir} is not a {k}-class classifier of {exp.data_spec.shape} images.")
   decode = latent.sample_decoder(exp.latent, mesh)  # latent diffusion models' samples are decoded
   classify_fn = make_classify(clf_exp)
+  test_acc, test_feats = test_accuracy(clf_config, classify_fn, clf_params, num_test, batch_size, mesh)
   result = {"workdir": workdir, "classifier_workdir": classifier_workdir, "num_samples": num_samples,
             "method": generate.resolve_method(method or config.sampling.method),
             "num_steps": int(num_steps or config.sampling.num_steps),
-            "classifier_test_accuracy": test_accuracy(clf_config, classify_fn, clf_params, num_test,
-                                                      batch_size, mesh),
+            "classifier_test_accuracy": test_acc,
+            # the floor: two halves of the test images (distances shrink with more samples)
+            "test_halves_fd": evaluate.frechet_distance(test_feats[0::2], test_feats[1::2]),
             "settings": {}}
   n_batches = int(math.ceil(num_samples / batch_size))
   want = generate.cycle_labels(range(k), n_batches * batch_size)
@@ -177,11 +192,12 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     xs = []
     for b in range(n_batches):
       y = jax.device_put(labels[b * batch_size:(b + 1) * batch_size], sharding.batch_sharding(mesh, 1))
-      x, _ = fn(params, jax.random.fold_in(jax.random.key(seed), b), y)
+      x, nfe = fn(params, jax.random.fold_in(jax.random.key(seed), b), y)
       xs.append(sharding.to_host(decode(x)))
     x = np.concatenate(xs)[:num_samples]
-    pred = classify(classify_fn, clf_params, x, batch_size, mesh)
-    result["settings"][name] = {"guidance_scale": w, **summarize(pred, want[:num_samples], k),
+    pred, feats = classify(classify_fn, clf_params, x, batch_size, mesh)
+    result["settings"][name] = {"guidance_scale": w, "nfe": int(nfe), **summarize(pred, want[:num_samples], k),
+                                "classifier_fd": evaluate.frechet_distance(feats, test_feats),
                                 "wall_s": round(time.time() - t0, 1)}
   if img2img_strengths:
     result["img2img"] = img2img(exp, config, params, classify_fn, clf_params, mesh, strengths=img2img_strengths,

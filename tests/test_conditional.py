@@ -266,4 +266,24 @@ def test_mnist_eval_script_runs(runs):
   assert edit["n"] == 10 and 0.0 <= edit["to_target"] <= 1.0 and 0.0 <= edit["kept_original"] <= 1.0
   for s in out["settings"].values():
     assert s["n"] == 10 and 0.0 <= s["accuracy"] <= 1.0 and len(s["per_class"]) == 10
+    assert s["nfe"] == 4 and s["classifier_fd"] > 0.0  # ddim: 4 grid points, 3 steps + the denoising step
   assert 0.0 <= out["classifier_test_accuracy"] <= 1.0
+
+
+def test_frechet_distance_matches_the_gaussian_closed_form():
+  """For N(m1, diag(a)) and N(m2, diag(b)): |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2; and for
+  full covariances that commute with a rotation, the same after rotating both."""
+  from jaxdiff import evaluate
+
+  rng = np.random.default_rng(0)
+  d, n = 6, 200_000
+  m1, m2 = rng.normal(size=d), rng.normal(size=d)
+  a, b = rng.uniform(0.2, 3.0, d), rng.uniform(0.2, 3.0, d)
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # a random rotation: covariances q diag q^T
+  x = (m1 + rng.normal(size=(n, d)) * np.sqrt(a)) @ q.T
+  y = (m2 + rng.normal(size=(n, d)) * np.sqrt(b)) @ q.T
+  exact = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  np.testing.assert_allclose(evaluate.frechet_distance(x, y), exact, rtol=0.02)
+  assert abs(evaluate.frechet_distance(x, x)) < 1e-8
+  with pytest.raises(InputError, match="frechet_distance"):
+    evaluate.frechet_distance(x[:, :3], y)

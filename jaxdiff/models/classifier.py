@@ -109,5 +109,8 @@ class NoiseClassifier(nn.Module):
     h = resnet(h, h.shape[-1], "mid_res_1")
     h = layers.GroupNorm(self.num_groups, self.norm_eps, act=True, name="norm_out", **kw)(h)
     h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+    # the pooled features (apply(..., mutable=['intermediates'])): a Frechet distance between
+    # samples and data in this classifier's feature space (benchmarks/cond_mnist_eval.py)
+    self.sow("intermediates", "features", h)
     return nn.Dense(self.num_classes, kernel_init=layers.default_init, name="head",
                     param_dtype=self.param_dtype)(h)
