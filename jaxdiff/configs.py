@@ -10,6 +10,7 @@ Sections:
   process       diffusion process (`name` + fields) -> `processes.get_process(**config.process)`
   model         network (`name` + fields)          -> `models.create_model(**config.model)`
   latent        latent diffusion: a frozen autoencoder the model runs in -> `latent.latent_space`
+  distill       progressive distillation of a teacher run into fewer steps -> `jaxdiff.distill`
   loss          objective                          -> `losses.make_denoising_loss(process, **config.loss)`
   optimizer     optax optimizer and schedule       -> `train.make_optimizer(**config.optimizer)`
   training      loop: steps, batch, EMA, logging, checkpoints
@@ -74,6 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
       scaling_factor=0.0,        # latents = scaling_factor * (z - shift); 0 = the autoencoder's (diffusers'
                                  # config, or 1/std measured by the jaxdiff run)
       sample_posterior=True,     # train on z ~ q(z|x) (LDM); False: on the posterior mean
+  ))
+
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher="",                # '' = ordinary training; a run's workdir: progressive distillation (Salimans & Ho
+                                 # 2022) of its model into a student that takes fewer DDIM steps (jaxdiff.distill)
+      teacher_steps=0,           # the teacher's DDIM steps distilled in the first round; each round halves them
+      steps_per_round=0,         # training steps per round; rounds = training.num_steps / steps_per_round
+      weighting="truncated_snr",  # truncated_snr: max(SNR, 1) | snr_plus_one: SNR + 1 (x0-error weights)
+      clip_teacher=True,         # clip the teacher's x0 to the data range (pixel images), as its sampler did
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
@@ -249,6 +259,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_labels(config)
   _validate_superres(config)
   _validate_guidance(config.sampling)
+  from jaxdiff import distill
+
+  distill.validate(config)
 
 
 def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:

@@ -25,6 +25,10 @@ classifier for classifier guidance: `loss_fn(net, x0, labels, key) -> (loss, aux
 
 `make_autoencoder_loss(kl_weight=...)` is the KL-regularised autoencoder's objective (the
 VAE of latent diffusion): `loss_fn(autoencoder, x, key) -> (loss, aux)`.
+
+`make_distillation_loss(process, prediction=...)` is progressive distillation's objective
+(Salimans & Ho 2022): `loss_fn(net, teacher, x0, key, num_steps) -> (loss, aux)` trains a
+student to take in one DDIM step what the teacher takes in two.
 """
 
 from __future__ import annotations
@@ -224,5 +228,105 @@ def make_autoencoder_loss(*, kl_weight: float = 1e-6,
     kl = jnp.mean(kl_divergence(mean, logvar))
     pixels = x.size // x.shape[0]
     return rec + kl_weight * kl / pixels, {"reconstruction": rec, "kl": kl}
+
+  return loss_fn
+
+
+DISTILL_WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+
+
+def ddim_x0_step(process: Process, z: Array, x0: Array, t: Array, s: Array) -> Array:
+  """A deterministic DDIM step from time t to s given the denoised estimate `x0`:
+  `z_s = alpha_s x0 + sigma_s (z_t - alpha_t x0) / sigma_t` (the sampler's `ddim` with eta=0)."""
+  a_t, s_t = bcast(process.alpha(t), z), bcast(process.sigma(t), z)
+  a_s, s_s = bcast(process.alpha(s), z), bcast(process.sigma(s), z)
+  return a_s * x0 + s_s * (z - a_t * x0) / s_t
+
+
+def distillation_target(process: Process, z_t: Array, z_s: Array, t: Array, s: Array) -> Array:
+  """The x0 whose single DDIM step from `(z_t, t)` lands on `z_s` at time `s < t`.
+
+  Solving `z_s = alpha_s x + (sigma_s / sigma_t)(z_t - alpha_t x)` for x:
+  `x = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)`. The
+  denominator is `sigma_s (SNR_s^(1/2) - SNR_t^(1/2)) > 0` because the SNR falls with t.
+  """
+  ratio = bcast(process.sigma(s) / process.sigma(t), z_t)
+  a_t, a_s = bcast(process.alpha(t), z_t), bcast(process.alpha(s), z_t)
+  return (z_s - ratio * z_t) / (a_s - ratio * a_t)
+
+
+def make_distillation_loss(
+    process: Process,
+    *,
+    prediction: str = "eps",
+    weighting: str = "truncated_snr",
+    reduce: str = "mean",
+    clip: tuple[float, float] | None = None,
+) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds progressive distillation's `loss_fn(net, teacher, x0, key, num_steps) -> (loss, aux)`.
+
+  Salimans & Ho (2022), Algorithm 2. The student takes `num_steps` (N, may be traced) DDIM
+  steps on the N + 1 times uniform in t from T to t_min (what `samplers.sample(method='ddim',
+  num_steps=N + 1, denoise=False)` evaluates on every continuous process but EDM); the teacher takes twice as
+  many on the same grid with every interval halved. For each example a student interval
+  t -> t'' is drawn uniformly, `z_t = alpha_t x0 + sigma_t eps`, the teacher takes its two
+  deterministic DDIM steps t -> t' -> t'' (no gradient), and the student's denoised estimate
+  at z_t is regressed on `distillation_target`, the x0 whose one DDIM step lands where the
+  teacher's two did:
+
+    loss = w(t) ||x0_student(z_t) - x0_target||^2,
+    w = max(SNR, 1) ('truncated_snr') or SNR + 1 ('snr_plus_one'; v-MSE on VP processes),
+
+  where SNR = alpha^2 / sigma^2 at t. Both keep the weight finite where SNR -> 0 (x0-MSE
+  would vanish there and eps-MSE explode). Student and teacher have the same
+  parameterization (`prediction`); 'v', 'x0' or 'flow' keep the student's x0 finite at
+  t = T, where alpha is near 0 ('eps' divides by alpha there).
+
+  Args:
+    process: the diffusion process of both models (its `default_grid` must be uniform in t,
+      which `jaxdiff.distill.check_process` checks).
+    prediction: what both networks output.
+    weighting: 'truncated_snr' or 'snr_plus_one'.
+    reduce: 'mean' or 'sum' of the squared error over data dimensions.
+    clip: `(lo, hi)` clips the teacher's x0 to the data range, as its sampler does with
+      `clip_denoised` (None: no clipping; latents and vector data).
+
+  `net` and `teacher` are `net(x, c) -> out` with parameters (and conditioning) bound. `aux`
+  holds `loss_per_example`, the times `t` and the SNR weights `w`.
+  """
+  param_lib.check_prediction(prediction)
+  if prediction == "edm":
+    raise ConfigError("progressive distillation halves a grid uniform in t, which the EDM process does not "
+                      "sample on; use a process such as 'cosine_vp' with prediction 'v'.")
+  if weighting not in DISTILL_WEIGHTINGS:
+    raise ConfigError(f"config.distill.weighting={weighting!r} is not known; valid values are: "
+                      f"{', '.join(DISTILL_WEIGHTINGS)}.")
+  _check("reduce", reduce, ("mean", "sum"))
+
+  def teacher_x0(teacher, z, t):
+    x0, _, _ = param_lib.predict(teacher, process, prediction, z, t)
+    return x0 if clip is None else jnp.clip(x0, *clip)
+
+  def loss_fn(net, teacher, x0: Array, key: Array, num_steps) -> tuple[Array, dict[str, Any]]:
+    k_j, k_eps = jax.random.split(key)
+    batch = x0.shape[0]
+    n = jnp.asarray(num_steps, jnp.int32)
+    j = jax.random.randint(k_j, (batch,), 0, n).astype(jnp.float32)  # the student's interval
+    # the student's grid: N + 1 times uniform in t from T to t_min (the `ddim` sampler's
+    # `process.default_grid(N + 1)`); the teacher's adds the midpoints
+    dt = (process.T - process.t_min) / n.astype(jnp.float32)
+    t, t_mid, t_end = process.T - j * dt, process.T - (j + 0.5) * dt, process.T - (j + 1.0) * dt
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    z_t = process.marginal(x0, t, eps)
+    z_mid = ddim_x0_step(process, z_t, teacher_x0(teacher, z_t, t), t, t_mid)
+    z_end = ddim_x0_step(process, z_mid, teacher_x0(teacher, z_mid, t_mid), t_mid, t_end)
+    target = jax.lax.stop_gradient(distillation_target(process, z_t, z_end, t, t_end))
+
+    x0_hat, _, _ = param_lib.predict(net, process, prediction, z_t, t)
+    snr = (process.alpha(t) / process.sigma(t)) ** 2
+    w = jnp.maximum(snr, 1.0) if weighting == "truncated_snr" else snr + 1.0
+    sq = jnp.square((x0_hat - target).astype(jnp.float32)).reshape(batch, -1)
+    per_example = w * (jnp.mean(sq, axis=-1) if reduce == "mean" else jnp.sum(sq, axis=-1))
+    return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "w": w}
 
   return loss_fn

@@ -13,6 +13,9 @@ The pieces are small top-level functions so they can be used and tested on their
   (`config.model.name='classifier'`, cross-entropy on noised data);
 * `autoencoder_train_step(...)`  the same for latent diffusion's KL autoencoder
   (`config.model.name='autoencoder'`, `losses.make_autoencoder_loss`);
+* `distill_train_step(...)`  progressive distillation's student (`config.distill`,
+  `losses.make_distillation_loss`): the teacher is `state.teacher_params`, replaced by the
+  student at the start of each round;
 * `train_and_evaluate(config, workdir)`  the loop: sharded init, resume from the latest
   checkpoint, metrics pulled from the device only every `log_every` steps, NaN guard before
   every checkpoint, sample grids and a loss curve under the workdir. With
@@ -42,6 +45,7 @@ from jaxdiff import aot
 from jaxdiff import checkpoint as ckpt_lib
 from jaxdiff import configs as config_lib
 from jaxdiff import data as data_lib
+from jaxdiff import distill
 from jaxdiff import generate
 from jaxdiff import latent as latent_lib
 from jaxdiff import losses
@@ -62,6 +66,14 @@ class TrainState(struct.PyTreeNode):
   params: Any
   ema_params: Any  # exponential moving average of params (None: no EMA kept)
   opt_state: optax.OptState
+
+
+class DistillState(TrainState):
+  """A progressive-distillation student's train state: also the current round's teacher.
+
+  (A subclass, so that ordinary runs' checkpoints keep `TrainState`'s exact layout.)"""
+
+  teacher_params: Any
 
 
 def make_schedule(*, learning_rate: float, schedule: str = "constant", warmup_steps: int = 0,
@@ -137,17 +149,21 @@ def network_fn(model: nn.Module, params, *, train: bool = False, dropout_key: Ar
 
 
 def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
-                       example_x: Array, ema: bool = True, params: Any = None) -> TrainState:
+                       example_x: Array, ema: bool = True, params: Any = None,
+                       teacher: bool = False) -> TrainState:
   """Initial parameters (`params`, e.g. published weights, or `model`'s init), their EMA copy
-  (None with `ema=False`) and optimizer state, at step 0."""
+  (None with `ema=False`) and optimizer state, at step 0. With `teacher=True` (progressive
+  distillation; `params` are the teacher's) the parameters are also the first round's teacher."""
   if params is None and isinstance(model, models.AutoencoderKL):
     params = model.init({"params": key}, example_x)["params"]
   elif params is None:
     t = jnp.zeros((example_x.shape[0],), jnp.float32)
     params = model.init({"params": key}, example_x, t, train=False)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-                    opt_state=optimizer.init(params))
+  fields = dict(step=jnp.zeros((), jnp.int32), params=params,
+                ema_params=jax.tree.map(jnp.copy, params) if ema else None, opt_state=optimizer.init(params))
+  if teacher:
+    return DistillState(**fields, teacher_params=jax.tree.map(jnp.copy, params))
+  return TrainState(**fields)
 
 
 LABEL_DROPOUT_STREAM = 0x6C616265  # fold_in tag of the label-dropout key ("labe")
@@ -204,6 +220,25 @@ def microbatched_value_and_grad(objective: Callable, microbatches: int = 1) -> C
   return f
 
 
+def _network_inputs(batch: dict[str, Array], key: Array, *, model: nn.Module, label_dropout: float,
+                    cond_resolution: int) -> dict[str, Array]:
+  """`x` and the conditioning a denoising network sees: labels (some dropped to the null label
+  for classifier-free guidance) and, for super-resolution, the area-downsampled batch."""
+  inputs = {"x": batch["x"]}
+  if cond_resolution:
+    inputs["low_res"] = tasks.area_downsample(batch["x"], cond_resolution)
+  if "label" in batch:
+    labels = batch["label"]
+    if label_dropout > 0.0:
+      null_label = getattr(model, "num_classes", 0)
+      if not null_label:
+        raise ConfigError(f"config.training.label_dropout={label_dropout} needs a class-conditional model "
+                          f"(config.model.num_classes > 0); {type(model).__name__} has none.")
+      labels = drop_labels(jax.random.fold_in(key, LABEL_DROPOUT_STREAM), labels, label_dropout, null_label)
+    inputs["y"] = labels
+  return inputs
+
+
 def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                loss_fn: Callable, optimizer: optax.GradientTransformation,
                ema_decay: float, label_dropout: float = 0.0,
@@ -219,18 +254,7 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
   m parts of the batch one at a time (`microbatched_value_and_grad`): the same update with
   1/m of the activation memory.
   """
-  inputs = {"x": batch["x"]}
-  if cond_resolution:
-    inputs["low_res"] = tasks.area_downsample(batch["x"], cond_resolution)
-  if "label" in batch:
-    labels = batch["label"]
-    if label_dropout > 0.0:
-      null_label = getattr(model, "num_classes", 0)
-      if not null_label:
-        raise ConfigError(f"config.training.label_dropout={label_dropout} needs a class-conditional model "
-                          f"(config.model.num_classes > 0); {type(model).__name__} has none.")
-      labels = drop_labels(jax.random.fold_in(key, LABEL_DROPOUT_STREAM), labels, label_dropout, null_label)
-    inputs["y"] = labels
+  inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
 
   def objective(params, inputs, key):
     k_loss, k_drop = jax.random.split(key)
@@ -242,6 +266,49 @@ def train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model:
   (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
   return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
       "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def next_distillation_round(state: DistillState, optimizer: optax.GradientTransformation) -> DistillState:
+  """The student (its EMA, if kept) becomes the teacher and the new student starts from it, with a
+  fresh EMA and optimizer state (Salimans & Ho, Algorithm 2: eta <- theta)."""
+  new = state.params if state.ema_params is None else state.ema_params
+  return state.replace(params=new, ema_params=None if state.ema_params is None else new,
+                       opt_state=optimizer.init(new), teacher_params=new)
+
+
+def distill_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                       loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
+                       teacher_steps: int, steps_per_round: int, label_dropout: float = 0.0,
+                       cond_resolution: int = 0, microbatches: int = 1) -> tuple[DistillState, dict[str, Array]]:
+  """One update of progressive distillation's student. Pure: `(state, batch, key) -> (state, metrics)`.
+
+  Update `state.step` belongs to round r = step // steps_per_round, in which the student learns
+  to take `teacher_steps / 2^(r + 1)` DDIM steps where `state.teacher_params` takes twice as many
+  (`loss_fn = losses.make_distillation_loss(...)`). The first update of each round after the
+  first starts it (`next_distillation_round`, under `lax.cond`). The teacher sees the same
+  conditioning as the student (labels, with the same ones dropped; low-res images) and no
+  dropout. Metrics add `student_steps`.
+  """
+  if not isinstance(state, DistillState):
+    raise ConfigError("distill_train_step needs a DistillState (create_train_state(..., teacher=True) from the "
+                      "teacher's parameters).")
+  starts_round = (state.step > 0) & (state.step % steps_per_round == 0)
+  state = jax.lax.cond(starts_round, functools.partial(next_distillation_round, optimizer=optimizer),
+                       lambda s: s, state)
+  n = distill.student_steps(teacher_steps, state.step, steps_per_round)
+  inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
+
+  def objective(params, inputs, key):
+    k_loss, k_drop = jax.random.split(key)
+    cond = {k: v for k, v in inputs.items() if k != "x"}
+    net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
+    teacher = network_fn(model, state.teacher_params, **cond)
+    loss, _ = loss_fn(net, teacher, inputs["x"], k_loss, n)
+    return loss, {}
+
+  (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
+  return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
+      "loss": loss, "grad_norm": optax.tree.norm(grads), "student_steps": n.astype(jnp.float32)}
 
 
 def train_steps(state: TrainState, batches: tuple[dict[str, Array], ...], key: Array, *,
@@ -370,6 +437,12 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process):
   if config.model.name == "autoencoder":
     return losses.make_autoencoder_loss(kl_weight=float(config.loss.kl_weight),
                                         reconstruction=config.loss.reconstruction)
+  if distill.enabled(config):
+    d = config.data
+    pixels = data_lib.catalog.lookup(d.dataset).is_image and not config.latent.autoencoder
+    clip = (-1.0 if d.centered else 0.0, 1.0) if (pixels and config.distill.clip_teacher) else None
+    return losses.make_distillation_loss(process, prediction=config.loss.prediction,
+                                         weighting=config.distill.weighting, reduce=config.loss.reduce, clip=clip)
   kw = config.loss.to_dict()
   for key in ("kl_weight", "reconstruction"):  # the autoencoder's
     kw.pop(key, None)
@@ -385,10 +458,13 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
     step = classifier_train_step if exp.is_classifier else autoencoder_train_step
     return functools.partial(step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
                              ema_decay=tc.ema_decay, microbatches=int(tc.microbatches))
-  return functools.partial(train_step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
-                           ema_decay=tc.ema_decay,
-                           label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
-                           cond_resolution=exp.cond_resolution, microbatches=int(tc.microbatches))
+  kw = dict(model=exp.model, loss_fn=loss_fn, optimizer=optimizer, ema_decay=tc.ema_decay,
+            label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
+            cond_resolution=exp.cond_resolution, microbatches=int(tc.microbatches))
+  if distill.enabled(config):
+    return functools.partial(distill_train_step, teacher_steps=int(config.distill.teacher_steps),
+                             steps_per_round=int(config.distill.steps_per_round), **kw)
+  return functools.partial(train_step, **kw)
 
 
 def abstract_train_state(config, exp: Experiment, optimizer, mesh):
@@ -396,7 +472,8 @@ def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   example = jnp.zeros((1,) + exp.shape, jnp.float32)
   if exp.cond_resolution:  # the network also sees the upsampled low-res image as channels
     example = jnp.concatenate([example, example], axis=-1)
-  init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example)
+  init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example,
+                           teacher=distill.enabled(config))
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
   with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -474,9 +551,10 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir):
+def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir, mesh):
   """The latest checkpoint's state (and data position), or a fresh sharded state at step 0:
-  a random init, or the published weights `config.training.init_from` names."""
+  a random init, the published weights `config.training.init_from` names, or (progressive
+  distillation) the teacher run's EMA parameters."""
   init_from = config.training.init_from
   if ckpt.latest_step() is not None:
     start, state = ckpt.restore(abstract, data_iterator=data_iter)
@@ -492,6 +570,11 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     host = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), host, abstract.params)
     params = sharding.put_host_tree(host, state_sh.params)
     log.info("Initialising from %s.", init_from)
+  elif distill.enabled(config):  # progressive distillation: the student starts as the teacher
+    teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
+    log.info("Distilling %s (step %d): %d rounds of %d steps, %d -> %d DDIM steps.", config.distill.teacher,
+             teacher_step, distill.num_rounds(config), config.distill.steps_per_round, config.distill.teacher_steps,
+             distill.final_steps(config))
   state = aot.AotJit(jax.jit(lambda k, p: init(k, params=p), out_shardings=state_sh), name="init")(init_key, params)
   if sharding.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -514,7 +597,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(tc.batch_size, mesh, microbatches=int(tc.microbatches))
   # num_steps=0 (only with init_from) imports published weights: a step-0 checkpoint, no data read
   importing = tc.num_steps == 0
-  optimizer = make_optimizer(**o.to_dict(), num_steps=max(tc.num_steps, 1))
+  distilling = distill.enabled(config)
+  # progressive distillation restarts the optimizer, with its schedule, every round
+  round_steps = int(config.distill.steps_per_round) if distilling else tc.num_steps
+  optimizer = make_optimizer(**o.to_dict(), num_steps=max(round_steps, 1))
 
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   train_key = sharding.replicate(train_key, mesh)  # lives where the step runs (on every host)
@@ -533,7 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), max_to_keep=tc.keep_checkpoints)
-  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir)
+  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir, mesh)
   if importing and start == 0:
     ckpt.save(0, state, meta={"config": config.to_dict()})  # without a data position: training it later
     log.info("Imported %s as step 0 in %s.", tc.init_from, ckpt.directory)  # starts the data afresh
@@ -583,8 +669,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log.warning("config.training.steps_per_call=%d does not divide %s: the steps up to those "
                   "points run one at a time, in a second compiled program.", k, ", ".join(misaligned))
 
-  lr_at = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
-                        warmup_steps=o.warmup_steps, num_steps=tc.num_steps)
+  schedule = make_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
+                           warmup_steps=o.warmup_steps, num_steps=round_steps)
+
+  def lr_at(step: int):
+    return schedule(step % round_steps if distilling else step)
+
   metrics = _Metrics(os.path.join(workdir, "metrics.jsonl"), start, tc.num_steps, lr_at)
   last_good = start
 
@@ -644,13 +734,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if batch is None:
         return
       cond["low_res"] = tasks.area_downsample(batch["x"], exp.cond_resolution)
-    if sampler is None:
+    num_steps = None
+    if distilling:  # the student of the round that ended at `step` (its DDIM steps + 1 grid points)
+      num_steps = 1 + distill.student_steps(int(config.distill.teacher_steps), max(step - 1, 0),
+                                            int(config.distill.steps_per_round))
+    if sampler is None or sampler[0] != num_steps:
       n = tc.batch_size if exp.cond_resolution else tc.num_final_samples
-      sampler = generate.make_sampler(exp, config, batch_size=n, mesh=mesh)
+      sampler = num_steps, generate.make_sampler(exp, config, batch_size=n, mesh=mesh, num_steps=num_steps)
     # A class-conditional model draws each class in turn (guided by config.sampling.guidance_scale).
     labels = (generate.cycle_labels(range(exp.num_classes), tc.num_final_samples)
               if exp.num_classes else None)
-    x, _ = sampler(state.ema_params, jax.random.fold_in(sample_key, step), labels, **cond)
+    x, _ = sampler[1](state.ema_params, jax.random.fold_in(sample_key, step), labels, **cond)
     x = sharding.to_host(decode(x))
     if sharding.is_main_process():
       generate.save_samples(x, exp, os.path.join(workdir, f"samples_{step:06d}"), write_npz=False)
@@ -683,6 +777,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _write_loss_curve(metrics.rows, workdir)
       if is_sample(step):
         write_samples(step)
+      if distilling and step % round_steps == 0 and step < tc.num_steps:
+        n_done = distill.student_steps(int(config.distill.teacher_steps), step - 1, round_steps)
+        log.info("Distillation round %d/%d done at step %d: the student takes %d DDIM steps and becomes the "
+                 "teacher of the next round.", step // round_steps, distill.num_rounds(config), step, n_done)
   finally:
     # Whatever stopped the loop (NaN, Ctrl-C, an error), let in-flight async saves finish
     # so the last good checkpoint is complete on disk.

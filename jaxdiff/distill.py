@@ -1,0 +1,179 @@
+"""Progressive distillation (Salimans & Ho 2022) from a config: `config.distill`.
+
+A run with `config.distill.teacher='<workdir>'` trains a student that samples in a fraction of
+its teacher's steps. The student starts from the teacher run's EMA parameters (same network,
+process and parameterization). Round r (steps `r * steps_per_round` to `(r + 1) *
+steps_per_round`) distils the teacher's `teacher_steps / 2^r` deterministic DDIM steps into
+half as many (`losses.make_distillation_loss`); at the start of the next round the student
+(its EMA, if one is kept) becomes the teacher, and the student's EMA and optimizer state
+(with it the learning-rate schedule) restart. After `rounds = num_steps / steps_per_round`
+rounds the student takes `teacher_steps / 2^rounds` DDIM steps:
+
+  run_sample.py --workdir <run>   (config.sampling: ddim, num_steps = that + 1, denoise=False)
+
+The current teacher is part of the train state (`train.DistillState.teacher_params`), so a run
+resumes mid-round, or across a round's end, exactly where it stopped.
+
+This module holds the schedule of rounds and the teacher's loading and checks; the loss is
+`losses.make_distillation_loss` and the step `train.distill_train_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdiff.errors import ConfigError
+
+KEY = "config.distill.teacher"
+
+# Sections that must be the same in the teacher's and the student's configs (the student is the
+# teacher's network, fine-tuned): model fields but the compute dtype and dropout, the whole process,
+# the parameterization, what the network sees.
+_SAME_DATA = ("resolution", "num_channels", "centered", "use_labels", "cond_resolution")
+_FREE_MODEL = ("dtype", "dropout")
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.get("distill", {}).get("teacher", ""))
+
+
+def num_rounds(config: ml_collections.ConfigDict) -> int:
+  return int(config.training.num_steps) // int(config.distill.steps_per_round)
+
+
+def final_steps(config: ml_collections.ConfigDict) -> int:
+  """The DDIM steps the distilled student takes at the end of the run."""
+  return int(config.distill.teacher_steps) >> num_rounds(config)
+
+
+def student_steps(teacher_steps: int, step, steps_per_round: int):
+  """The student's DDIM steps in the round of (0-based) update `step`: teacher_steps / 2^(r + 1).
+
+  `step` may be traced (the train step's `state.step`); the result is then an int32 array.
+  """
+  if isinstance(step, (int, np.integer)):
+    return (teacher_steps // 2) >> (int(step) // steps_per_round)
+  return jnp.right_shift(jnp.int32(teacher_steps // 2), (step // steps_per_round).astype(jnp.int32))
+
+
+def check_process(process) -> None:
+  """The rounds halve a grid uniform in t, which must be the grid `ddim` samples the student on."""
+  n = 9
+  grid = np.asarray(process.default_grid(n), np.float64)
+  uniform = np.linspace(process.T, process.t_min, n)
+  if not np.allclose(grid, uniform, rtol=1e-5, atol=1e-6 * max(1.0, abs(process.T))):
+    raise ConfigError(
+        f"{KEY}: progressive distillation halves a time grid uniform in t, but the {type(process).__name__} "
+        f"process samples on another grid (DDPM: integer steps; EDM: Karras' rho-grid), so the student could not "
+        f"be sampled on the grid it was trained for. Distil a teacher trained with a continuous process, e.g. "
+        f"config.process.name='cosine_vp' with config.loss.prediction='v' (Salimans & Ho), 'vp' or "
+        f"'rectified_flow'.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The numbers of `config.distill` (no file is read; the teacher is checked by `load_teacher`)."""
+  if not enabled(config):
+    return
+  d, t = config.distill, config.training
+  if config.model.name in ("classifier", "autoencoder"):
+    raise ConfigError(f"{KEY}={d.teacher!r} distils a diffusion model, but config.model.name={config.model.name!r}; "
+                      f"use the teacher run's network.")
+  if str(t.get("init_from", "") or ""):
+    raise ConfigError(f"{KEY}={d.teacher!r} starts the student from the teacher's parameters; "
+                      f"config.training.init_from={t.init_from!r} would start it elsewhere: set one of them to ''.")
+  if config.loss.prediction == "edm":
+    raise ConfigError(f"{KEY}: config.loss.prediction='edm' needs the EDM process, whose rho-grid progressive "
+                      f"distillation cannot halve; distil a 'cosine_vp' / 'v' teacher.")
+  from jaxdiff import processes
+
+  check_process(processes.get_process(**config.process.to_dict()))
+  spr, n0 = int(d.steps_per_round), int(d.teacher_steps)
+  if spr < 1:
+    raise ConfigError(f"config.distill.steps_per_round={d.steps_per_round} must be >= 1 (the training steps of each "
+                      f"halving; Salimans & Ho: 50k).")
+  if int(t.num_steps) % spr:
+    raise ConfigError(f"config.training.num_steps={t.num_steps} is not a whole number of rounds of "
+                      f"config.distill.steps_per_round={spr}; use a multiple of it (rounds x steps_per_round).")
+  rounds = num_rounds(config)
+  if n0 < 2 or n0 % (2**rounds):
+    lo = 2**rounds
+    raise ConfigError(f"config.distill.teacher_steps={d.teacher_steps} cannot be halved {rounds} times "
+                      f"(config.training.num_steps / config.distill.steps_per_round = {t.num_steps} / {spr}); use "
+                      f"a multiple of {lo} (e.g. {lo * max(1, round(n0 / lo))}), or fewer rounds.")
+  final = n0 >> rounds
+  s = config.sampling
+  want = dict(method="ddim", eta=0.0, num_steps=final + 1, denoise=False)
+  got = dict(method=s.method, eta=float(s.eta), num_steps=int(s.num_steps), denoise=bool(s.denoise))
+  if got != want:
+    fix = " ".join(f"--config.sampling.{k}={v}" for k, v in want.items())
+    raise ConfigError(f"{KEY}: after {rounds} rounds the student takes {final} deterministic DDIM steps ({final} + 1 "
+                      f"grid points, no extra denoising step), which config.sampling must say (it samples the "
+                      f"run); it has {got}. Set {fix}.")
+
+
+def _model_fields(config) -> dict:
+  return {k: v for k, v in config.model.to_dict().items() if k not in _FREE_MODEL}
+
+
+def check_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict) -> None:
+  """The teacher run's config must describe the student's network, process and inputs."""
+  where = f"{KEY}={config.distill.teacher!r}"
+  if teacher_config.model.name in ("classifier", "autoencoder"):
+    raise ConfigError(f"{where} holds a {teacher_config.model.name}, not a diffusion model.")
+  diffs = []
+  mine, theirs = _model_fields(config), _model_fields(teacher_config)
+  diffs += [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} in the teacher"
+            for k in sorted(set(mine) | set(theirs)) if _norm(mine.get(k)) != _norm(theirs.get(k))]
+  if config.process.to_dict() != teacher_config.process.to_dict():
+    diffs.append(f"process: {config.process.to_dict()} here, {teacher_config.process.to_dict()} in the teacher")
+  if config.loss.prediction != teacher_config.loss.prediction:
+    diffs.append(f"loss.prediction: {config.loss.prediction!r} here, {teacher_config.loss.prediction!r} in the "
+                 f"teacher")
+  for k in _SAME_DATA:
+    a, b = config.data.get(k), teacher_config.data.get(k)
+    if _norm(a) != _norm(b):
+      diffs.append(f"data.{k}: {a!r} here, {b!r} in the teacher")
+  for k in ("autoencoder", "scaling_factor"):
+    a, b = config.latent.get(k), teacher_config.get("latent", {}).get(k, "" if k == "autoencoder" else 0.0)
+    if _norm(a) != _norm(b):
+      diffs.append(f"latent.{k}: {a!r} here, {b!r} in the teacher")
+  if diffs:
+    raise ConfigError(f"{where}: the student is the teacher's network, fine-tuned, so the configs must agree; they "
+                      f"differ in " + "; ".join(diffs) + ". Start from the teacher's config file (only "
+                      "model.dtype and model.dropout may differ).")
+
+
+def _norm(v: Any) -> Any:
+  if isinstance(v, (list, tuple)):
+    return tuple(_norm(x) for x in v)
+  if isinstance(v, float) and math.isfinite(v) and v == int(v):
+    return int(v)
+  return v
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh, abstract_params: Any) -> tuple[int, Any]:
+  """`(step, params)`: the teacher run's EMA parameters, checked against `config`, in the student's
+  parameter dtypes and shardings (`abstract_params`: shapes with shardings)."""
+  from jaxdiff import evaluate
+  from jaxdiff import generate
+  from jaxdiff import train
+
+  workdir = str(config.distill.teacher)
+  teacher_config = generate.load_config(workdir)  # CheckpointError naming the workdir if it has no run
+  check_teacher(config, teacher_config)
+  teacher_exp = train.build_experiment(teacher_config)
+  step, params = evaluate.restore_ema_params(teacher_config, workdir, teacher_exp, mesh)
+  same = jax.tree.structure(params) == jax.tree.structure(abstract_params) and all(
+      a.shape == s.shape for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params)))
+  if not same:
+    raise ConfigError(f"{KEY}={workdir!r}: the teacher's parameters do not fit the student's network "
+                      f"(config.model); start from the teacher's config file.")
+  cast = jax.jit(lambda p: jax.tree.map(lambda a, s: a.astype(s.dtype), p, abstract_params),
+                 out_shardings=jax.tree.map(lambda s: s.sharding, abstract_params))
+  return step, cast(params)
