@@ -7,7 +7,6 @@ level) is closed form. One jitted function per check keeps the file fast on a sm
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import subprocess
