@@ -110,12 +110,12 @@ def make_edit(exp, config, *, strength: float, guidance_scale: float, method, nu
   method = generate.resolve_method(method or config.sampling.method)
   kw = dict(method=method, num_steps=int(num_steps or config.sampling.num_steps),
             denoise=bool(config.sampling.denoise), **generate.sampler_options(config, method))
-  clip = bool(config.sampling.clip_denoised) and exp.latent is None
+  clip = exp.data_range if config.sampling.clip_denoised else None  # pixels, not latents
 
   def fn(params, vae_params, key, x, labels):
     score_fn = generate.model_score_fn(exp, params, labels=labels, guidance_scale=guidance_scale)
-    if clip:
-      score_fn = parameterization.clip_denoised(score_fn, exp.process, -1.0 if exp.centered else 0.0, 1.0)
+    if clip is not None:
+      score_fn = parameterization.clip_denoised(score_fn, exp.process, *clip)
     return tasks.sdedit_images(key, exp, score_fn, x, strength, vae_params=vae_params, **kw)[0]
 
   return jax.jit(fn)

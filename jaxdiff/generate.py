@@ -101,7 +101,7 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
   if classifier is not None:
     check_classifier(exp, classifier)
   k = exp.num_classes
-  clip = bool(config.sampling.clip_denoised) and exp.data_spec.is_image and exp.latent is None
+  clip = exp.data_range if config.sampling.clip_denoised else None  # pixel images only
   # The interval (0, inf) is "everywhere": no mask in the traced function.
   interval = None if interval[0] <= 0.0 and interval[1] == float("inf") else interval
 
@@ -121,8 +121,8 @@ def make_sampler(exp, config: ml_collections.ConfigDict, *, batch_size: int, mes
     if classifier is not None:
       logp_fn = guidance.classifier_logp_fn(network_fn(classifier.model, classifier_params), exp.process)
       score_fn = guidance.classifier_guidance_score_fn(score_fn, logp_fn, labels, classifier_scale)
-    if clip:
-      score_fn = parameterization.clip_denoised(score_fn, exp.process, -1.0 if exp.centered else 0.0, 1.0)
+    if clip is not None:
+      score_fn = parameterization.clip_denoised(score_fn, exp.process, *clip)
     x, info = samplers.sample(key, exp.process, score_fn, shape, method=method, num_steps=num_steps,
                               denoise=denoise, **opts)
     return x, jnp.asarray(info["nfe"], jnp.int32)

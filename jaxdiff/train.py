@@ -390,6 +390,14 @@ class Experiment:
     return tuple(self.latent.shape if self.latent is not None else self.data_spec.shape)
 
   @property
+  def data_range(self) -> tuple[float, float] | None:
+    """The range a denoised estimate is clipped to: pixel images' [-1, 1] (or [0, 1] uncentred);
+    None for vector data and latents, which are unbounded."""
+    if not self.data_spec.is_image or self.latent is not None:
+      return None
+    return (-1.0 if self.centered else 0.0, 1.0)
+
+  @property
   def num_classes(self) -> int:
     """Classes of a class-conditional model or classifier (0: unconditional)."""
     return int(getattr(self.model, "num_classes", 0))
@@ -430,17 +438,18 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   return exp
 
 
-def make_loss(config: ml_collections.ConfigDict, process: processes.Process):
-  """The objective `config` describes: denoising, or cross-entropy for `model.name='classifier'`."""
+def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
+              data_range: tuple[float, float] | None = None):
+  """The objective `config` describes: denoising, cross-entropy for `model.name='classifier'`,
+  the autoencoder's, or progressive distillation's (its teacher's x0 clipped to `data_range`,
+  `Experiment.data_range`, with `config.distill.clip_teacher`)."""
   if config.model.name == "classifier":
     return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
   if config.model.name == "autoencoder":
     return losses.make_autoencoder_loss(kl_weight=float(config.loss.kl_weight),
                                         reconstruction=config.loss.reconstruction)
   if distill.enabled(config):
-    d = config.data
-    pixels = data_lib.catalog.lookup(d.dataset).is_image and not config.latent.autoencoder
-    clip = (-1.0 if d.centered else 0.0, 1.0) if (pixels and config.distill.clip_teacher) else None
+    clip = data_range if config.distill.clip_teacher else None
     return losses.make_distillation_loss(process, prediction=config.loss.prediction,
                                          weighting=config.distill.weighting, reduce=config.loss.reduce, clip=clip)
   kw = config.loss.to_dict()
@@ -453,7 +462,7 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process):
 def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimizer) -> Callable:
   """`step(state, batch, key) -> (state, metrics)` for `config` (not jitted)."""
   tc = config.training
-  loss_fn = make_loss(config, exp.process)
+  loss_fn = make_loss(config, exp.process, data_range=exp.data_range)
   if exp.is_classifier or exp.is_autoencoder:
     step = classifier_train_step if exp.is_classifier else autoencoder_train_step
     return functools.partial(step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
