@@ -1,4 +1,19 @@
-"""Progressive distillation (Salimans & Ho 2022) from a config: `config.distill`.
+"""Distillation of a trained diffusion model into a few-step student, from a config: `config.distill`.
+
+Two methods (`config.distill.method`), both starting the student from the teacher run's EMA
+parameters (same network, process and parameterization):
+
+* 'progressive' (Salimans & Ho 2022): rounds that halve the teacher's DDIM steps, below.
+* 'consistency' (Song et al. 2023, consistency distillation): the student learns the
+  consistency function `f(x_t, t) = x_{t_min}` of the teacher's probability-flow ODE, on a
+  `num_scales`-point Karras grid, against a target network (an EMA of the student with
+  `target_decay`; the student itself with 0) evaluated where one teacher ODE step
+  (`solver`: 'heun' or 'ddim') lands (`losses.make_consistency_loss`). It samples in 1 or
+  a few network evaluations: `config.sampling.method='consistency'`, `num_steps` = the
+  NFE. The run's network is then read through `parameterization.consistency_score_fn`
+  (`train.Experiment.consistency_sigma_data`).
+
+Progressive distillation:
 
 A run with `config.distill.teacher='<workdir>'` trains a student that samples in a fraction of
 its teacher's steps. The student starts from the teacher run's EMA parameters (same network,
@@ -14,8 +29,9 @@ rounds the student takes `teacher_steps / 2^rounds` DDIM steps:
 The current teacher is part of the train state (`train.DistillState.teacher_params`), so a run
 resumes mid-round, or across a round's end, exactly where it stopped.
 
-This module holds the schedule of rounds and the teacher's loading and checks; the loss is
-`losses.make_distillation_loss` and the step `train.distill_train_step`.
+This module holds the schedule of rounds and the teacher's loading and checks; the losses are
+`losses.make_distillation_loss` and `losses.make_consistency_loss`, the steps
+`train.distill_train_step` and `train.consistency_train_step`.
 """
 
 from __future__ import annotations
@@ -37,10 +53,21 @@ KEY = "config.distill.teacher"
 # the parameterization, what the network sees.
 _SAME_DATA = ("resolution", "num_channels", "centered", "use_labels", "cond_resolution")
 _FREE_MODEL = ("dtype", "dropout")
+METHODS = ("progressive", "consistency")
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
   return bool(config.get("distill", {}).get("teacher", ""))
+
+
+def method(config: ml_collections.ConfigDict) -> str:
+  """'progressive' or 'consistency' for a distillation run, '' for any other."""
+  return str(config.distill.get("method", "progressive")) if enabled(config) else ""
+
+
+def consistency_sigma_data(config: ml_collections.ConfigDict) -> float | None:
+  """The sigma_data of a consistency model's c_skip; None unless `config` distils one."""
+  return float(config.distill.get("sigma_data", 0.5)) if method(config) == "consistency" else None
 
 
 def num_rounds(config: ml_collections.ConfigDict) -> int:
@@ -48,7 +75,7 @@ def num_rounds(config: ml_collections.ConfigDict) -> int:
 
 
 def final_steps(config: ml_collections.ConfigDict) -> int:
-  """The DDIM steps the distilled student takes at the end of the run."""
+  """The DDIM steps the progressively distilled student takes at the end of the run."""
   return int(config.distill.teacher_steps) >> num_rounds(config)
 
 
@@ -87,9 +114,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if str(t.get("init_from", "") or ""):
     raise ConfigError(f"{KEY}={d.teacher!r} starts the student from the teacher's parameters; "
                       f"config.training.init_from={t.init_from!r} would start it elsewhere: set one of them to ''.")
+  if method(config) not in METHODS:
+    raise ConfigError(f"config.distill.method={d.get('method')!r} is not known; valid methods are: "
+                      f"{', '.join(METHODS)}.")
+  if method(config) == "consistency":
+    return _validate_consistency(config)
   if config.loss.prediction == "edm":
     raise ConfigError(f"{KEY}: config.loss.prediction='edm' needs the EDM process, whose rho-grid progressive "
-                      f"distillation cannot halve; distil a 'cosine_vp' / 'v' teacher.")
+                      f"distillation cannot halve; distil a 'cosine_vp' / 'v' teacher, or use "
+                      f"config.distill.method='consistency'.")
   from jaxdiff import processes
 
   check_process(processes.get_process(**config.process.to_dict()))
@@ -117,6 +150,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"run); it has {got}. Set {fix}.")
 
 
+def _validate_consistency(config: ml_collections.ConfigDict) -> None:
+  from jaxdiff import losses
+
+  d = config.distill
+  for key in ("teacher_steps", "steps_per_round"):  # progressive distillation's rounds
+    if int(d.get(key, 0)):
+      raise ConfigError(f"config.distill.{key}={d.get(key)} counts progressive distillation's rounds; "
+                        f"config.distill.method='consistency' has none: set it to 0 (consistency distillation "
+                        f"trains for config.training.num_steps on config.distill.num_scales grid times).")
+  for key, valid in (("solver", losses.CONSISTENCY_SOLVERS), ("metric", losses.CONSISTENCY_METRICS)):
+    if d.get(key) not in valid:
+      raise ConfigError(f"config.distill.{key}={d.get(key)!r} is not known; valid values are: {', '.join(valid)}.")
+  if int(d.num_scales) < 2:
+    raise ConfigError(f"config.distill.num_scales={d.num_scales} must be >= 2 (the consistency grid's times; "
+                      f"Song et al.: 18 on CIFAR-10).")
+  if not 0.0 <= float(d.target_decay) < 1.0:
+    raise ConfigError(f"config.distill.target_decay={d.target_decay} must be in [0, 1) (the target network's "
+                      f"EMA rate; Song et al.: 0.95; 0: the student itself, without gradient).")
+  if not float(d.sigma_data) > 0.0:
+    raise ConfigError(f"config.distill.sigma_data={d.sigma_data} must be > 0 (the data's standard deviation; "
+                      f"0.5 for images in [-1, 1]).")
+  s = config.sampling
+  if s.method != "consistency" or not bool(s.denoise):
+    raise ConfigError(f"{KEY}: a consistency model samples with its own multistep sampler, which config.sampling "
+                      f"must name (it samples the run); it has method={s.method!r}, denoise={bool(s.denoise)}. Set "
+                      f"--config.sampling.method=consistency --config.sampling.denoise=True "
+                      f"--config.sampling.num_steps=1 (or 2: the network evaluations).")
+
+
 def _model_fields(config) -> dict:
   return {k: v for k, v in config.model.to_dict().items() if k not in _FREE_MODEL}
 
@@ -126,6 +188,9 @@ def check_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collecti
   where = f"{KEY}={config.distill.teacher!r}"
   if teacher_config.model.name in ("classifier", "autoencoder"):
     raise ConfigError(f"{where} holds a {teacher_config.model.name}, not a diffusion model.")
+  if method(teacher_config) == "consistency":
+    raise ConfigError(f"{where} holds a consistency model, whose output is not a diffusion model's denoiser; "
+                      f"distil its teacher ({teacher_config.distill.teacher!r}) instead.")
   diffs = []
   mine, theirs = _model_fields(config), _model_fields(teacher_config)
   diffs += [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} in the teacher"

@@ -145,12 +145,19 @@ def model_score_fn(exp, params, *, labels=None, guidance_scale: float = 0.0, int
   k = exp.num_classes
   if k and labels is not None and guidance_scale:
     cond_net = lambda x, c, y: exp.model.apply({"params": params}, x, c, y, train=False)  # noqa: E731
-    return guidance.cfg_score_fn(cond_net, exp.process, exp.prediction, labels, guidance_scale, null_label=k,
-                                 interval=interval, rescale=rescale)
-  cond = {"y": labels} if (k and labels is not None) else {}
-  if low_res is not None:
-    cond["low_res"] = low_res
-  return parameterization.score_fn_from_network(network_fn(exp.model, params, **cond), exp.process, exp.prediction)
+    score_fn = guidance.cfg_score_fn(cond_net, exp.process, exp.prediction, labels, guidance_scale, null_label=k,
+                                     interval=interval, rescale=rescale)
+  else:
+    cond = {"y": labels} if (k and labels is not None) else {}
+    if low_res is not None:
+      cond["low_res"] = low_res
+    score_fn = parameterization.score_fn_from_network(network_fn(exp.model, params, **cond), exp.process,
+                                                      exp.prediction)
+  if exp.consistency_sigma_data is not None:
+    # a consistency model: f = c_skip x / alpha + (1 - c_skip) x0_hat, affine in x0_hat with the same
+    # c_skip for both branches, so guidance applied before the wrap is guidance on f
+    score_fn = parameterization.consistency_score_fn(score_fn, exp.process, exp.consistency_sigma_data)
+  return score_fn
 
 
 def check_classifier(exp, classifier) -> None:

@@ -29,6 +29,10 @@ VAE of latent diffusion): `loss_fn(autoencoder, x, key) -> (loss, aux)`.
 `make_distillation_loss(process, prediction=...)` is progressive distillation's objective
 (Salimans & Ho 2022): `loss_fn(net, teacher, x0, key, num_steps) -> (loss, aux)` trains a
 student to take in one DDIM step what the teacher takes in two.
+
+`make_consistency_loss(process, prediction=...)` is consistency distillation's (Song et al.
+2023): `loss_fn(net, target, teacher, x0, key) -> (loss, aux)` trains a consistency model,
+which jumps from any point of the teacher's probability-flow trajectory to its start.
 """
 
 from __future__ import annotations
@@ -328,5 +332,121 @@ def make_distillation_loss(
     sq = jnp.square((x0_hat - target).astype(jnp.float32)).reshape(batch, -1)
     per_example = w * (jnp.mean(sq, axis=-1) if reduce == "mean" else jnp.sum(sq, axis=-1))
     return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "w": w}
+
+  return loss_fn
+
+
+CONSISTENCY_SOLVERS = ("heun", "ddim")
+CONSISTENCY_METRICS = ("l2", "pseudo_huber")
+
+
+def teacher_ode_step(process: Process, x0_fn: Callable[[Array, Array], Array], z: Array, t: Array, s: Array,
+                     solver: str = "heun") -> Array:
+  """One step of the probability-flow ODE from `(z, t)` to time `s`, given the denoiser `x0_fn(z, t)`.
+
+  In `y = z / alpha` with noise level `n = sigma / alpha` every Gaussian process is
+  `dy/dn = (y - x0_hat) / n` (Karras et al. 2022). 'ddim' is its Euler step (exactly
+  `ddim_x0_step`, one evaluation); 'heun' adds Heun's correction at `s` (two evaluations, as
+  the `heun` sampler and Song et al.'s consistency distillation take). `t`, `s`: `[B]`."""
+  x0_t = x0_fn(z, t)
+  if solver == "ddim":
+    return ddim_x0_step(process, z, x0_t, t, s)
+  a_t, n_t = bcast(process.alpha(t), z), bcast(process.sigma(t) / process.alpha(t), z)
+  a_s, n_s = bcast(process.alpha(s), z), bcast(process.sigma(s) / process.alpha(s), z)
+  y = z / a_t
+  d1 = (y - x0_t) / n_t
+  y_s = y + (n_s - n_t) * d1
+  d2 = (y_s - x0_fn(a_s * y_s, s)) / n_s
+  return a_s * (y + (n_s - n_t) * (0.5 * (d1 + d2)))
+
+
+def consistency_grid(process: Process, num_scales: int, rho: float = 7.0) -> Array:
+  """Consistency distillation's `num_scales` times, T to t_min: Karras' grid, uniform in
+  (sigma / alpha)^(1 / rho) (the `heun` sampler's default grid)."""
+  from jaxdiff import samplers  # samplers does not import losses
+
+  return samplers.default_grid(process, "heun", int(num_scales), rho=float(rho))
+
+
+def make_consistency_loss(
+    process: Process,
+    *,
+    prediction: str = "eps",
+    num_scales: int = 18,
+    solver: str = "heun",
+    metric: str = "l2",
+    sigma_data: float = 0.5,
+    rho: float = 7.0,
+    reduce: str = "mean",
+    clip: tuple[float, float] | None = None,
+) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds consistency distillation's `loss_fn(net, target, teacher, x0, key) -> (loss, aux)`.
+
+  Song et al. (2023), Algorithm 2. For each example an interval `t_{n+1} -> t_n` of
+  `consistency_grid(process, num_scales, rho)` is drawn uniformly, `z = alpha x0 + sigma eps`
+  at t_{n+1}, the teacher takes one probability-flow ODE step to t_n (`teacher_ode_step` with
+  `solver`, no gradient), and the student's consistency function at (z, t_{n+1}) is pulled
+  towards the target network's at the teacher's point:
+
+    loss = d(f_net(z, t_{n+1}), stop_gradient(f_target(z', t_n))),
+
+  `f = parameterization.consistency_x0(...)` of each network's denoised estimate (so
+  f(x, t_min) = x / alpha exactly), `d` the squared error ('l2', reduced over data dimensions
+  by `reduce`) or the pseudo-Huber distance `sqrt(||a - b||^2 + c^2) - c`, c = 0.00054
+  sqrt(dim) ('pseudo_huber', Song & Dhariwal 2024). At the last interval the target is the
+  teacher's point itself (f at t_min is the identity), which anchors the chain to the data.
+
+  Args:
+    process: the diffusion process of the teacher (any Gaussian process).
+    prediction: what the networks output (the teacher's parameterization).
+    num_scales: N, the grid's points (Song et al.: 18 on CIFAR-10, 40 on ImageNet 64).
+    solver: the teacher's step, 'heun' (2 evaluations) or 'ddim' (1).
+    metric: 'l2' or 'pseudo_huber'.
+    sigma_data: the data's standard deviation in the consistency function's c_skip.
+    rho: the grid's spacing exponent.
+    reduce: 'mean' or 'sum' over data dimensions ('l2' only).
+    clip: `(lo, hi)` clips the teacher's x0 to the data range, as its sampler did (None: not).
+
+  `net`, `target` and `teacher` are `net(x, c) -> out` with parameters (and conditioning)
+  bound: the student, its slowly moving copy (the student itself with target decay 0) and the
+  diffusion model. `aux` holds `loss_per_example` and the interval's times `t`, `s`.
+  """
+  param_lib.check_prediction(prediction)
+  for name, value, valid in (("solver", solver, CONSISTENCY_SOLVERS), ("metric", metric, CONSISTENCY_METRICS)):
+    if value not in valid:
+      raise ConfigError(f"config.distill.{name}={value!r} is not known; valid values are: {', '.join(valid)}.")
+  if int(num_scales) < 2:
+    raise ConfigError(f"config.distill.num_scales={num_scales} must be >= 2 (the grid's times; Song et al.: 18).")
+  if not sigma_data > 0:
+    raise ConfigError(f"config.distill.sigma_data={sigma_data} must be > 0 (the data's standard deviation; "
+                      f"0.5 for images in [-1, 1]).")
+  _check("reduce", reduce, ("mean", "sum"))
+  grid = consistency_grid(process, num_scales, rho)
+
+  def teacher_x0(teacher, z, t):
+    x0, _, _ = param_lib.predict(teacher, process, prediction, z, t)
+    return x0 if clip is None else jnp.clip(x0, *clip)
+
+  def f(net, z, t):
+    x0, _, _ = param_lib.predict(net, process, prediction, z, t)
+    return param_lib.consistency_x0(process, x0, z, t, sigma_data)
+
+  def loss_fn(net, target, teacher, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+    k_n, k_eps = jax.random.split(key)
+    batch = x0.shape[0]
+    n = jax.random.randint(k_n, (batch,), 0, grid.shape[0] - 1)
+    t, s = grid[n], grid[n + 1]
+    z_t = process.marginal(x0, t, jax.random.normal(k_eps, x0.shape, x0.dtype))
+    z_s = jax.lax.stop_gradient(teacher_ode_step(process, lambda z, tt: teacher_x0(teacher, z, tt), z_t, t, s,
+                                                 solver))
+    goal = jax.lax.stop_gradient(f(target, z_s, s))
+    diff = (f(net, z_t, t) - goal).astype(jnp.float32).reshape(batch, -1)
+    sq = jnp.square(diff)
+    if metric == "l2":
+      per_example = jnp.mean(sq, axis=-1) if reduce == "mean" else jnp.sum(sq, axis=-1)
+    else:
+      c = 0.00054 * jnp.sqrt(jnp.float32(diff.shape[-1]))
+      per_example = jnp.sqrt(jnp.sum(sq, axis=-1) + c * c) - c
+    return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "s": s}
 
   return loss_fn

@@ -140,3 +140,49 @@ def clip_denoised(score_fn, process, lo: float = -1.0, hi: float = 1.0):
     return -((x - a * x0) / s) / s
 
   return clipped
+
+
+# --------------------------------------------------------------------------------------
+# Consistency models (Song et al. 2023)
+# --------------------------------------------------------------------------------------
+
+
+def consistency_skip(process, t: Array, sigma_data: float = 0.5) -> Array:
+  """`c_skip(t) = sigma_data^2 / ((s(t) - s(t_min))^2 + sigma_data^2)`, s = sigma / alpha.
+
+  The weight of the input in a consistency function (`consistency_x0`): 1 at t_min (the
+  boundary condition f(x, t_min) = x / alpha), falling to 0 at high noise. Song et al.'s c_skip
+  with the noise level measured in `x / alpha`, where every Gaussian process is `x0 + s eps`
+  (its probability-flow ODE is the same one in that variable, for any alpha)."""
+  t = jnp.asarray(t, jnp.float32)
+  s = process.sigma(t) / process.alpha(t)
+  s_min = process.sigma(process.t_min) / process.alpha(process.t_min)
+  return sigma_data**2 / ((s - s_min) ** 2 + sigma_data**2)
+
+
+def consistency_x0(process, x0_hat: Array, x: Array, t: Array, sigma_data: float = 0.5) -> Array:
+  """A consistency model's output `f(x, t) = c_skip x / alpha + (1 - c_skip) x0_hat` at `x = x_t`.
+
+  `x0_hat` is the network's denoised estimate in any parameterization (`predict`), so a student
+  initialised from a diffusion model starts as that model's denoiser at high noise, and f meets
+  the boundary condition f(x, t_min) = x / alpha (the data, up to the smallest noise) for any
+  weights. `c_skip` is `consistency_skip`; `t` is `[B]`."""
+  c = bcast(consistency_skip(process, t, sigma_data), x)
+  return c * (x / bcast(process.alpha(t), x)) + (1.0 - c) * x0_hat
+
+
+def consistency_score_fn(score_fn, process, sigma_data: float = 0.5):
+  """Wraps the score function of a consistency model's network into the score function whose
+  denoised estimate is the consistency function `consistency_x0` (what every sampler reads).
+
+  A trained consistency model maps x_t to the start of its probability-flow trajectory in one
+  evaluation, so `samplers.sample(method='consistency')` draws in 1 or a few steps. The
+  wrapped function is a score only in name: it is not the gradient of log p_t."""
+
+  def wrapped(x: Array, t: Array) -> Array:
+    a, s = bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+    x0_hat = (x + s * s * score_fn(x, t)) / a
+    f = consistency_x0(process, x0_hat, x, t, sigma_data)
+    return -((x - a * f) / s) / s
+
+  return wrapped

@@ -6,7 +6,8 @@ network of any parameterization with `parameterization.score_fn_from_network`.
 Time grid: `ts` holds the decreasing times at which the network is evaluated, from T down
 to t_min (by default the method's grid of `num_steps` points: `process.default_grid`
 (uniform in t, integer steps for DDPM, Karras' rho-grid for EDM), a rho=7 grid in
-sigma/alpha for `heun`, a grid uniform in log-SNR for `dpm_solver++`). A fixed-step
+sigma/alpha for `heun` (and, without t_min, `consistency`), a grid uniform in log-SNR for
+`dpm_solver++`). A fixed-step
 method moves from `ts[i]` to `ts[i+1]`; with `denoise=True` (the default) a last step from
 `ts[-1]` to the data returns the denoised `x0_hat(x, ts[-1])` (one more network
 evaluation). With DDPM and `ts = N, N-1, ..., 1` the `ancestral` method is exactly Ho et
@@ -25,6 +26,7 @@ Methods (see `METHODS` and `describe_methods()`; NFE = network evaluations):
 | `euler`           | Euler on the probability-flow ODE in t             | 1            |
 | `heun`            | Karras et al.'s 2nd-order sampler with churn       | 2            |
 | `dpm_solver++`    | DPM-Solver++ multistep, order 1..3                 | 1            |
+| `consistency`     | consistency models' multistep sampler              | 1            |
 | `ode`             | adaptive Tsit5/Dopri5 (diffrax) on the PF ODE      | adaptive     |
 
 Every fixed-step loop is one `lax.scan`; the `ode` solve is one on-device diffrax while
@@ -616,6 +618,38 @@ register(Method(
     doc="DPM-Solver++ (Lu et al. 2022) multistep in data-prediction form: order 1 (= DDIM), "
         "2 (2M) or 3 (3M), lower orders at the first steps; default grid uniform in log-SNR "
         "(grid='logsnr'; 'time' = the process's default grid). All processes."))
+
+
+# --------------------------------------------------------------------------------------
+# Consistency models (Song et al. 2023), multistep
+# --------------------------------------------------------------------------------------
+
+
+def _consistency_grid(process: Process, num_steps: int, opts: dict) -> Array:
+  """The first `num_steps` times of Karras' rho-grid of `num_steps + 1` (the last, t_min, is
+  left out: noise added back there would be undone at once)."""
+  return _rho_grid(process, num_steps + 1, opts)[:num_steps]
+
+
+def _consistency_step(ctx: StepContext, x, t, s, key, carry):
+  x0, _ = ctx.x0_eps(x, t)
+  z = jax.random.normal(key, x.shape, x.dtype)
+  ss = _one(s)
+  return bcast(ctx.process.alpha(ss), x) * x0 + bcast(ctx.process.sigma(ss), x) * z, carry
+
+
+def _check_consistency(process: Process, opts: dict) -> None:
+  del process
+  _check_number("consistency", "rho", opts["rho"], lo=0.0, strict=True)
+
+
+register(Method(
+    "consistency", _consistency_step, {"rho": 7.0}, check=_check_consistency, grid=_consistency_grid,
+    doc="Consistency models' multistep sampler (Song et al. 2023, Algorithm 1): the denoised "
+        "x0_hat(x, t), noised afresh to the next time; with the default denoise=True it ends "
+        "with x0_hat, so num_steps is the NFE (1: one jump from noise). Default grid: Karras' "
+        "rho-grid of num_steps + 1 times without t_min. For consistency models "
+        "(parameterization.consistency_score_fn); all processes."))
 
 
 # --------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ The pieces are small top-level functions so they can be used and tested on their
 * `distill_train_step(...)`  progressive distillation's student (`config.distill`,
   `losses.make_distillation_loss`): the teacher is `state.teacher_params`, replaced by the
   student at the start of each round;
+* `consistency_train_step(...)`  consistency distillation's student (`config.distill.method=
+  'consistency'`, `losses.make_consistency_loss`): the fixed teacher and the target network
+  (`ConsistencyState.target_params`, an EMA of the student) are part of the state;
 * `train_and_evaluate(config, workdir)`  the loop: sharded init, resume from the latest
   checkpoint, metrics pulled from the device only every `log_every` steps, NaN guard before
   every checkpoint, sample grids and a loss curve under the workdir. With
@@ -74,6 +77,14 @@ class DistillState(TrainState):
   (A subclass, so that ordinary runs' checkpoints keep `TrainState`'s exact layout.)"""
 
   teacher_params: Any
+
+
+class ConsistencyState(DistillState):
+  """A consistency-distillation student's train state with a target network: the teacher (fixed)
+  and `target_params`, an EMA of the student at `config.distill.target_decay` (Song et al.'s
+  theta^-). With decay 0 the target is the student itself and a `DistillState` suffices."""
+
+  target_params: Any
 
 
 def make_schedule(*, learning_rate: float, schedule: str = "constant", warmup_steps: int = 0,
@@ -150,10 +161,11 @@ def network_fn(model: nn.Module, params, *, train: bool = False, dropout_key: Ar
 
 def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
                        example_x: Array, ema: bool = True, params: Any = None,
-                       teacher: bool = False) -> TrainState:
+                       teacher: bool = False, target: bool = False) -> TrainState:
   """Initial parameters (`params`, e.g. published weights, or `model`'s init), their EMA copy
-  (None with `ema=False`) and optimizer state, at step 0. With `teacher=True` (progressive
-  distillation; `params` are the teacher's) the parameters are also the first round's teacher."""
+  (None with `ema=False`) and optimizer state, at step 0. With `teacher=True` (distillation;
+  `params` are the teacher's) the parameters are also the (first round's) teacher, and with
+  `target=True` (consistency distillation) also the target network."""
   if params is None and isinstance(model, models.AutoencoderKL):
     params = model.init({"params": key}, example_x)["params"]
   elif params is None:
@@ -161,6 +173,12 @@ def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.Gradien
     params = model.init({"params": key}, example_x, t, train=False)["params"]
   fields = dict(step=jnp.zeros((), jnp.int32), params=params,
                 ema_params=jax.tree.map(jnp.copy, params) if ema else None, opt_state=optimizer.init(params))
+  if target and not teacher:
+    raise ConfigError("create_train_state(target=True) keeps consistency distillation's target network, which "
+                      "needs teacher=True.")
+  if target:
+    return ConsistencyState(**fields, teacher_params=jax.tree.map(jnp.copy, params),
+                            target_params=jax.tree.map(jnp.copy, params))
   if teacher:
     return DistillState(**fields, teacher_params=jax.tree.map(jnp.copy, params))
   return TrainState(**fields)
@@ -311,6 +329,43 @@ def distill_train_step(state: DistillState, batch: dict[str, Array], key: Array,
       "loss": loss, "grad_norm": optax.tree.norm(grads), "student_steps": n.astype(jnp.float32)}
 
 
+def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                           loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
+                           target_decay: float = 0.0, label_dropout: float = 0.0, cond_resolution: int = 0,
+                           microbatches: int = 1) -> tuple[DistillState, dict[str, Array]]:
+  """One update of a consistency-distillation student. Pure: `(state, batch, key) -> (state, metrics)`.
+
+  `loss_fn = losses.make_consistency_loss(...)` sees the student (with dropout), the target
+  network (`state.target_params` of a `ConsistencyState`, which then moves towards the updated
+  student at rate `1 - target_decay`; the student's own parameters with a `DistillState` and
+  `target_decay=0`) and the fixed teacher `state.teacher_params`; the last two without dropout,
+  all three with the student's conditioning (labels, with the same ones dropped; low-res images).
+  """
+  has_target = isinstance(state, ConsistencyState)
+  if not isinstance(state, DistillState) or has_target != bool(target_decay):
+    need = "a ConsistencyState (create_train_state(..., teacher=True, target=True))" if target_decay else \
+        "a DistillState (create_train_state(..., teacher=True))"
+    raise ConfigError(f"consistency_train_step with target_decay={target_decay} needs {need} from the teacher's "
+                      f"parameters; it got a {type(state).__name__}.")
+  inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
+
+  def objective(params, inputs, key):
+    k_loss, k_drop = jax.random.split(key)
+    cond = {k: v for k, v in inputs.items() if k != "x"}
+    net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
+    target = network_fn(model, state.target_params if has_target else params, **cond)
+    teacher = network_fn(model, state.teacher_params, **cond)
+    loss, _ = loss_fn(net, target, teacher, inputs["x"], k_loss)
+    return loss, {}
+
+  (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
+  new = apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay)
+  if has_target:
+    new = new.replace(target_params=optax.incremental_update(new.params, state.target_params,
+                                                             step_size=1.0 - target_decay))
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
 def train_steps(state: TrainState, batches: tuple[dict[str, Array], ...], key: Array, *,
                 step_fn: Callable) -> tuple[TrainState, dict[str, Array]]:
   """`len(batches)` steps of `step_fn(state, batch, key)` in one `lax.scan`.
@@ -383,6 +438,8 @@ class Experiment:
   centered: bool = struct.field(pytree_node=False)
   cond_resolution: int = struct.field(pytree_node=False, default=0)  # low-res side (super-resolution)
   latent: latent_lib.LatentSpace | None = struct.field(pytree_node=False, default=None)  # latent diffusion
+  # a consistency model (config.distill.method='consistency'): its c_skip's sigma_data; None: a diffusion model
+  consistency_sigma_data: float | None = struct.field(pytree_node=False, default=None)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -427,7 +484,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   space = latent_lib.latent_space(tuple(spec.shape), **config.latent.to_dict())
   exp = Experiment(model=model, process=process, prediction=config.loss.prediction,
                    data_spec=spec, centered=bool(config.data.centered), cond_resolution=cond_resolution,
-                   latent=space)
+                   latent=space, consistency_sigma_data=distill.consistency_sigma_data(config))
   if d.use_labels and not exp.num_classes:
     raise ConfigError(f"config.data.use_labels=True but config.model.num_classes=0 (an unconditional "
                       f"model); set --config.model.num_classes={spec.num_classes or 'K'} to condition on "
@@ -441,8 +498,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
               data_range: tuple[float, float] | None = None):
   """The objective `config` describes: denoising, cross-entropy for `model.name='classifier'`,
-  the autoencoder's, or progressive distillation's (its teacher's x0 clipped to `data_range`,
-  `Experiment.data_range`, with `config.distill.clip_teacher`)."""
+  the autoencoder's, or progressive or consistency distillation's (the teacher's x0 clipped to
+  `data_range`, `Experiment.data_range`, with `config.distill.clip_teacher`)."""
   if config.model.name == "classifier":
     return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
   if config.model.name == "autoencoder":
@@ -450,6 +507,11 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
                                         reconstruction=config.loss.reconstruction)
   if distill.enabled(config):
     clip = data_range if config.distill.clip_teacher else None
+    d = config.distill
+    if distill.method(config) == "consistency":
+      return losses.make_consistency_loss(process, prediction=config.loss.prediction, num_scales=int(d.num_scales),
+                                          solver=d.solver, metric=d.metric, sigma_data=float(d.sigma_data),
+                                          reduce=config.loss.reduce, clip=clip)
     return losses.make_distillation_loss(process, prediction=config.loss.prediction,
                                          weighting=config.distill.weighting, reduce=config.loss.reduce, clip=clip)
   kw = config.loss.to_dict()
@@ -470,6 +532,8 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   kw = dict(model=exp.model, loss_fn=loss_fn, optimizer=optimizer, ema_decay=tc.ema_decay,
             label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
             cond_resolution=exp.cond_resolution, microbatches=int(tc.microbatches))
+  if distill.method(config) == "consistency":
+    return functools.partial(consistency_train_step, target_decay=float(config.distill.target_decay), **kw)
   if distill.enabled(config):
     return functools.partial(distill_train_step, teacher_steps=int(config.distill.teacher_steps),
                              steps_per_round=int(config.distill.steps_per_round), **kw)
@@ -482,7 +546,8 @@ def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   if exp.cond_resolution:  # the network also sees the upsampled low-res image as channels
     example = jnp.concatenate([example, example], axis=-1)
   init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example,
-                           teacher=distill.enabled(config))
+                           teacher=distill.enabled(config),
+                           target=distill.method(config) == "consistency" and bool(config.distill.target_decay))
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
   with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -579,6 +644,11 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     host = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), host, abstract.params)
     params = sharding.put_host_tree(host, state_sh.params)
     log.info("Initialising from %s.", init_from)
+  elif distill.method(config) == "consistency":  # the student starts as the teacher
+    teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
+    d = config.distill
+    log.info("Consistency distillation of %s (step %d): %d grid times, %s teacher steps, %s metric, target EMA "
+             "%g.", d.teacher, teacher_step, d.num_scales, d.solver, d.metric, d.target_decay)
   elif distill.enabled(config):  # progressive distillation: the student starts as the teacher
     teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
     log.info("Distilling %s (step %d): %d rounds of %d steps, %d -> %d DDIM steps.", config.distill.teacher,
@@ -606,7 +676,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(tc.batch_size, mesh, microbatches=int(tc.microbatches))
   # num_steps=0 (only with init_from) imports published weights: a step-0 checkpoint, no data read
   importing = tc.num_steps == 0
-  distilling = distill.enabled(config)
+  distilling = distill.method(config) == "progressive"
   # progressive distillation restarts the optimizer, with its schedule, every round
   round_steps = int(config.distill.steps_per_round) if distilling else tc.num_steps
   optimizer = make_optimizer(**o.to_dict(), num_steps=max(round_steps, 1))

@@ -86,7 +86,7 @@ def check_fill(x, name, mean, cov, *, cov_tol=0.1):
 ALL_METHODS = {  # every method, cheap settings (VE: ald needs alpha = 1)
     "ancestral": {}, "ddim": {"eta": 0.5}, "euler_maruyama": {}, "reverse_diffusion": {},
     "pc": {"n_corrector_steps": 1}, "ald": {"n_steps_each": 2}, "euler": {}, "heun": {"s_churn": 1.0},
-    "dpm_solver++": {"order": 3}, "ode": {"rtol": 1e-3, "atol": 1e-3},
+    "dpm_solver++": {"order": 3}, "ode": {"rtol": 1e-3, "atol": 1e-3}, "consistency": {},
 }
 
 
