@@ -10,7 +10,7 @@ Sections:
   process       diffusion process (`name` + fields) -> `processes.get_process(**config.process)`
   model         network (`name` + fields)          -> `models.create_model(**config.model)`
   latent        latent diffusion: a frozen autoencoder the model runs in -> `latent.latent_space`
-  distill       progressive or consistency distillation of a teacher run -> `jaxdiff.distill`
+  distill       progressive, consistency or reflow distillation of a teacher run -> `jaxdiff.distill`
   loss          objective                          -> `losses.make_denoising_loss(process, **config.loss)`
   optimizer     optax optimizer and schedule       -> `train.make_optimizer(**config.optimizer)`
   training      loop: steps, batch, EMA, logging, checkpoints
@@ -80,15 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = ml_collections.ConfigDict(dict(
       teacher="",                # '' = ordinary training; a run's workdir: distil its model into a student that
                                  # samples in fewer steps (jaxdiff.distill)
-      method="progressive",      # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+      method="progressive",      # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023) |
+                                 # reflow (Liu et al. 2023)
       clip_teacher=True,         # clip the teacher's x0 to the data range (pixel images), as its sampler did
-      # method='progressive'
-      teacher_steps=0,           # the teacher's DDIM steps distilled in the first round; each round halves them
+      # method='progressive' (teacher_steps: also reflow's)
+      teacher_steps=0,           # progressive: the teacher's DDIM steps distilled in the first round (each round
+                                 # halves them); reflow: the grid times of the teacher's sampler for each pair
       steps_per_round=0,         # training steps per round; rounds = training.num_steps / steps_per_round
       weighting="truncated_snr",  # truncated_snr: max(SNR, 1) | snr_plus_one: SNR + 1 (x0-error weights)
-      # method='consistency'
+      # method='consistency' (solver: also reflow's)
       num_scales=18,             # N: the Karras grid's times the teacher steps between (CIFAR-10: 18)
-      solver="heun",             # the teacher's ODE step: heun (2 NFE) | ddim (1)
+      solver="heun",             # the teacher's ODE step: heun (2 NFE) | ddim (1); reflow: also dpm_solver++
       metric="l2",               # l2 | pseudo_huber (Song & Dhariwal 2024)
       target_decay=0.95,         # EMA rate of the target network (0: the student, without gradient)
       sigma_data=0.5,            # c_skip's data standard deviation (images in [-1, 1]: 0.5)

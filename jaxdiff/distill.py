@@ -1,6 +1,6 @@
 """Distillation of a trained diffusion model into a few-step student, from a config: `config.distill`.
 
-Two methods (`config.distill.method`), both starting the student from the teacher run's EMA
+Three methods (`config.distill.method`), each starting the student from the teacher run's EMA
 parameters (same network, process and parameterization):
 
 * 'progressive' (Salimans & Ho 2022): rounds that halve the teacher's DDIM steps, below.
@@ -12,6 +12,11 @@ parameters (same network, process and parameterization):
   a few network evaluations: `config.sampling.method='consistency'`, `num_steps` = the
   NFE. The run's network is then read through `parameterization.consistency_score_fn`
   (`train.Experiment.consistency_sigma_data`).
+* 'reflow' (Liu et al. 2023): the teacher's deterministic sampler (`solver`, `teacher_steps`
+  grid times) turns fresh noise into samples, and the student learns the ordinary denoising
+  objective (`config.loss`) on those pairs (`losses.make_reflow_loss`): its paths become
+  straight (rectified flow) or, on any process, paths along which `ddim` is exact, so it
+  samples in a few `ddim` steps (any `config.sampling`).
 
 Progressive distillation:
 
@@ -53,7 +58,7 @@ KEY = "config.distill.teacher"
 # the parameterization, what the network sees.
 _SAME_DATA = ("resolution", "num_channels", "centered", "use_labels", "cond_resolution")
 _FREE_MODEL = ("dtype", "dropout")
-METHODS = ("progressive", "consistency")
+METHODS = ("progressive", "consistency", "reflow")
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -119,6 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{', '.join(METHODS)}.")
   if method(config) == "consistency":
     return _validate_consistency(config)
+  if method(config) == "reflow":
+    return _validate_reflow(config)
   if config.loss.prediction == "edm":
     raise ConfigError(f"{KEY}: config.loss.prediction='edm' needs the EDM process, whose rho-grid progressive "
                       f"distillation cannot halve; distil a 'cosine_vp' / 'v' teacher, or use "
@@ -148,6 +155,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"{KEY}: after {rounds} rounds the student takes {final} deterministic DDIM steps ({final} + 1 "
                       f"grid points, no extra denoising step), which config.sampling must say (it samples the "
                       f"run); it has {got}. Set {fix}.")
+
+
+def _validate_reflow(config: ml_collections.ConfigDict) -> None:
+  from jaxdiff import losses
+
+  d = config.distill
+  if int(d.get("steps_per_round", 0)):
+    raise ConfigError(f"config.distill.steps_per_round={d.steps_per_round} counts progressive distillation's rounds; "
+                      f"config.distill.method='reflow' has none: set it to 0.")
+  if d.get("solver") not in losses.REFLOW_SOLVERS:
+    raise ConfigError(f"config.distill.solver={d.get('solver')!r} cannot pair noise with samples for reflow (it "
+                      f"needs a deterministic sampler); valid values are: {', '.join(losses.REFLOW_SOLVERS)}.")
+  if int(d.teacher_steps) < 1:
+    raise ConfigError(f"config.distill.teacher_steps={d.teacher_steps}: reflow's teacher samples with that many grid "
+                      f"times of config.distill.solver={d.solver!r} to make each pair; set it, e.g. "
+                      f"--config.distill.teacher_steps=8 (the cost of a step grows with it).")
 
 
 def _validate_consistency(config: ml_collections.ConfigDict) -> None:

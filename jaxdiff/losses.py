@@ -33,6 +33,9 @@ student to take in one DDIM step what the teacher takes in two.
 `make_consistency_loss(process, prediction=...)` is consistency distillation's (Song et al.
 2023): `loss_fn(net, target, teacher, x0, key) -> (loss, aux)` trains a consistency model,
 which jumps from any point of the teacher's probability-flow trajectory to its start.
+
+`make_reflow_loss(process, prediction=...)` is reflow's (Liu et al. 2023): `loss_fn(net,
+teacher, x0, key) -> (loss, aux)` trains on noise coupled to the teacher's samples of it.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def make_denoising_loss(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
 ) -> Callable[..., tuple[Array, dict[str, Any]]]:
-  """Builds `loss_fn(net, x0, key) -> (loss, aux)`.
+  """Builds `loss_fn(net, x0, key, eps=None) -> (loss, aux)` (`eps`: the noise paired with x0; None: drawn).
 
   Args:
     process: the diffusion process.
@@ -127,11 +130,12 @@ def make_denoising_loss(
       return process.t_min + (process.T - process.t_min) * u
     return process.sample_t(key, batch)
 
-  def loss_fn(net, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+  def loss_fn(net, x0: Array, key: Array, eps: Array | None = None) -> tuple[Array, dict[str, Any]]:
     k_t, k_eps = jax.random.split(key)
     batch = x0.shape[0]
     t = sample_t(k_t, batch)
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    if eps is None:  # given: a coupling of data and noise (reflow); drawn: the independent one
+      eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = process.marginal(x0, t, eps)
     alpha, sigma = process.alpha(t), process.sigma(t)
     a, s = bcast(alpha, x0), bcast(sigma, x0)
@@ -448,5 +452,59 @@ def make_consistency_loss(
       c = 0.00054 * jnp.sqrt(jnp.float32(diff.shape[-1]))
       per_example = jnp.sqrt(jnp.sum(sq, axis=-1) + c * c) - c
     return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "s": s}
+
+  return loss_fn
+
+
+REFLOW_SOLVERS = ("heun", "ddim", "dpm_solver++")
+
+
+def make_reflow_loss(
+    process: Process,
+    *,
+    prediction: str = "flow",
+    solver: str = "heun",
+    num_steps: int = 8,
+    clip: tuple[float, float] | None = None,
+    **denoising_kw,
+) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds reflow's `loss_fn(net, teacher, x0, key) -> (loss, aux)` (Liu et al. 2023).
+
+  The teacher's deterministic sampler (`solver`: 'heun', 'ddim' or 'dpm_solver++', with
+  `num_steps` grid times; `samplers.sample`) carries fresh noise from `x_T = prior_std eps`
+  to a sample x0_hat, and the student is trained with `make_denoising_loss(process,
+  prediction, **denoising_kw)` on the coupled pair: `x_t = alpha_t x0_hat + sigma_t eps'`
+  with `eps' = (x_T - alpha_T x0_hat) / sigma_T`, the noise whose path passes through the
+  teacher's start at T (eps' = eps up to alpha_T, which is ~0). On `RectifiedFlow` this is rectified flow's reflow: the student's paths
+  become straight lines from noise to the teacher's samples, on which Euler (`ddim`) is
+  exact in one step. On any process the pair makes x0 a function of x_t, so the student's
+  x0_hat is constant along each path and `ddim` (eta=0) follows it exactly in any number of
+  steps, one included. `x0` (the data batch) gives only the shape: reflow learns from the
+  teacher's samples, drawn afresh for each batch (Liu et al. draw a fixed set of pairs once).
+  `clip` clips the teacher's x0 estimates to the data range, as its sampler did.
+  """
+  from jaxdiff import samplers  # samplers does not import losses
+
+  if solver not in REFLOW_SOLVERS:
+    raise ConfigError(f"config.distill.solver={solver!r} cannot pair noise with samples for reflow (it needs a "
+                      f"deterministic sampler); valid values are: {', '.join(REFLOW_SOLVERS)}.")
+  if int(num_steps) < 1:
+    raise ConfigError(f"config.distill.teacher_steps={num_steps} must be >= 1 (the teacher's sampler steps that "
+                      f"make each pair).")
+  denoising = make_denoising_loss(process, prediction=prediction, **denoising_kw)
+
+  def loss_fn(net, teacher, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+    k_eps, k_loss = jax.random.split(key)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    score_fn = param_lib.score_fn_from_network(teacher, process, prediction)
+    if clip is not None:
+      score_fn = param_lib.clip_denoised(score_fn, process, *clip)
+    x_T = process.prior_std * eps
+    pair = jax.lax.stop_gradient(samplers.sample(k_eps, process, score_fn, x0.shape, method=solver,
+                                                 num_steps=int(num_steps), x_init=x_T)[0])
+    # the noise that puts the pair's path through the teacher's start: alpha_T pair + sigma_T eps' = x_T
+    t_T = jnp.full((x0.shape[0],), process.T, jnp.float32)
+    eps = (x_T - bcast(process.alpha(t_T), x0) * pair) / bcast(process.sigma(t_T), x0)
+    return denoising(net, pair, k_loss, eps=eps)
 
   return loss_fn

@@ -16,6 +16,8 @@ The pieces are small top-level functions so they can be used and tested on their
 * `distill_train_step(...)`  progressive distillation's student (`config.distill`,
   `losses.make_distillation_loss`): the teacher is `state.teacher_params`, replaced by the
   student at the start of each round;
+* `reflow_train_step(...)`  reflow's student (`config.distill.method='reflow'`,
+  `losses.make_reflow_loss`): the fixed teacher's samples paired with their noise;
 * `consistency_train_step(...)`  consistency distillation's student (`config.distill.method=
   'consistency'`, `losses.make_consistency_loss`): the fixed teacher and the target network
   (`ConsistencyState.target_params`, an EMA of the student) are part of the state;
@@ -314,19 +316,32 @@ def distill_train_step(state: DistillState, batch: dict[str, Array], key: Array,
   state = jax.lax.cond(starts_round, functools.partial(next_distillation_round, optimizer=optimizer),
                        lambda s: s, state)
   n = distill.student_steps(teacher_steps, state.step, steps_per_round)
+  state, metrics = _student_update(
+      state, batch, key, lambda net, bind, params, x, k: loss_fn(net, bind(state.teacher_params), x, k, n),
+      model=model, optimizer=optimizer, ema_decay=ema_decay, label_dropout=label_dropout,
+      cond_resolution=cond_resolution, microbatches=microbatches)
+  return state, {**metrics, "student_steps": n.astype(jnp.float32)}
+
+
+def _student_update(state: DistillState, batch: dict[str, Array], key: Array, loss_call: Callable, *,
+                    model: nn.Module, optimizer: optax.GradientTransformation, ema_decay: float,
+                    label_dropout: float, cond_resolution: int, microbatches: int) -> tuple[DistillState, dict]:
+  """A distillation student's update: `loss_call(net, bind, params, x, key) -> (loss, aux)` sees the
+  student `net` (with dropout) and `bind(p)`, which binds other parameters (teacher, target) to the
+  same network with the student's conditioning (labels, with the same ones dropped; low-res
+  images) and no dropout."""
   inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
 
   def objective(params, inputs, key):
     k_loss, k_drop = jax.random.split(key)
     cond = {k: v for k, v in inputs.items() if k != "x"}
     net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
-    teacher = network_fn(model, state.teacher_params, **cond)
-    loss, _ = loss_fn(net, teacher, inputs["x"], k_loss, n)
+    loss, _ = loss_call(net, lambda p: network_fn(model, p, **cond), params, inputs["x"], k_loss)
     return loss, {}
 
   (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
   return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
-      "loss": loss, "grad_norm": optax.tree.norm(grads), "student_steps": n.astype(jnp.float32)}
+      "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
@@ -347,23 +362,39 @@ def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Ar
         "a DistillState (create_train_state(..., teacher=True))"
     raise ConfigError(f"consistency_train_step with target_decay={target_decay} needs {need} from the teacher's "
                       f"parameters; it got a {type(state).__name__}.")
-  inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
 
-  def objective(params, inputs, key):
-    k_loss, k_drop = jax.random.split(key)
-    cond = {k: v for k, v in inputs.items() if k != "x"}
-    net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
-    target = network_fn(model, state.target_params if has_target else params, **cond)
-    teacher = network_fn(model, state.teacher_params, **cond)
-    loss, _ = loss_fn(net, target, teacher, inputs["x"], k_loss)
-    return loss, {}
+  def loss_call(net, bind, params, x, k):
+    return loss_fn(net, bind(state.target_params if has_target else params), bind(state.teacher_params), x, k)
 
-  (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
-  new = apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay)
+  new, metrics = _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer,
+                                 ema_decay=ema_decay, label_dropout=label_dropout, cond_resolution=cond_resolution,
+                                 microbatches=microbatches)
   if has_target:
     new = new.replace(target_params=optax.incremental_update(new.params, state.target_params,
                                                              step_size=1.0 - target_decay))
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return new, metrics
+
+
+def reflow_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                      loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
+                      label_dropout: float = 0.0, cond_resolution: int = 0,
+                      microbatches: int = 1) -> tuple[DistillState, dict[str, Array]]:
+  """One update of a reflow student. Pure: `(state, batch, key) -> (state, metrics)`.
+
+  `loss_fn = losses.make_reflow_loss(...)`: the fixed teacher `state.teacher_params` samples
+  from fresh noise with the student's conditioning (labels, with the same ones dropped, so a
+  class-conditional student keeps its unconditional half), and the student learns the pairs.
+  """
+  if not isinstance(state, DistillState):
+    raise ConfigError("reflow_train_step needs a DistillState (create_train_state(..., teacher=True) from the "
+                      f"teacher's parameters); it got a {type(state).__name__}.")
+
+  def loss_call(net, bind, params, x, k):
+    del params  # the student's: only `net` uses them
+    return loss_fn(net, bind(state.teacher_params), x, k)
+
+  return _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer, ema_decay=ema_decay,
+                         label_dropout=label_dropout, cond_resolution=cond_resolution, microbatches=microbatches)
 
 
 def train_steps(state: TrainState, batches: tuple[dict[str, Array], ...], key: Array, *,
@@ -508,17 +539,25 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
   if distill.enabled(config):
     clip = data_range if config.distill.clip_teacher else None
     d = config.distill
+    if distill.method(config) == "reflow":  # the denoising loss, on pairs of noise and teacher samples
+      return losses.make_reflow_loss(process, solver=d.solver, num_steps=int(d.teacher_steps), clip=clip,
+                                     **_denoising_kwargs(config))
     if distill.method(config) == "consistency":
       return losses.make_consistency_loss(process, prediction=config.loss.prediction, num_scales=int(d.num_scales),
                                           solver=d.solver, metric=d.metric, sigma_data=float(d.sigma_data),
                                           reduce=config.loss.reduce, clip=clip)
     return losses.make_distillation_loss(process, prediction=config.loss.prediction,
                                          weighting=config.distill.weighting, reduce=config.loss.reduce, clip=clip)
+  return losses.make_denoising_loss(process, **_denoising_kwargs(config))
+
+
+def _denoising_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`make_denoising_loss`'s arguments: config.loss without the autoencoder's keys."""
   kw = config.loss.to_dict()
   for key in ("kl_weight", "reconstruction"):  # the autoencoder's
     kw.pop(key, None)
   kw["target"] = kw.get("target") or None
-  return losses.make_denoising_loss(process, **kw)
+  return kw
 
 
 def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimizer) -> Callable:
@@ -532,6 +571,8 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   kw = dict(model=exp.model, loss_fn=loss_fn, optimizer=optimizer, ema_decay=tc.ema_decay,
             label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
             cond_resolution=exp.cond_resolution, microbatches=int(tc.microbatches))
+  if distill.method(config) == "reflow":
+    return functools.partial(reflow_train_step, **kw)
   if distill.method(config) == "consistency":
     return functools.partial(consistency_train_step, target_decay=float(config.distill.target_decay), **kw)
   if distill.enabled(config):
@@ -644,6 +685,10 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     host = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), host, abstract.params)
     params = sharding.put_host_tree(host, state_sh.params)
     log.info("Initialising from %s.", init_from)
+  elif distill.method(config) == "reflow":  # the student starts as the teacher
+    teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
+    log.info("Reflow of %s (step %d): each batch pairs fresh noise with the teacher's %s samples (%d grid times).",
+             config.distill.teacher, teacher_step, config.distill.solver, config.distill.teacher_steps)
   elif distill.method(config) == "consistency":  # the student starts as the teacher
     teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
     d = config.distill

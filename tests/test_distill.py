@@ -1,7 +1,8 @@
 """Distillation. Progressive: the target against the sampler, learning on the exact mixture teacher,
 rounds and resume through run_train's loop, and the config errors. Consistency: the loss at the
 exact flow map of Gaussian data, the sampler, learning on the exact mixture teacher, the run
-through run_train's loop and run_sample, and its errors."""
+through run_train's loop and run_sample, and its errors. Reflow: the coupling at the closed-form
+straight student, and the run."""
 
 import json
 import os
@@ -501,3 +502,78 @@ def test_consistency_config_errors_name_the_key_and_the_fix():
   with pytest.raises(ConfigError, match="needs teacher=True"):
     train.create_train_state(jax.random.key(0), model=MLP(), optimizer=optax.adam(1e-3),
                              example_x=jnp.zeros((1, 2)), target=True)
+
+
+# --------------------------------------------------------------------------------------
+# Reflow
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pname", ["rectified_flow", "cosine_vp"])
+def test_reflow_loss_vanishes_at_the_student_of_the_teachers_own_coupling(pname):
+  """Exact teacher for N(MU, SD^2) data: its ODE maps x_T = prior_std eps to x0 = a eps + b
+  (closed form). The student that knows this coupling predicts x0 = a eps + b from x_t = alpha x0
+  + sigma eps', eps' = (x_T - alpha_T x0) / sigma_T (both affine in eps); its reflow loss is only
+  the teacher sampler's error, 100x below the teacher's own (whose x0_hat averages over
+  independent noise), so the loss pairs each sample with the noise it came from; and one DDIM
+  step of that student from x_T is the teacher's many-step sample."""
+  process = processes.get_process(pname)
+  denoiser, _ = _gaussian_nets(pname, process)
+  t_T = jnp.asarray([process.T])
+  n_T = float(process.sigma(t_T)[0] / process.alpha(t_T)[0])
+  n_min = float(process.sigma(process.t_min) / process.alpha(process.t_min))
+  shrink = np.sqrt(SD**2 + n_min**2) / np.sqrt(SD**2 + n_T**2)
+  a, b = shrink * process.prior_std / float(process.alpha(t_T)[0]), MU * (1.0 - shrink)
+
+  a_T, s_T, p = float(process.alpha(t_T)[0]), float(process.sigma(t_T)[0]), process.prior_std
+
+  def straight(x, c):  # x = A eps + B along the coupled path
+    t = _time_of(pname, process, c)
+    al, sg = bcast(process.alpha(t), x), bcast(process.sigma(t), x)
+    big_a = al * a + sg * (p - a_T * a) / s_T
+    big_b = al * b - sg * a_T * b / s_T
+    return a * (x - big_b) / big_a + b
+
+  x0 = jnp.zeros((2048, 3))  # reflow reads only the batch's shape
+  fn = losses.make_reflow_loss(process, prediction="x0", solver="heun", num_steps=24)
+  mine, _ = fn(straight, denoiser, x0, jax.random.key(0))
+  theirs, _ = fn(denoiser, denoiser, x0, jax.random.key(0))
+  assert float(mine) < float(theirs) / 100, (float(mine), float(theirs))
+
+  eps = jax.random.normal(jax.random.key(1), (512, 3))
+  score = param_lib.score_fn_from_network(straight, process, "x0")
+  one, info = samplers.sample(jax.random.key(2), process, score, eps.shape, method="ddim", num_steps=1,
+                              x_init=process.prior_std * eps)
+  assert info["nfe"] == 1
+  np.testing.assert_allclose(one, a * eps + b, rtol=1e-3, atol=1e-3)
+
+
+def test_reflow_run_samples_from_the_fixed_teacher_and_its_errors(tfds_dir, tiny_teacher, tmp_path):
+  """configs/mnist_distill.py:tiny_reflow from :tiny_teacher: the teacher stays the teacher run's
+  EMA, the student moves, run_sample draws in the configured 1 DDIM step; bad settings are
+  refused naming the key."""
+  from jaxdiff import configs as config_lib
+  from jaxdiff import generate
+
+  teacher_config, teacher_dir = tiny_teacher
+  config = load_config("mnist_distill", "tiny_reflow")
+  config.data.data_dir, config.distill.teacher = tfds_dir, teacher_dir
+  config.training.num_final_samples = 0
+  out = train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert np.isfinite(out["loss"]) and out["loss"] > 0
+  s4, teacher = _state(str(tmp_path / "student"), config, 4), _state(teacher_dir, teacher_config, 4)
+  assert type(s4) is train.DistillState
+  _assert_trees_equal(s4.teacher_params, teacher.ema_params)
+  assert not np.array_equal(jax.tree.leaves(s4.params)[0], jax.tree.leaves(teacher.ema_params)[0])
+  result = generate.generate(generate.load_config(str(tmp_path / "student")), str(tmp_path / "student"),
+                             num_samples=8, out_dir=str(tmp_path / "s"))
+  assert result["nfe"] == 1 and result["method"] == "ddim"
+
+  for key, value, match in (("solver", "euler", "config.distill.solver='euler'"),
+                            ("teacher_steps", 0, "--config.distill.teacher_steps=8"),
+                            ("steps_per_round", 2, "config.distill.steps_per_round=2")):
+    c = load_config("mnist_distill", "tiny_reflow")
+    c.distill.teacher = "/nowhere"
+    c.distill[key] = value
+    with pytest.raises(ConfigError, match=match):
+      config_lib.validate(c)
