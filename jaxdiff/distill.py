@@ -157,43 +157,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"run); it has {got}. Set {fix}.")
 
 
-def _validate_reflow(config: ml_collections.ConfigDict) -> None:
-  from jaxdiff import losses
+def _check_loss(config: ml_collections.ConfigDict) -> None:
+  """Builds the run's loss, whose constructor checks the method's keys (solver, metric, grid)."""
+  from jaxdiff import processes
+  from jaxdiff import train  # train imports this module
 
+  train.make_loss(config, processes.get_process(**config.process.to_dict()))
+
+
+def _validate_reflow(config: ml_collections.ConfigDict) -> None:
   d = config.distill
   if int(d.get("steps_per_round", 0)):
     raise ConfigError(f"config.distill.steps_per_round={d.steps_per_round} counts progressive distillation's rounds; "
                       f"config.distill.method='reflow' has none: set it to 0.")
-  if d.get("solver") not in losses.REFLOW_SOLVERS:
-    raise ConfigError(f"config.distill.solver={d.get('solver')!r} cannot pair noise with samples for reflow (it "
-                      f"needs a deterministic sampler); valid values are: {', '.join(losses.REFLOW_SOLVERS)}.")
-  if int(d.teacher_steps) < 1:
-    raise ConfigError(f"config.distill.teacher_steps={d.teacher_steps}: reflow's teacher samples with that many grid "
-                      f"times of config.distill.solver={d.solver!r} to make each pair; set it, e.g. "
-                      f"--config.distill.teacher_steps=8 (the cost of a step grows with it).")
+  _check_loss(config)  # losses.make_reflow_loss: solver, teacher_steps
 
 
 def _validate_consistency(config: ml_collections.ConfigDict) -> None:
-  from jaxdiff import losses
-
   d = config.distill
   for key in ("teacher_steps", "steps_per_round"):  # progressive distillation's rounds
     if int(d.get(key, 0)):
       raise ConfigError(f"config.distill.{key}={d.get(key)} counts progressive distillation's rounds; "
                         f"config.distill.method='consistency' has none: set it to 0 (consistency distillation "
                         f"trains for config.training.num_steps on config.distill.num_scales grid times).")
-  for key, valid in (("solver", losses.CONSISTENCY_SOLVERS), ("metric", losses.CONSISTENCY_METRICS)):
-    if d.get(key) not in valid:
-      raise ConfigError(f"config.distill.{key}={d.get(key)!r} is not known; valid values are: {', '.join(valid)}.")
-  if int(d.num_scales) < 2:
-    raise ConfigError(f"config.distill.num_scales={d.num_scales} must be >= 2 (the consistency grid's times; "
-                      f"Song et al.: 18 on CIFAR-10).")
+  _check_loss(config)  # losses.make_consistency_loss: solver, metric, num_scales, sigma_data
   if not 0.0 <= float(d.target_decay) < 1.0:
     raise ConfigError(f"config.distill.target_decay={d.target_decay} must be in [0, 1) (the target network's "
                       f"EMA rate; Song et al.: 0.95; 0: the student itself, without gradient).")
-  if not float(d.sigma_data) > 0.0:
-    raise ConfigError(f"config.distill.sigma_data={d.sigma_data} must be > 0 (the data's standard deviation; "
-                      f"0.5 for images in [-1, 1]).")
   s = config.sampling
   if s.method != "consistency" or not bool(s.denoise):
     raise ConfigError(f"{KEY}: a consistency model samples with its own multistep sampler, which config.sampling "

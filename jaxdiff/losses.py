@@ -251,6 +251,15 @@ def ddim_x0_step(process: Process, z: Array, x0: Array, t: Array, s: Array) -> A
   return a_s * x0 + s_s * (z - a_t * x0) / s_t
 
 
+def _teacher_denoiser(process: Process, prediction: str, clip: tuple[float, float] | None):
+  """`fn(teacher, z, t) -> x0_hat`: a teacher network's denoised estimate, clipped to `clip` as its
+  sampler did (None: not clipped)."""
+  def teacher_x0(teacher, z, t):
+    x0, _, _ = param_lib.predict(teacher, process, prediction, z, t)
+    return x0 if clip is None else jnp.clip(x0, *clip)
+  return teacher_x0
+
+
 def distillation_target(process: Process, z_t: Array, z_s: Array, t: Array, s: Array) -> Array:
   """The x0 whose single DDIM step from `(z_t, t)` lands on `z_s` at time `s < t`.
 
@@ -311,9 +320,7 @@ def make_distillation_loss(
                       f"{', '.join(DISTILL_WEIGHTINGS)}.")
   _check("reduce", reduce, ("mean", "sum"))
 
-  def teacher_x0(teacher, z, t):
-    x0, _, _ = param_lib.predict(teacher, process, prediction, z, t)
-    return x0 if clip is None else jnp.clip(x0, *clip)
+  teacher_x0 = _teacher_denoiser(process, prediction, clip)
 
   def loss_fn(net, teacher, x0: Array, key: Array, num_steps) -> tuple[Array, dict[str, Any]]:
     k_j, k_eps = jax.random.split(key)
@@ -427,9 +434,7 @@ def make_consistency_loss(
   _check("reduce", reduce, ("mean", "sum"))
   grid = consistency_grid(process, num_scales, rho)
 
-  def teacher_x0(teacher, z, t):
-    x0, _, _ = param_lib.predict(teacher, process, prediction, z, t)
-    return x0 if clip is None else jnp.clip(x0, *clip)
+  teacher_x0 = _teacher_denoiser(process, prediction, clip)
 
   def f(net, z, t):
     x0, _, _ = param_lib.predict(net, process, prediction, z, t)
@@ -489,8 +494,9 @@ def make_reflow_loss(
     raise ConfigError(f"config.distill.solver={solver!r} cannot pair noise with samples for reflow (it needs a "
                       f"deterministic sampler); valid values are: {', '.join(REFLOW_SOLVERS)}.")
   if int(num_steps) < 1:
-    raise ConfigError(f"config.distill.teacher_steps={num_steps} must be >= 1 (the teacher's sampler steps that "
-                      f"make each pair).")
+    raise ConfigError(f"config.distill.teacher_steps={num_steps}: reflow's teacher samples with that many grid "
+                      f"times of config.distill.solver={solver!r} to make each pair; set it >= 1, e.g. "
+                      f"--config.distill.teacher_steps=8 (the cost of a step grows with it).")
   denoising = make_denoising_loss(process, prediction=prediction, **denoising_kw)
 
   def loss_fn(net, teacher, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
