@@ -11,7 +11,8 @@ Sections:
   model         network (`name` + fields)          -> `models.create_model(**config.model)`
   latent        latent diffusion: a frozen autoencoder the model runs in -> `latent.latent_space`
   distill       progressive, consistency or reflow distillation of a teacher run -> `jaxdiff.distill`
-  loss          objective                          -> `losses.make_denoising_loss(process, **config.loss)`
+  loss          objective: denoising -> `losses.make_denoising_loss(process, **config.loss)`, or
+                consistency training -> `losses.make_consistency_training_loss`
   optimizer     optax optimizer and schedule       -> `train.make_optimizer(**config.optimizer)`
   training      loop: steps, batch, EMA, logging, checkpoints
   sampling      the sampler used for samples written during and after training
@@ -103,6 +104,16 @@ def base_config() -> ml_collections.ConfigDict:
       reduce="mean",             # mean | sum over data dimensions
       t_sampling="process",      # process | lognormal (EDM) | discrete (NCSN) | logit_normal (SD3;
                                  # a config may add logit_mean, logit_std: default 0, 1)
+      objective="denoising",     # denoising | consistency: consistency training (Song et al. 2023; Song & Dhariwal
+                                 # 2024), a few-step consistency model learnt from data alone, no teacher
+                                 # (losses.make_consistency_training_loss). It reads prediction, reduce, and
+                                 # weighting: none | inverse_gap (iCT: 1 / the interval's noise gap),
+                                 # t_sampling: process (intervals uniform) | lognormal (iCT; a config may add
+                                 # p_mean, p_std: default -1.1, 2.0), and the four keys below
+      scales=(10, 1280),         # consistency: the grid's intervals, s0 doubling to s1 over training ((N, N): fixed)
+      metric="pseudo_huber",     # consistency: l2 | pseudo_huber
+      sigma_data=0.5,            # consistency: c_skip's data standard deviation (images in [-1, 1]: 0.5)
+      target_decay=0.0,          # consistency: EMA rate of the target network (0: the student without gradient)
       # model.name='autoencoder': mean reconstruction error + kl_weight * KL(q(z|x) || N(0, I)) / pixels
       reconstruction="l1",       # l1 | l2 (the per-pixel error)
       kl_weight=1e-6,            # LDM's KL-f8 autoencoders: 1e-6
@@ -269,9 +280,44 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_labels(config)
   _validate_superres(config)
   _validate_guidance(config.sampling)
+  _validate_consistency_training(config)
   from jaxdiff import distill
 
   distill.validate(config)
+
+
+OBJECTIVES = ("denoising", "consistency")
+
+
+def _validate_consistency_training(config: ml_collections.ConfigDict) -> None:
+  """`config.loss.objective='consistency'`: a diffusion network, no teacher, the consistency sampler."""
+  objective = config.loss.get("objective", "denoising")
+  if objective not in OBJECTIVES:
+    raise ConfigError(f"config.loss.objective={objective!r} is not known; valid values are: {', '.join(OBJECTIVES)}.")
+  if objective == "denoising":
+    return
+  m = config.model.name
+  if m in ("classifier", "autoencoder"):
+    raise ConfigError(f"config.loss.objective='consistency' trains a consistency model, but config.model.name={m!r}; "
+                      f"set --config.loss.objective=denoising.")
+  teacher = str(config.get("distill", {}).get("teacher", "") or "")
+  if teacher:
+    raise ConfigError(f"config.loss.objective='consistency' (consistency training) learns from data, but "
+                      f"config.distill.teacher={teacher!r} distils a teacher: set --config.distill.teacher='' or, to "
+                      f"distil it, --config.loss.objective=denoising --config.distill.method=consistency.")
+  if not 0.0 <= float(config.loss.target_decay) < 1.0:
+    raise ConfigError(f"config.loss.target_decay={config.loss.target_decay} must be in [0, 1) (the target network's "
+                      f"EMA rate; 0: the student itself, without gradient, as Song & Dhariwal 2024).")
+  from jaxdiff import processes
+  from jaxdiff import train  # train imports this module
+
+  train.make_loss(config, processes.get_process(**config.process.to_dict()))  # the loss's own keys
+  s = config.sampling
+  if s.method != "consistency" or not bool(s.denoise):
+    raise ConfigError(f"config.loss.objective='consistency': a consistency model samples with its own multistep "
+                      f"sampler, which config.sampling must name (it samples the run); it has method={s.method!r}, "
+                      f"denoise={bool(s.denoise)}. Set --config.sampling.method=consistency "
+                      f"--config.sampling.denoise=True --config.sampling.num_steps=1 (or 2: the network evaluations).")
 
 
 def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:

@@ -66,7 +66,7 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 
 
 def method(config: ml_collections.ConfigDict) -> str:
-  """'progressive' or 'consistency' for a distillation run, '' for any other."""
+  """'progressive', 'consistency' or 'reflow' for a distillation run, '' for any other."""
   return str(config.distill.get("method", "progressive")) if enabled(config) else ""
 
 
@@ -204,6 +204,9 @@ def check_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collecti
   if method(teacher_config) == "consistency":
     raise ConfigError(f"{where} holds a consistency model, whose output is not a diffusion model's denoiser; "
                       f"distil its teacher ({teacher_config.distill.teacher!r}) instead.")
+  if teacher_config.loss.get("objective", "denoising") == "consistency":
+    raise ConfigError(f"{where} holds a consistency model (config.loss.objective='consistency'), whose output is "
+                      f"not a diffusion model's denoiser; distil a diffusion model's run.")
   diffs = []
   mine, theirs = _model_fields(config), _model_fields(teacher_config)
   diffs += [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} in the teacher"

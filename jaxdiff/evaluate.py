@@ -75,9 +75,10 @@ def make_likelihood_fn(exp, *, method: str = "ode", n_repeats: int = 1, rtol: fl
 
   check_choice("method", method, METHODS)
   if exp.consistency_sigma_data is not None:
-    raise InputError("this run is a consistency model (config.distill.method='consistency'): it maps noise to data "
-                     "in one jump and has no score or probability-flow ODE to integrate, so it has no likelihood; "
-                     "evaluate its teacher run (config.distill.teacher) instead.")
+    raise InputError("this run is a consistency model (config.distill.method='consistency' or config.loss.objective="
+                     "'consistency'): it maps noise to data in one jump and has no score or probability-flow ODE to "
+                     "integrate, so it has no likelihood; evaluate a diffusion model (a distilled one's teacher, "
+                     "config.distill.teacher) instead.")
   if method == "vlb" and not isinstance(exp.process, processes.DDPM):
     raise InputError(f"method='vlb' (--likelihood_method=vlb) is the bound of a discrete-time DDPM, but this "
                      f"model uses the {type(exp.process).__name__} process; use method='ode'.")

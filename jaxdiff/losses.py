@@ -34,16 +34,22 @@ student to take in one DDIM step what the teacher takes in two.
 2023): `loss_fn(net, target, teacher, x0, key) -> (loss, aux)` trains a consistency model,
 which jumps from any point of the teacher's probability-flow trajectory to its start.
 
+`make_consistency_training_loss(process, prediction=...)` is consistency training's (Song et
+al. 2023; Song & Dhariwal 2024): `loss_fn(net, target, x0, key, step) -> (loss, aux)` learns a
+consistency model from data alone, no teacher.
+
 `make_reflow_loss(process, prediction=...)` is reflow's (Liu et al. 2023): `loss_fn(net,
 teacher, x0, key) -> (loss, aux)` trains on noise coupled to the teacher's samples of it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import guidance
 from jaxdiff import parameterization as param_lib
@@ -450,15 +456,154 @@ def make_consistency_loss(
                                                  solver))
     goal = jax.lax.stop_gradient(f(target, z_s, s))
     diff = (f(net, z_t, t) - goal).astype(jnp.float32).reshape(batch, -1)
-    sq = jnp.square(diff)
-    if metric == "l2":
-      per_example = jnp.mean(sq, axis=-1) if reduce == "mean" else jnp.sum(sq, axis=-1)
-    else:
-      c = 0.00054 * jnp.sqrt(jnp.float32(diff.shape[-1]))
-      per_example = jnp.sqrt(jnp.sum(sq, axis=-1) + c * c) - c
+    per_example = _consistency_distance(diff, metric, reduce)
     return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "s": s}
 
   return loss_fn
+
+
+CT_WEIGHTINGS = ("none", "inverse_gap")
+CT_T_SAMPLINGS = ("process", "lognormal")
+
+
+def consistency_training_scales(step, num_steps: int, scales: tuple[int, int]):
+  """Consistency training's grid intervals N at (0-based) update `step` of `num_steps`:
+  Song & Dhariwal's (2024) curriculum `min(s0 2^floor(step / K'), s1)`, K' = floor(num_steps /
+  (floor(log2(s1 / s0)) + 1)), which doubles N from s0 up to s1 in equal stages.
+  `step` may be traced (the train step's `state.step`; the result is then int32)."""
+  s0, s1 = int(scales[0]), int(scales[1])
+  stages = int(math.floor(math.log2(s1 / s0))) + 1
+  per_stage = max(int(num_steps) // stages, 1)
+  if isinstance(step, (int, np.integer)):
+    return min(s0 * 2 ** min(int(step) // per_stage, stages - 1), s1)
+  doublings = jnp.minimum(jnp.asarray(step, jnp.int32) // per_stage, stages - 1)
+  return jnp.minimum(s0 * jnp.left_shift(jnp.int32(1), doublings), s1)
+
+
+def consistency_noise_levels(process: Process, i: Array, num_intervals, rho: float = 7.0) -> Array:
+  """Noise levels `sigma / alpha` of points `i = 0 .. N` of the Karras grid with `N =
+  num_intervals` intervals, from the process's at T (i = 0) down to its at t_min (i = N),
+  uniform in level^(1 / rho). `i` and `N` may be traced (N changes during consistency
+  training); the N + 1 times are `consistency_grid(process, N + 1, rho)`."""
+  t_hi, t_lo = jnp.full((1,), process.T, jnp.float32), jnp.full((1,), process.t_min, jnp.float32)
+  hi = (process.sigma(t_hi) / process.alpha(t_hi))[0]
+  lo = (process.sigma(t_lo) / process.alpha(t_lo))[0]
+  frac = jnp.asarray(i, jnp.float32) / jnp.asarray(num_intervals, jnp.float32)
+  return (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def _time_of_level(process: Process, level: Array, i: Array, num_intervals) -> Array:
+  """The times of grid points `i` at noise `level`: exactly T and t_min at the ends."""
+  t = process.t_from_log_snr(-2.0 * jnp.log(level))
+  t = jnp.where(i == 0, jnp.float32(process.T), t)
+  return jnp.where(i == num_intervals, jnp.float32(process.t_min), t)
+
+
+def make_consistency_training_loss(
+    process: Process,
+    *,
+    prediction: str = "edm",
+    num_steps: int,
+    scales: tuple[int, int] = (10, 1280),
+    metric: str = "pseudo_huber",
+    weighting: str = "inverse_gap",
+    t_sampling: str = "lognormal",
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+    sigma_data: float = 0.5,
+    rho: float = 7.0,
+    reduce: str = "mean",
+) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds consistency training's `loss_fn(net, target, x0, key, step) -> (loss, aux)`.
+
+  Consistency training (Song et al. 2023, Algorithm 3) learns a consistency model without a
+  teacher: the teacher's ODE step between adjacent grid points is replaced by the same noise
+  at both, `z_t = alpha_t x0 + sigma_t eps` and `z_s = alpha_s x0 + sigma_s eps` (the one-sample
+  estimate of the score; for a model linear in x its expected gradient is exactly consistency
+  distillation's with a DDIM teacher and the exact denoiser), and
+
+    loss = lambda(n) d(f_net(z_t, t), stop_gradient(f_target(z_s, s))),
+
+  with `f = parameterization.consistency_x0(...)`, so f(x, t_min) = x / alpha anchors the chain.
+  The defaults are Song & Dhariwal's (2024) improved techniques (iCT): the grid's N intervals
+  follow `consistency_training_scales(step, num_steps, scales)` (10 doubling to 1280); interval
+  n (levels l_n > l_{n+1}, `consistency_noise_levels`) is drawn with probability proportional to
+  erf((log l_n - p_mean) / (sqrt2 p_std)) - erf((log l_{n+1} - p_mean) / (sqrt2 p_std))
+  ('lognormal'; 'process': uniformly, as Song et al.); lambda = 1 / (l_n - l_{n+1})
+  ('inverse_gap'; 'none': 1); d the pseudo-Huber distance `sqrt(||a - b||^2 + c^2) - c`, c =
+  0.00054 sqrt(dim) ('pseudo_huber'; 'l2': the squared error reduced by `reduce`). The target
+  network is the student itself without gradient (iCT) or an EMA of it, and it should see the
+  student's dropout mask (`train.consistency_training_step` does). Noise levels are
+  `sigma / alpha`, so any Gaussian process works (EDM's are Song & Dhariwal's sigmas).
+
+  `step` (the update's index, may be traced) sets N; `num_steps` is the run's length.
+  `aux` holds `loss_per_example`, the interval's times `t`, `s` and `num_scales` (N).
+  """
+  param_lib.check_prediction(prediction)
+  if metric not in CONSISTENCY_METRICS:
+    raise ConfigError(f"config.loss.metric={metric!r} is not known; valid values are: "
+                      f"{', '.join(CONSISTENCY_METRICS)}.")
+  for name, value, valid in (("weighting", weighting, CT_WEIGHTINGS), ("t_sampling", t_sampling, CT_T_SAMPLINGS)):
+    if value not in valid:
+      raise ConfigError(f"config.loss.{name}={value!r} is not one of consistency training's: {', '.join(valid)} "
+                        f"(iCT: weighting='inverse_gap', t_sampling='lognormal').")
+  _check("reduce", reduce, ("mean", "sum"))
+  s0, s1 = (int(scales[0]), int(scales[1])) if len(scales) == 2 else (0, 0)
+  if not 1 <= s0 <= s1:
+    raise ConfigError(f"config.loss.scales={tuple(scales)} must be two intervals counts (s0, s1), 1 <= s0 <= s1: "
+                      f"the grid starts with s0 intervals and doubles them up to s1 (iCT: (10, 1280); (N, N): "
+                      f"a fixed grid).")
+  if not sigma_data > 0:
+    raise ConfigError(f"config.loss.sigma_data={sigma_data} must be > 0 (the data's standard deviation; "
+                      f"0.5 for images in [-1, 1]).")
+  if not p_std > 0:
+    raise ConfigError(f"config.loss.p_std={p_std} must be > 0 (iCT: 2.0).")
+  if int(num_steps) < 1:
+    raise ConfigError(f"config.training.num_steps={num_steps} must be >= 1 (the curriculum spans the run).")
+  if isinstance(process, DDPM):
+    raise ConfigError("config.loss.objective='consistency' draws times on a continuous grid, but the DDPM process "
+                      "has integer steps; use a continuous process, e.g. config.process.name='edm' (iCT) or "
+                      "'cosine_vp'.")
+  slots = jnp.arange(s1)  # interval n joins grid points n and n + 1; those at n >= N are masked out
+
+  def f(net, z, t):
+    x0, _, _ = param_lib.predict(net, process, prediction, z, t)
+    return param_lib.consistency_x0(process, x0, z, t, sigma_data)
+
+  def loss_fn(net, target, x0: Array, key: Array, step) -> tuple[Array, dict[str, Any]]:
+    k_n, k_eps = jax.random.split(key)
+    batch = x0.shape[0]
+    big_n = consistency_training_scales(step, num_steps, (s0, s1))
+    if t_sampling == "lognormal":
+      lv = jnp.log(consistency_noise_levels(process, jnp.arange(s1 + 1), big_n, rho))
+      cdf = jax.scipy.special.erf((lv - p_mean) / (math.sqrt(2.0) * p_std))
+      p = cdf[:-1] - cdf[1:]
+      logits = jnp.where((slots < big_n) & (p > 0), jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
+      n = jax.random.categorical(k_n, logits, shape=(batch,))
+    else:
+      n = jax.random.randint(k_n, (batch,), 0, big_n)
+    l_t, l_s = (consistency_noise_levels(process, i, big_n, rho) for i in (n, n + 1))
+    t, s = _time_of_level(process, l_t, n, big_n), _time_of_level(process, l_s, n + 1, big_n)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    goal = jax.lax.stop_gradient(f(target, process.marginal(x0, s, eps), s))
+    diff = (f(net, process.marginal(x0, t, eps), t) - goal).astype(jnp.float32).reshape(batch, -1)
+    per_example = _consistency_distance(diff, metric, reduce)
+    if weighting == "inverse_gap":
+      per_example = per_example / (l_t - l_s)
+    return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "s": s,
+                                   "num_scales": jnp.asarray(big_n, jnp.float32)}
+
+  return loss_fn
+
+
+def _consistency_distance(diff: Array, metric: str, reduce: str) -> Array:
+  """Per example `[B]` of `diff [B, D]`: the squared error ('l2', reduced by `reduce`) or the
+  pseudo-Huber distance sqrt(||diff||^2 + c^2) - c, c = 0.00054 sqrt(D) (Song & Dhariwal 2024)."""
+  sq = jnp.square(diff)
+  if metric == "l2":
+    return jnp.mean(sq, axis=-1) if reduce == "mean" else jnp.sum(sq, axis=-1)
+  c = 0.00054 * jnp.sqrt(jnp.float32(diff.shape[-1]))
+  return jnp.sqrt(jnp.sum(sq, axis=-1) + c * c) - c
 
 
 REFLOW_SOLVERS = ("heun", "ddim", "dpm_solver++")

@@ -89,6 +89,14 @@ class ConsistencyState(DistillState):
   target_params: Any
 
 
+class TargetState(TrainState):
+  """A consistency-training run's train state with a target network: `target_params`, an EMA of
+  the student at `config.loss.target_decay` (Song et al.'s theta^-). With decay 0 (Song &
+  Dhariwal's improved recipe) the target is the student itself and a `TrainState` suffices."""
+
+  target_params: Any
+
+
 def make_schedule(*, learning_rate: float, schedule: str = "constant", warmup_steps: int = 0,
                   num_steps: int | None = None) -> optax.Schedule:
   """Linear warmup from 0, then a constant or cosine-decaying learning rate."""
@@ -167,7 +175,7 @@ def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.Gradien
   """Initial parameters (`params`, e.g. published weights, or `model`'s init), their EMA copy
   (None with `ema=False`) and optimizer state, at step 0. With `teacher=True` (distillation;
   `params` are the teacher's) the parameters are also the (first round's) teacher, and with
-  `target=True` (consistency distillation) also the target network."""
+  `target=True` (consistency distillation or training) also the target network."""
   if params is None and isinstance(model, models.AutoencoderKL):
     params = model.init({"params": key}, example_x)["params"]
   elif params is None:
@@ -176,8 +184,7 @@ def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.Gradien
   fields = dict(step=jnp.zeros((), jnp.int32), params=params,
                 ema_params=jax.tree.map(jnp.copy, params) if ema else None, opt_state=optimizer.init(params))
   if target and not teacher:
-    raise ConfigError("create_train_state(target=True) keeps consistency distillation's target network, which "
-                      "needs teacher=True.")
+    return TargetState(**fields, target_params=jax.tree.map(jnp.copy, params))
   if target:
     return ConsistencyState(**fields, teacher_params=jax.tree.map(jnp.copy, params),
                             target_params=jax.tree.map(jnp.copy, params))
@@ -375,6 +382,43 @@ def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Ar
   return new, metrics
 
 
+def consistency_training_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                              loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
+                              target_decay: float = 0.0, label_dropout: float = 0.0, cond_resolution: int = 0,
+                              microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
+  """One update of consistency training (no teacher). Pure: `(state, batch, key) -> (state, metrics)`.
+
+  `loss_fn = losses.make_consistency_training_loss(...)` sees the student and the target network
+  (`state.target_params` of a `TargetState`, which then moves towards the updated student at rate
+  `1 - target_decay`; the student's own parameters with a `TrainState` and `target_decay=0`),
+  both with the same conditioning and the same dropout mask (a dropout key shared by the two, as
+  Song et al.'s and Song & Dhariwal's training do: the two evaluations differ only in their
+  input), and `state.step`, which sets the grid's size. Metrics add `num_scales`.
+  """
+  has_target = isinstance(state, TargetState)
+  if has_target != bool(target_decay) or isinstance(state, DistillState):
+    need = "a TargetState (create_train_state(..., target=True))" if target_decay else "a TrainState"
+    raise ConfigError(f"consistency_training_step with target_decay={target_decay} needs {need}; it got a "
+                      f"{type(state).__name__}.")
+  inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
+
+  def objective(params, inputs, key):
+    k_loss, k_drop = jax.random.split(key)
+    cond = {k: v for k, v in inputs.items() if k != "x"}
+    net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
+    target = network_fn(model, state.target_params if has_target else params, train=True, dropout_key=k_drop,
+                        **cond)
+    loss, aux = loss_fn(net, target, inputs["x"], k_loss, state.step)
+    return loss, {"num_scales": aux["num_scales"]}
+
+  (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
+  new = apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay)
+  if has_target:
+    new = new.replace(target_params=optax.incremental_update(new.params, state.target_params,
+                                                             step_size=1.0 - target_decay))
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "num_scales": aux["num_scales"]}
+
+
 def reflow_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                       loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
                       label_dropout: float = 0.0, cond_resolution: int = 0,
@@ -469,7 +513,7 @@ class Experiment:
   centered: bool = struct.field(pytree_node=False)
   cond_resolution: int = struct.field(pytree_node=False, default=0)  # low-res side (super-resolution)
   latent: latent_lib.LatentSpace | None = struct.field(pytree_node=False, default=None)  # latent diffusion
-  # a consistency model (config.distill.method='consistency'): its c_skip's sigma_data; None: a diffusion model
+  # a consistency model (distilled or trained: consistency_sigma_data): its c_skip's sigma_data; None: a diffusion model
   consistency_sigma_data: float | None = struct.field(pytree_node=False, default=None)
 
   @property
@@ -515,7 +559,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   space = latent_lib.latent_space(tuple(spec.shape), **config.latent.to_dict())
   exp = Experiment(model=model, process=process, prediction=config.loss.prediction,
                    data_spec=spec, centered=bool(config.data.centered), cond_resolution=cond_resolution,
-                   latent=space, consistency_sigma_data=distill.consistency_sigma_data(config))
+                   latent=space, consistency_sigma_data=consistency_sigma_data(config))
   if d.use_labels and not exp.num_classes:
     raise ConfigError(f"config.data.use_labels=True but config.model.num_classes=0 (an unconditional "
                       f"model); set --config.model.num_classes={spec.num_classes or 'K'} to condition on "
@@ -529,13 +573,21 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
               data_range: tuple[float, float] | None = None):
   """The objective `config` describes: denoising, cross-entropy for `model.name='classifier'`,
-  the autoencoder's, or progressive or consistency distillation's (the teacher's x0 clipped to
-  `data_range`, `Experiment.data_range`, with `config.distill.clip_teacher`)."""
+  the autoencoder's, consistency training's (`config.loss.objective='consistency'`), or
+  progressive, consistency or reflow distillation's (the teacher's x0 clipped to `data_range`,
+  `Experiment.data_range`, with `config.distill.clip_teacher`)."""
   if config.model.name == "classifier":
     return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
   if config.model.name == "autoencoder":
     return losses.make_autoencoder_loss(kl_weight=float(config.loss.kl_weight),
                                         reconstruction=config.loss.reconstruction)
+  if consistency_training(config):
+    c = config.loss
+    lognormal = {k: float(c[k]) for k in ("p_mean", "p_std") if k in c}  # else iCT's -1.1, 2.0
+    return losses.make_consistency_training_loss(
+        process, prediction=c.prediction, num_steps=int(config.training.num_steps), scales=tuple(c.scales),
+        metric=c.metric, weighting=c.weighting, t_sampling=c.t_sampling, sigma_data=float(c.sigma_data),
+        reduce=c.reduce, **lognormal)
   if distill.enabled(config):
     clip = data_range if config.distill.clip_teacher else None
     d = config.distill
@@ -551,10 +603,27 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
   return losses.make_denoising_loss(process, **_denoising_kwargs(config))
 
 
+# config.loss keys of consistency training alone (objective='consistency')
+CT_KEYS = ("objective", "scales", "metric", "sigma_data", "target_decay")
+
+
+def consistency_training(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` trains a consistency model from data (`config.loss.objective='consistency'`)."""
+  return config.loss.get("objective", "denoising") == "consistency"
+
+
+def consistency_sigma_data(config: ml_collections.ConfigDict) -> float | None:
+  """The sigma_data of a consistency model's c_skip (trained or distilled); None for a diffusion model."""
+  if consistency_training(config):
+    return float(config.loss.sigma_data)
+  return distill.consistency_sigma_data(config)
+
+
 def _denoising_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`make_denoising_loss`'s arguments: config.loss without the autoencoder's keys."""
+  """`make_denoising_loss`'s arguments: config.loss without the autoencoder's keys and
+  consistency training's."""
   kw = config.loss.to_dict()
-  for key in ("kl_weight", "reconstruction"):  # the autoencoder's
+  for key in ("kl_weight", "reconstruction") + CT_KEYS:
     kw.pop(key, None)
   kw["target"] = kw.get("target") or None
   return kw
@@ -571,6 +640,8 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   kw = dict(model=exp.model, loss_fn=loss_fn, optimizer=optimizer, ema_decay=tc.ema_decay,
             label_dropout=float(tc.label_dropout) if exp.num_classes else 0.0,
             cond_resolution=exp.cond_resolution, microbatches=int(tc.microbatches))
+  if consistency_training(config):
+    return functools.partial(consistency_training_step, target_decay=float(config.loss.target_decay), **kw)
   if distill.method(config) == "reflow":
     return functools.partial(reflow_train_step, **kw)
   if distill.method(config) == "consistency":
@@ -581,6 +652,13 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   return functools.partial(train_step, **kw)
 
 
+def _keeps_target(config: ml_collections.ConfigDict) -> bool:
+  """A consistency model's target network with a decay > 0 lives in the train state."""
+  if consistency_training(config):
+    return bool(float(config.loss.target_decay))
+  return distill.method(config) == "consistency" and bool(config.distill.target_decay)
+
+
 def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   """The train state's shapes and shardings, without allocating it."""
   example = jnp.zeros((1,) + exp.shape, jnp.float32)
@@ -588,7 +666,7 @@ def abstract_train_state(config, exp: Experiment, optimizer, mesh):
     example = jnp.concatenate([example, example], axis=-1)
   init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example,
                            teacher=distill.enabled(config),
-                           target=distill.method(config) == "consistency" and bool(config.distill.target_decay))
+                           target=_keeps_target(config))
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
   with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -1,10 +1,14 @@
-"""Distillation. Progressive: the target against the sampler, learning on the exact mixture teacher,
-rounds and resume through run_train's loop, and the config errors. Consistency: the loss at the
-exact flow map of Gaussian data, the sampler, learning on the exact mixture teacher, the run
-through run_train's loop and run_sample, and its errors. Reflow: the coupling at the closed-form
-straight student, and the run."""
+"""Distillation and consistency models. Progressive: the target against the sampler, learning on the
+exact mixture teacher, rounds and resume through run_train's loop, and the config errors.
+Consistency distillation: the loss at the exact flow map of Gaussian data, the sampler, learning
+on the exact mixture teacher, the run through run_train's loop and run_sample, and its errors.
+Reflow: the coupling at the closed-form straight student, and the run. Consistency training (no
+teacher): its gradient against distillation's from the exact teacher, the curriculum and draws,
+learning the mixture from data, and the run."""
 
+import functools
 import json
+import math
 import os
 import shutil
 
@@ -499,9 +503,9 @@ def test_consistency_config_errors_name_the_key_and_the_fix():
   assert "target_decay=1.0" in err(distill__target_decay=1.0)
   assert "sigma_data=0.0" in err(distill__sigma_data=0.0)
   assert "--config.sampling.method=consistency" in err(sampling__method="ddim")
-  with pytest.raises(ConfigError, match="needs teacher=True"):
-    train.create_train_state(jax.random.key(0), model=MLP(), optimizer=optax.adam(1e-3),
-                             example_x=jnp.zeros((1, 2)), target=True)
+  no_teacher = train.create_train_state(jax.random.key(0), model=MLP(), optimizer=optax.adam(1e-3),
+                                        example_x=jnp.zeros((1, 2)), target=True)  # consistency training's
+  assert type(no_teacher) is train.TargetState
 
 
 # --------------------------------------------------------------------------------------
@@ -577,3 +581,214 @@ def test_reflow_run_samples_from_the_fixed_teacher_and_its_errors(tfds_dir, tiny
     c.distill[key] = value
     with pytest.raises(ConfigError, match=match):
       config_lib.validate(c)
+
+
+# --------------------------------------------------------------------------------------
+# Consistency training (no teacher)
+# --------------------------------------------------------------------------------------
+
+
+def test_consistency_training_gradient_is_distillations_from_the_exact_teacher():
+  """Song et al.'s Theorem 2, exactly: for a model linear in x and Gaussian data, E[z_s | z_t] with
+  the same noise at both times is the DDIM step of the exact denoiser, so consistency training's
+  gradient equals consistency distillation's with that teacher (same draws: measured to 1e-4
+  on the slope, within sampling noise on the offset). A target at the wrong time or with its own
+  noise is off by far more."""
+  for name in ("edm", "cosine_vp", "ve"):
+    process = processes.get_process(name)
+    denoiser, _ = _gaussian_nets(name, process)
+
+    def linear(p, name=name, process=process):
+      def net(x, c):
+        return p["a"] * x / bcast(process.alpha(_time_of(name, process, c)), x) + p["b"]
+      return net
+
+    p0 = {"a": jnp.float32(0.5), "b": jnp.float32(0.1)}
+    x0 = MU + SD * jax.random.normal(jax.random.key(0), (200_000, 1))
+    ct = losses.make_consistency_training_loss(process, prediction="x0", num_steps=1, scales=(17, 17), metric="l2",
+                                               weighting="none", t_sampling="process", sigma_data=SD)
+    cd = losses.make_consistency_loss(process, prediction="x0", num_scales=18, solver="ddim", sigma_data=SD)
+    g_ct = jax.grad(lambda p: ct(linear(p), linear(p), x0, jax.random.key(1), 0)[0])(p0)
+    g_cd = jax.grad(lambda p: cd(linear(p), linear(p), denoiser, x0, jax.random.key(1))[0])(p0)
+    assert abs(float(g_ct["a"]) / float(g_cd["a"]) - 1) < 2e-3, (name, g_ct, g_cd)
+    assert 0.7 < float(g_ct["b"]) / float(g_cd["b"]) < 1.3, (name, g_ct, g_cd)
+
+
+def test_consistency_training_curriculum_interval_draws_and_weights():
+  """Song & Dhariwal's curriculum N(k) = min(s0 2^floor(k / K'), s1); the grid of N intervals is the
+  distillation grid of N + 1 times; 'lognormal' draws interval n with the erf formula's
+  probability (empirical, 100k draws); 'inverse_gap' divides by the interval's noise gap; the
+  pseudo-Huber distance is its formula; a short grid draws only its own intervals."""
+  def ict(k, total, s0, s1):  # the paper's formula, written out
+    k_stage = math.floor(total / (math.floor(math.log2(s1 / s0)) + 1))
+    return min(s0 * 2 ** math.floor(k / k_stage), s1)
+
+  for k in (0, 99, 100, 250, 699, 700, 799):
+    assert losses.consistency_training_scales(k, 800, (10, 1280)) == ict(k, 800, 10, 1280)
+    assert int(losses.consistency_training_scales(jnp.int32(k), 800, (10, 1280))) == ict(k, 800, 10, 1280)
+  assert losses.consistency_training_scales(5, 6, (4, 4)) == 4
+  process = processes.EDM()
+  lv = losses.consistency_noise_levels(process, jnp.arange(18), 17)
+  np.testing.assert_allclose(losses._time_of_level(process, lv, jnp.arange(18), 17),
+                             losses.consistency_grid(process, 18), rtol=1e-6)
+
+  x0 = 0.5 * jax.random.normal(jax.random.key(0), (100_000, 3))
+  net = lambda x, c: jnp.zeros_like(x)  # noqa: E731  (x0_hat = 0)
+  n_int, pm, ps = 16, -1.1, 2.0
+  kw = dict(num_steps=1, scales=(n_int, n_int), t_sampling="lognormal", p_mean=pm, p_std=ps, prediction="x0")
+  per = {}
+  for w, metric, reduce in (("none", "l2", "sum"), ("inverse_gap", "l2", "sum"), ("none", "pseudo_huber", "mean")):
+    fn = losses.make_consistency_training_loss(process, weighting=w, metric=metric, reduce=reduce, **kw)
+    _, aux = fn(net, net, x0, jax.random.key(1), 0)
+    per[w, metric] = np.asarray(aux["loss_per_example"])
+  t, s = np.asarray(aux["t"]), np.asarray(aux["s"])  # EDM: the noise levels themselves
+  grid = np.asarray(losses.consistency_grid(process, n_int + 1), np.float64)
+  n = np.searchsorted(-grid, -t)
+  np.testing.assert_allclose(grid[n], t, rtol=1e-6)
+  np.testing.assert_allclose(grid[n + 1], s, rtol=1e-6)
+  import scipy.special
+
+  cdf = scipy.special.erf((np.log(grid) - pm) / (np.sqrt(2.0) * ps))
+  want = (cdf[:-1] - cdf[1:]) / (cdf[0] - cdf[-1])
+  np.testing.assert_allclose(np.bincount(n, minlength=n_int) / n.size, want, atol=4e-3)
+  np.testing.assert_allclose(per["inverse_gap", "l2"] * (t - s), per["none", "l2"], rtol=1e-5)
+  c = 0.00054 * np.sqrt(3.0)
+  np.testing.assert_allclose(per["none", "pseudo_huber"], np.sqrt(per["none", "l2"] + c * c) - c, rtol=1e-4)
+
+  fn = losses.make_consistency_training_loss(process, num_steps=8, scales=(2, 8), t_sampling="process",
+                                             prediction="x0")
+  _, aux = fn(net, net, x0[:512], jax.random.key(2), jnp.int32(0))  # stage 0: 2 intervals, 3 times
+  assert float(aux["num_scales"]) == 2
+  np.testing.assert_allclose(np.unique(np.asarray(aux["t"])), np.sort(losses.consistency_grid(process, 3))[1:],
+                             rtol=1e-6)
+
+
+def test_consistency_trained_mlp_draws_the_mixture_in_one_step():
+  """From data alone, no teacher: a small MLP trained with the iCT loss for 800 steps of 128 (intervals
+  10 -> 160) draws the 8-mode mixture in one network evaluation: mean exact log-density -5.9
+  (measured; the data's own -1.2, the initial network's -85, the exact teacher's one DDIM step
+  -86, consistency distillation from the exact teacher -9.5), every mode drawn."""
+  process, gmm = processes.CosineVP(), synthetic.gmm2d()
+  sigma_data = float(np.std(gmm.sample(10000, seed=3)[0]))
+  model = MLP(hidden=128, num_layers=2, time_dim=32)
+  init = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+  steps = 800
+  loss_fn = losses.make_consistency_training_loss(process, prediction="v", num_steps=steps, scales=(10, 160),
+                                                  sigma_data=sigma_data)
+  opt = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
+  data = jnp.asarray(gmm.sample(steps * 128, seed=1)[0]).reshape(steps, 128, 2)
+
+  @jax.jit
+  def train_all(params):
+    def body(carry, inp):
+      params, opt_state = carry
+      x0, i = inp
+
+      def objective(p):
+        net = lambda x, c: model.apply({"params": p}, x, c)  # noqa: E731  (the target: the same, no gradient)
+        return loss_fn(net, net, x0, jax.random.key(i), i)[0]
+      g = jax.grad(objective)(params)
+      upd, opt_state = opt.update(g, opt_state, params)
+      return (optax.apply_updates(params, upd), opt_state), None
+    return jax.lax.scan(body, (params, opt.init(params)), (data, jnp.arange(steps)))[0][0]
+
+  params = train_all(init)
+
+  def draw(p, n):
+    score = param_lib.score_fn_from_network(lambda x, c: model.apply({"params": p}, x, c), process, "v")
+    score = param_lib.consistency_score_fn(score, process, sigma_data)
+    x, info = samplers.sample(jax.random.key(7), process, score, (2000, 2), method="consistency", num_steps=n)
+    assert info["nfe"] == n
+    return x, float(jnp.mean(gmm.log_prob(x)))
+
+  x1, logp1 = draw(params, 1)
+  _, logp_init = draw(init, 1)
+  assert logp1 > -12.0 and logp_init < -50.0, (logp1, logp_init)
+  nearest = jnp.argmin(jnp.sum((x1[:, None] - jnp.asarray(gmm.means, jnp.float32)[None]) ** 2, -1), -1)
+  assert np.bincount(np.asarray(nearest), minlength=8).min() > 150  # no mode dropped
+
+
+def test_consistency_training_run_target_dropout_resume_sampling_and_errors(tfds_dir, tmp_path):
+  """configs/mnist_ct.py:tiny (class-conditional, dropout 0.1, intervals 2 -> 8 in 4 updates) with a
+  target EMA of 0.5: the logged grid sizes, the target's EMA formula between checkpoints, an
+  exact resume, one-evaluation sampling with guidance, no likelihood, no use as a teacher; the
+  target sees the student's dropout mask; the train state without a target; the config errors."""
+  from jaxdiff import configs as config_lib
+  from jaxdiff import evaluate, generate
+  from jaxdiff.errors import InputError
+
+  config = load_config("mnist_ct", "tiny")
+  config.data.data_dir = tfds_dir
+  config.loss.target_decay = 0.5
+  config.training.update(num_final_samples=0, checkpoint_every=1)
+  workdir = str(tmp_path / "ct")
+  out = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(out["loss"]) and out["loss"] > 0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["num_scales"] for line in f] == [2.0, 4.0, 8.0, 8.0]  # doubling each update to s1
+  s3, s4 = _state(workdir, config, 3), _state(workdir, config, 4)
+  assert type(s4) is train.TargetState
+  flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])  # noqa: E731
+  np.testing.assert_allclose(flat(s4.target_params), 0.5 * flat(s3.target_params) + 0.5 * flat(s4.params),
+                             rtol=1e-5, atol=1e-7)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  train.train_and_evaluate(config, resumed)
+  for x, y in zip(jax.tree.leaves(_state(resumed, config, 4)), jax.tree.leaves(s4), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+  loaded = generate.load_config(resumed)
+  loaded.sampling.guidance_scale = 2.0
+  result = generate.generate(loaded, resumed, num_samples=8, out_dir=str(tmp_path / "g"), labels=[3] * 8)
+  assert result["nfe"] == 1 and result["method"] == "consistency"
+  exp = train.build_experiment(loaded)
+  assert exp.consistency_sigma_data == 0.5
+  with pytest.raises(InputError, match="consistency model"):
+    evaluate.make_likelihood_fn(exp)
+  student = load_config("mnist_distill", "tiny_consistency")
+  student.distill.teacher = resumed
+  with pytest.raises(ConfigError, match="consistency model"):
+    distill.check_teacher(student, loaded)
+
+  # the target network sees the student's dropout mask: with the student's own parameters (decay 0)
+  # at the same input, the two outputs are equal, and dropout is on (they differ from eval mode)
+  opt = train.make_optimizer(**config.optimizer.to_dict())
+  config.loss.target_decay = 0.0
+  _, abstract, _ = train.abstract_train_state(config, exp, opt, sharding.create_mesh({"data": -1}))
+  assert type(abstract) is train.TrainState
+  state = train.TrainState(step=s4.step, params=s4.params, ema_params=s4.ema_params,  # trained: the
+                           opt_state=s4.opt_state)                                 # last conv is not 0
+  batch = {"x": jax.random.normal(jax.random.key(1), (4, 28, 28, 1)), "label": jnp.arange(4)}
+  eval_mode = train.network_fn(exp.model, state.params, y=batch["label"])
+
+  def same_input(net, target, x0, key, step):  # reports the dropout effect where num_scales goes
+    c = jnp.full((x0.shape[0],), 500.0)
+    gap = jnp.sum((net(x0, c) - jax.lax.stop_gradient(target(x0, c))) ** 2)
+    return gap, {"num_scales": jnp.sum((net(x0, c) - eval_mode(x0, c)) ** 2)}
+
+  step = jax.jit(functools.partial(train.consistency_training_step, model=exp.model, loss_fn=same_input,
+                                   optimizer=opt, ema_decay=0.9, label_dropout=0.0))
+  _, metrics = step(state, batch, jax.random.key(2))
+  assert float(metrics["loss"]) == 0.0 and float(metrics["num_scales"]) > 1e-6  # 8e-5 after 4 updates
+
+  def err(**kw):
+    c = load_config("mnist_ct", "tiny")
+    for key, value in kw.items():
+      section, name = key.split("__")
+      c[section][name] = value
+    with pytest.raises(ConfigError) as e:
+      config_lib.validate(c)
+    return str(e.value)
+
+  for variant in (None, "runlocal"):  # the full and CPU configs are valid as written
+    config_lib.validate(load_config("mnist_ct", variant) if variant else load_config("mnist_ct"))
+  assert "config.loss.objective='flow'" in err(loss__objective="flow")
+  assert "--config.sampling.method=consistency" in err(sampling__method="ddim")
+  assert "--config.distill.teacher=''" in err(distill__teacher="/somewhere")
+  assert "target_decay=1.0" in err(loss__target_decay=1.0)
+  assert "config.loss.scales=(0, 8)" in err(loss__scales=(0, 8))
+  assert "config.loss.t_sampling='logit_normal'" in err(loss__t_sampling="logit_normal")
+  assert "config.loss.weighting='edm'" in err(loss__weighting="edm")
+  assert "config.loss.metric='lpips'" in err(loss__metric="lpips")
+  assert "DDPM" in err(process__name="ddpm")
