@@ -312,12 +312,17 @@ def _validate_consistency_training(config: ml_collections.ConfigDict) -> None:
   from jaxdiff import train  # train imports this module
 
   train.make_loss(config, processes.get_process(**config.process.to_dict()))  # the loss's own keys
-  s = config.sampling
+  check_consistency_sampler(config.sampling, "config.loss.objective='consistency'")
+
+
+def check_consistency_sampler(s: ml_collections.ConfigDict, where: str) -> None:
+  """A consistency model's run (trained or distilled: `where` says which key makes it one) must
+  sample with the `consistency` sampler, ending on its jump to x0."""
   if s.method != "consistency" or not bool(s.denoise):
-    raise ConfigError(f"config.loss.objective='consistency': a consistency model samples with its own multistep "
-                      f"sampler, which config.sampling must name (it samples the run); it has method={s.method!r}, "
-                      f"denoise={bool(s.denoise)}. Set --config.sampling.method=consistency "
-                      f"--config.sampling.denoise=True --config.sampling.num_steps=1 (or 2: the network evaluations).")
+    raise ConfigError(f"{where}: a consistency model samples with its own multistep sampler, which config.sampling "
+                      f"must name (it samples the run); it has method={s.method!r}, denoise={bool(s.denoise)}. Set "
+                      f"--config.sampling.method=consistency --config.sampling.denoise=True "
+                      f"--config.sampling.num_steps=1 (or 2: the network evaluations).")
 
 
 def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:

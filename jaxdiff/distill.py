@@ -184,12 +184,9 @@ def _validate_consistency(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= float(d.target_decay) < 1.0:
     raise ConfigError(f"config.distill.target_decay={d.target_decay} must be in [0, 1) (the target network's "
                       f"EMA rate; Song et al.: 0.95; 0: the student itself, without gradient).")
-  s = config.sampling
-  if s.method != "consistency" or not bool(s.denoise):
-    raise ConfigError(f"{KEY}: a consistency model samples with its own multistep sampler, which config.sampling "
-                      f"must name (it samples the run); it has method={s.method!r}, denoise={bool(s.denoise)}. Set "
-                      f"--config.sampling.method=consistency --config.sampling.denoise=True "
-                      f"--config.sampling.num_steps=1 (or 2: the network evaluations).")
+  from jaxdiff import configs  # configs imports this module
+
+  configs.check_consistency_sampler(config.sampling, KEY)
 
 
 def _model_fields(config) -> dict:

@@ -439,9 +439,6 @@ def test_consistency_run_keeps_its_teacher_moves_its_target_resumes_and_samples_
   the teacher stays the teacher run's EMA, the target moves towards the student at 1 - 0.95, a
   resume from the checkpoint before the last is the same run, run_sample.py's sampler takes one
   network evaluation (with guidance), and the run has no likelihood."""
-  from jaxdiff import evaluate, generate
-  from jaxdiff.errors import InputError
-
   teacher_config, teacher_dir = tiny_teacher
   student_dir = str(tmp_path / "student")
   config = load_config("mnist_distill", "tiny_consistency")
@@ -459,24 +456,34 @@ def test_consistency_run_keeps_its_teacher_moves_its_target_resumes_and_samples_
   # each update moves the target 5% of the way to the updated student
   np.testing.assert_allclose(flat(s4.target_params), 0.95 * target + 0.05 * flat(s4.params), rtol=1e-5, atol=1e-7)
 
+  resumed, loaded = _resumes_and_samples_in_one_step(config, student_dir, s4, tmp_path)
+  # a consistency model is no teacher
+  again = load_config("mnist_distill", "tiny_consistency")
+  again.distill.teacher = resumed
+  with pytest.raises(ConfigError, match="consistency model"):
+    distill.check_teacher(again, loaded)
+
+
+def _resumes_and_samples_in_one_step(config, workdir, s4, tmp_path):
+  """A consistency model's 4-update run: resumed from step 3 it reaches `s4` again; run_sample's
+  sampler takes one network evaluation (with guidance); it has no likelihood. Returns the
+  resumed run's (workdir, loaded config)."""
+  from jaxdiff import evaluate, generate
+  from jaxdiff.errors import InputError
+
   resumed = str(tmp_path / "resumed")
-  shutil.copytree(student_dir, resumed)
+  shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
   train.train_and_evaluate(config, resumed)
   for x, y in zip(jax.tree.leaves(_state(resumed, config, 4)), jax.tree.leaves(s4), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-
   loaded = generate.load_config(resumed)
   loaded.sampling.guidance_scale = 2.0
   result = generate.generate(loaded, resumed, num_samples=8, out_dir=str(tmp_path / "g"), labels=[3] * 8)
   assert result["nfe"] == 1 and result["method"] == "consistency"
   with pytest.raises(InputError, match="consistency model"):
     evaluate.make_likelihood_fn(train.build_experiment(loaded))
-  # a consistency model is no teacher
-  again = load_config("mnist_distill", "tiny_consistency")
-  again.distill.teacher = resumed
-  with pytest.raises(ConfigError, match="consistency model"):
-    distill.check_teacher(again, loaded)
+  return resumed, loaded
 
 
 def test_consistency_config_errors_name_the_key_and_the_fix():
@@ -714,8 +721,6 @@ def test_consistency_training_run_target_dropout_resume_sampling_and_errors(tfds
   exact resume, one-evaluation sampling with guidance, no likelihood, no use as a teacher; the
   target sees the student's dropout mask; the train state without a target; the config errors."""
   from jaxdiff import configs as config_lib
-  from jaxdiff import evaluate, generate
-  from jaxdiff.errors import InputError
 
   config = load_config("mnist_ct", "tiny")
   config.data.data_dir = tfds_dir
@@ -731,21 +736,9 @@ def test_consistency_training_run_target_dropout_resume_sampling_and_errors(tfds
   flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])  # noqa: E731
   np.testing.assert_allclose(flat(s4.target_params), 0.5 * flat(s3.target_params) + 0.5 * flat(s4.params),
                              rtol=1e-5, atol=1e-7)
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-  train.train_and_evaluate(config, resumed)
-  for x, y in zip(jax.tree.leaves(_state(resumed, config, 4)), jax.tree.leaves(s4), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-
-  loaded = generate.load_config(resumed)
-  loaded.sampling.guidance_scale = 2.0
-  result = generate.generate(loaded, resumed, num_samples=8, out_dir=str(tmp_path / "g"), labels=[3] * 8)
-  assert result["nfe"] == 1 and result["method"] == "consistency"
+  resumed, loaded = _resumes_and_samples_in_one_step(config, workdir, s4, tmp_path)
   exp = train.build_experiment(loaded)
   assert exp.consistency_sigma_data == 0.5
-  with pytest.raises(InputError, match="consistency model"):
-    evaluate.make_likelihood_fn(exp)
   student = load_config("mnist_distill", "tiny_consistency")
   student.distill.teacher = resumed
   with pytest.raises(ConfigError, match="consistency model"):
