@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -239,19 +238,6 @@ def load_teacher(config: ml_collections.ConfigDict, mesh, abstract_params: Any) 
   """`(step, params)`: the teacher run's EMA parameters, checked against `config`, in the student's
   parameter dtypes and shardings (`abstract_params`: shapes with shardings)."""
   from jaxdiff import evaluate
-  from jaxdiff import generate
-  from jaxdiff import train
 
-  workdir = str(config.distill.teacher)
-  teacher_config = generate.load_config(workdir)  # CheckpointError naming the workdir if it has no run
-  check_teacher(config, teacher_config)
-  teacher_exp = train.build_experiment(teacher_config)
-  step, params = evaluate.restore_ema_params(teacher_config, workdir, teacher_exp, mesh)
-  same = jax.tree.structure(params) == jax.tree.structure(abstract_params) and all(
-      a.shape == s.shape for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params)))
-  if not same:
-    raise ConfigError(f"{KEY}={workdir!r}: the teacher's parameters do not fit the student's network "
-                      f"(config.model); start from the teacher's config file.")
-  cast = jax.jit(lambda p: jax.tree.map(lambda a, s: a.astype(s.dtype), p, abstract_params),
-                 out_shardings=jax.tree.map(lambda s: s.sharding, abstract_params))
-  return step, cast(params)
+  return evaluate.load_run_params(str(config.distill.teacher), mesh, abstract_params, key=KEY,
+                                  check=lambda teacher_config: check_teacher(config, teacher_config))

@@ -33,7 +33,7 @@ from jaxdiff import likelihood
 from jaxdiff import parameterization
 from jaxdiff import processes
 from jaxdiff import sharding
-from jaxdiff.errors import DataError, InputError, check_choice
+from jaxdiff.errors import ConfigError, DataError, InputError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,29 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, exp, mes
   finally:
     ckpt.close()
   return step, state.ema_params
+
+
+def load_run_params(workdir: str, mesh, abstract_params: Any, *, key: str,
+                    check: Callable[[ml_collections.ConfigDict], None] | None = None) -> tuple[int, Any]:
+  """`(step, params)`: the EMA parameters of the jaxdiff run in `workdir`, for another run's network
+  (`abstract_params`: its shapes, dtypes and shardings), cast to those dtypes and placed in those
+  shardings. `check(run_config)` vets the run's config first; `key` is the config key that named
+  `workdir`, for the errors (a teacher, an init)."""
+  from jaxdiff import generate
+  from jaxdiff import train
+
+  run_config = generate.load_config(workdir)  # CheckpointError naming the workdir if it has no run
+  if check is not None:
+    check(run_config)
+  step, params = restore_ema_params(run_config, workdir, train.build_experiment(run_config), mesh)
+  same = jax.tree.structure(params) == jax.tree.structure(abstract_params) and all(
+      a.shape == s.shape for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params)))
+  if not same:
+    raise ConfigError(f"{key}={workdir!r}: that run's parameters do not fit this run's network (config.model); "
+                      f"start from its config file.")
+  cast = jax.jit(lambda p: jax.tree.map(lambda a, s: a.astype(s.dtype), p, abstract_params),
+                 out_shardings=jax.tree.map(lambda s: s.sharding, abstract_params))
+  return step, cast(params)
 
 
 def make_likelihood_fn(exp, *, method: str = "ode", n_repeats: int = 1, rtol: float = 1e-5,

@@ -558,8 +558,6 @@ def make_consistency_training_loss(
                       f"0.5 for images in [-1, 1]).")
   if not p_std > 0:
     raise ConfigError(f"config.loss.p_std={p_std} must be > 0 (iCT: 2.0).")
-  if int(num_steps) < 1:
-    raise ConfigError(f"config.training.num_steps={num_steps} must be >= 1 (the curriculum spans the run).")
   if isinstance(process, DDPM):
     raise ConfigError("config.loss.objective='consistency' draws times on a continuous grid, but the DDPM process "
                       "has integer steps; use a continuous process, e.g. config.process.name='edm' (iCT) or "

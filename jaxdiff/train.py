@@ -51,6 +51,7 @@ from jaxdiff import checkpoint as ckpt_lib
 from jaxdiff import configs as config_lib
 from jaxdiff import data as data_lib
 from jaxdiff import distill
+from jaxdiff import evaluate
 from jaxdiff import generate
 from jaxdiff import latent as latent_lib
 from jaxdiff import losses
@@ -756,7 +757,15 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     return start, state
   # never materialised unsharded; compiled ahead so the compiler's freed heap is returned first
   params = None  # a random init
-  if init_from:
+  if init_from.startswith("jaxdiff:"):  # another jaxdiff run's EMA parameters (fine-tuning)
+    def check(run_config):
+      pretrained.check_jaxdiff_run(init_from, config, run_config, consistency_sigma_data(config) is not None,
+                                   consistency_sigma_data(run_config) is not None)
+
+    run_step, params = evaluate.load_run_params(init_from.partition(":")[2], mesh, abstract.params,
+                                                key=pretrained.KEY, check=check)
+    log.info("Initialising from %s (its step %d, EMA parameters).", init_from, run_step)
+  elif init_from:
     host = pretrained.load_pretrained(init_from, exp.model, exp.shape,
                                       negate_output=config.process.name == "ve")  # VE: score_sde's -eps
     pretrained.check_fits(host, abstract.params, init_from)

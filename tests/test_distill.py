@@ -774,7 +774,7 @@ def test_consistency_training_run_target_dropout_resume_sampling_and_errors(tfds
       config_lib.validate(c)
     return str(e.value)
 
-  for variant in (None, "runlocal"):  # the full and CPU configs are valid as written
+  for variant in (None, "runlocal", "finetune", "runlocal_finetune"):  # the full and CPU configs are valid
     config_lib.validate(load_config("mnist_ct", variant) if variant else load_config("mnist_ct"))
   assert "config.loss.objective='flow'" in err(loss__objective="flow")
   assert "--config.sampling.method=consistency" in err(sampling__method="ddim")
@@ -785,3 +785,41 @@ def test_consistency_training_run_target_dropout_resume_sampling_and_errors(tfds
   assert "config.loss.weighting='edm'" in err(loss__weighting="edm")
   assert "config.loss.metric='lpips'" in err(loss__metric="lpips")
   assert "DDPM" in err(process__name="ddpm")
+
+
+def test_a_run_starts_from_another_runs_ema_weights(tfds_dir, tiny_teacher, tmp_path):
+  """config.training.init_from='jaxdiff:<workdir>' (here importing with num_steps=0): the step-0
+  state is that run's EMA parameters; a different network or parameterization, a consistency
+  model for a diffusion run, and a workdir without a run are errors naming the key."""
+  from jaxdiff import configs as config_lib
+  from jaxdiff.errors import CheckpointError
+  from jaxdiff.models import pretrained
+
+  teacher_config, teacher_dir = tiny_teacher
+  config = load_config("mnist_ct", "tiny")  # the teacher's network with dropout 0.1: consistency training from it
+  config.data.data_dir = tfds_dir
+  config.training.update(init_from="jaxdiff:" + teacher_dir, num_steps=0, num_final_samples=0)
+  workdir = str(tmp_path / "ft")
+  train.train_and_evaluate(config, workdir)
+  _assert_trees_equal(_state(workdir, config, 0).params, _state(teacher_dir, teacher_config, 4).ema_params)
+
+  def err(exc=ConfigError, **kw):
+    c = load_config("mnist_ct", "tiny")
+    c.data.data_dir = tfds_dir
+    c.training.update(init_from="jaxdiff:" + teacher_dir, num_steps=0, num_final_samples=0)
+    for key, value in kw.items():
+      section, name = key.split("__")
+      c[section][name] = value
+    with pytest.raises(exc) as e:
+      train.train_and_evaluate(c, str(tmp_path / f"bad_{'_'.join(kw)}"))
+    return str(e.value)
+
+  assert "model.ch: 16 here, 8 there" in err(model__ch=16)
+  assert "loss.prediction: 'eps' here, 'v' there" in err(loss__prediction="eps")
+  assert "nowhere" in err(CheckpointError, training__init_from="jaxdiff:" + str(tmp_path / "nowhere"))
+  with pytest.raises(ConfigError, match="holds a consistency model"):
+    pretrained.check_jaxdiff_run("jaxdiff:/ct", teacher_config, config, False, True)
+  bad = load_config("mnist_ct", "tiny")
+  bad.training.init_from = "jaxdiff"
+  with pytest.raises(ConfigError, match="'jaxdiff:<run workdir>'"):
+    config_lib.validate(bad)

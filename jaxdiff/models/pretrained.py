@@ -1,4 +1,4 @@
-"""Published weights as a run's starting point: `config.training.init_from`.
+"""Published weights, or another jaxdiff run's, as a run's starting point: `config.training.init_from`.
 
 A fresh run (no checkpoint in its workdir yet) starts from converted weights instead of a
 random init; the EMA copy starts from them too, the optimizer state is fresh and the step
@@ -12,11 +12,14 @@ is 0. A run that resumes from its own checkpoint ignores `init_from`.
   'diffusers:<path>'          a diffusers `UNet2DModel` directory (or its .safetensors) -> UNet,
                               or a `DiTTransformer2DModel` one -> DiT (eps only: a learned
                               variance is dropped)
+  'jaxdiff:<workdir>'         another jaxdiff run's EMA weights (its latest checkpoint): fine-tuning,
+                              e.g. consistency training from a diffusion model (Geng et al. 2024)
 
 The config's network must be the checkpoint's: the same sizes (`config.model`, e.g.
 `configs/cifar10_ncsnpp.py` for score_sde's NCSN++ cont.) and the same data shape; a
 mismatch is a ConfigError naming the first differing arrays (and, for diffusers, the
-config keys to set). score_sde's networks predict eps (`config.loss.prediction='eps'`); a
+config keys to set; for a jaxdiff run, the differing config.model and config.loss.prediction
+keys: only the compute dtype and dropout may differ). score_sde's networks predict eps (`config.loss.prediction='eps'`); a
 VE checkpoint's output (-eps, score_sde's `scale_by_sigma`) is negated on the way in.
 
 With `config.training.num_steps=0` the run only imports: it writes the step-0 checkpoint
@@ -35,15 +38,17 @@ import numpy as np
 from jaxdiff.errors import ConfigError, split_source
 
 # source -> the jaxdiff networks its checkpoints can hold (config.model.name)
-SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet", "dit")}
+SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet", "dit"),
+           "jaxdiff": ("unet", "ncsnpp", "dit", "mlp")}
+_FREE_MODEL = ("dtype", "dropout")  # the config.model keys a jaxdiff run may change when it starts from another
 KEY = "config.training.init_from"
 
 
 def parse_init_from(init_from: str) -> tuple[str, str]:
   """'<source>:<path>' -> (source, path); a ConfigError naming the valid forms otherwise."""
   return split_source(KEY, init_from, SOURCES, "use 'score_sde:<checkpoint_n or its directory>', "
-                      "'score_sde_pytorch:<state dict .npz>' or 'diffusers:<UNet2DModel or DiT dir>' (or '' for "
-                      "a random init)")
+                      "'score_sde_pytorch:<state dict .npz>', 'diffusers:<UNet2DModel or DiT dir>' or "
+                      "'jaxdiff:<run workdir>' (or '' for a random init)")
 
 
 def validate_init_from(init_from: str, model_name: str, prediction: str) -> None:
@@ -64,6 +69,9 @@ def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ..
   """The converted parameters `init_from` names, for `model` on images of `image_shape` (numpy / jax
   arrays, float32). `negate_output` for score_sde VE checkpoints (their output is -eps)."""
   source, path = parse_init_from(init_from)
+  if source == "jaxdiff":
+    raise ConfigError(f"load_pretrained reads published files; {init_from!r} is a jaxdiff run, whose EMA "
+                      f"parameters evaluate.load_run_params restores (as train does).")
   if source == "diffusers":
     from jaxdiff.models import convert_diffusers
     from jaxdiff.models.dit import DiT
@@ -94,6 +102,27 @@ def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ..
     raise ConfigError(f"{KEY}={init_from!r}: cannot read {path!r} as an .npz state dict ({e}); save "
                       f"score_sde_pytorch's weights as the convert_score_sde docstring shows.") from None
   return conv.convert_score_sde_state_dict(state_dict, model, shape, negate_output=negate_output)
+
+
+def check_jaxdiff_run(init_from: str, config, run_config, is_consistency: bool, run_is_consistency: bool) -> None:
+  """A jaxdiff run as this run's start: the same network (but its compute dtype and dropout) with the
+  same output parameterization, and a consistency model only for another consistency model."""
+  if run_config.model.name in ("classifier", "autoencoder") or run_config.model.name != config.model.name:
+    raise ConfigError(f"{KEY}={init_from!r} holds a {run_config.model.name!r} network, but config.model.name="
+                      f"{config.model.name!r}; start from that run's config file.")
+  mine, theirs = (({k: _norm(v) for k, v in c.model.to_dict().items() if k not in _FREE_MODEL}) for c in
+                  (config, run_config))
+  diffs = [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in sorted(set(mine) | set(theirs))
+           if mine.get(k) != theirs.get(k)]
+  if config.loss.prediction != run_config.loss.prediction:
+    diffs.append(f"loss.prediction: {config.loss.prediction!r} here, {run_config.loss.prediction!r} there")
+  if diffs:
+    raise ConfigError(f"{KEY}={init_from!r}: this run starts from that run's network, so the configs must agree; "
+                      f"they differ in " + "; ".join(diffs) + ". Set those keys to that run's values (only "
+                      "model.dtype and model.dropout may differ).")
+  if run_is_consistency and not is_consistency:
+    raise ConfigError(f"{KEY}={init_from!r} holds a consistency model, whose output is not a diffusion model's "
+                      f"denoiser; start a consistency model from it, or start from a diffusion model's run.")
 
 
 def check_fits(params: Any, abstract_params: Any, init_from: str) -> None:
