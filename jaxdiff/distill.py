@@ -41,7 +41,6 @@ This module holds the schedule of rounds and the teacher's loading and checks; t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -56,7 +55,6 @@ KEY = "config.distill.teacher"
 # teacher's network, fine-tuned): model fields but the compute dtype and dropout, the whole process,
 # the parameterization, what the network sees.
 _SAME_DATA = ("resolution", "num_channels", "centered", "use_labels", "cond_resolution")
-_FREE_MODEL = ("dtype", "dropout")
 METHODS = ("progressive", "consistency", "reflow")
 
 
@@ -188,10 +186,6 @@ def _validate_consistency(config: ml_collections.ConfigDict) -> None:
   configs.check_consistency_sampler(config.sampling, KEY)
 
 
-def _model_fields(config) -> dict:
-  return {k: v for k, v in config.model.to_dict().items() if k not in _FREE_MODEL}
-
-
 def check_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict) -> None:
   """The teacher run's config must describe the student's network, process and inputs."""
   where = f"{KEY}={config.distill.teacher!r}"
@@ -203,35 +197,23 @@ def check_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collecti
   if teacher_config.loss.get("objective", "denoising") == "consistency":
     raise ConfigError(f"{where} holds a consistency model (config.loss.objective='consistency'), whose output is "
                       f"not a diffusion model's denoiser; distil a diffusion model's run.")
-  diffs = []
-  mine, theirs = _model_fields(config), _model_fields(teacher_config)
-  diffs += [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} in the teacher"
-            for k in sorted(set(mine) | set(theirs)) if _norm(mine.get(k)) != _norm(theirs.get(k))]
+  from jaxdiff.models import pretrained
+
+  diffs = pretrained.network_differences(config, teacher_config, "in the teacher")
   if config.process.to_dict() != teacher_config.process.to_dict():
     diffs.append(f"process: {config.process.to_dict()} here, {teacher_config.process.to_dict()} in the teacher")
-  if config.loss.prediction != teacher_config.loss.prediction:
-    diffs.append(f"loss.prediction: {config.loss.prediction!r} here, {teacher_config.loss.prediction!r} in the "
-                 f"teacher")
   for k in _SAME_DATA:
     a, b = config.data.get(k), teacher_config.data.get(k)
-    if _norm(a) != _norm(b):
+    if pretrained.canonical_value(a) != pretrained.canonical_value(b):
       diffs.append(f"data.{k}: {a!r} here, {b!r} in the teacher")
   for k in ("autoencoder", "scaling_factor"):
     a, b = config.latent.get(k), teacher_config.get("latent", {}).get(k, "" if k == "autoencoder" else 0.0)
-    if _norm(a) != _norm(b):
+    if pretrained.canonical_value(a) != pretrained.canonical_value(b):
       diffs.append(f"latent.{k}: {a!r} here, {b!r} in the teacher")
   if diffs:
     raise ConfigError(f"{where}: the student is the teacher's network, fine-tuned, so the configs must agree; they "
                       f"differ in " + "; ".join(diffs) + ". Start from the teacher's config file (only "
                       "model.dtype and model.dropout may differ).")
-
-
-def _norm(v: Any) -> Any:
-  if isinstance(v, (list, tuple)):
-    return tuple(_norm(x) for x in v)
-  if isinstance(v, float) and math.isfinite(v) and v == int(v):
-    return int(v)
-  return v
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh, abstract_params: Any) -> tuple[int, Any]:

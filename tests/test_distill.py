@@ -464,6 +464,20 @@ def test_consistency_run_keeps_its_teacher_moves_its_target_resumes_and_samples_
     distill.check_teacher(again, loaded)
 
 
+def _config_error(name, variant, **overrides):
+  """The ConfigError that validating configs/<name>.py:<variant> raises with `section__key=value`
+  overrides (applied in order)."""
+  from jaxdiff import configs as config_lib
+
+  c = load_config(name, variant)
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  return str(e.value)
+
+
 def _resumes_and_samples_in_one_step(config, workdir, s4, tmp_path):
   """A consistency model's 4-update run: resumed from step 3 it reaches `s4` again; run_sample's
   sampler takes one network evaluation (with guidance); it has no likelihood. Returns the
@@ -490,14 +504,7 @@ def test_consistency_config_errors_name_the_key_and_the_fix():
   from jaxdiff import configs as config_lib
 
   def err(**kw):
-    c = load_config("mnist_distill", "tiny_consistency")
-    c.distill.teacher = "/nowhere"
-    for key, value in kw.items():
-      section, name = key.split("__")
-      c[section][name] = value
-    with pytest.raises(ConfigError) as e:
-      config_lib.validate(c)
-    return str(e.value)
+    return _config_error("mnist_distill", "tiny_consistency", distill__teacher="/nowhere", **kw)
 
   c = load_config("mnist_distill", "tiny_consistency")
   c.distill.teacher = "/nowhere"
@@ -766,13 +773,7 @@ def test_consistency_training_run_target_dropout_resume_sampling_and_errors(tfds
   assert float(metrics["loss"]) == 0.0 and float(metrics["num_scales"]) > 1e-6  # 8e-5 after 4 updates
 
   def err(**kw):
-    c = load_config("mnist_ct", "tiny")
-    for key, value in kw.items():
-      section, name = key.split("__")
-      c[section][name] = value
-    with pytest.raises(ConfigError) as e:
-      config_lib.validate(c)
-    return str(e.value)
+    return _config_error("mnist_ct", "tiny", **kw)
 
   for variant in (None, "runlocal", "finetune", "runlocal_finetune"):  # the full and CPU configs are valid
     config_lib.validate(load_config("mnist_ct", variant) if variant else load_config("mnist_ct"))

@@ -19,8 +19,8 @@ The config's network must be the checkpoint's: the same sizes (`config.model`, e
 `configs/cifar10_ncsnpp.py` for score_sde's NCSN++ cont.) and the same data shape; a
 mismatch is a ConfigError naming the first differing arrays (and, for diffusers, the
 config keys to set; for a jaxdiff run, the differing config.model and config.loss.prediction
-keys: only the compute dtype and dropout may differ). score_sde's networks predict eps (`config.loss.prediction='eps'`); a
-VE checkpoint's output (-eps, score_sde's `scale_by_sigma`) is negated on the way in.
+keys: only the compute dtype and dropout may differ). score_sde's networks predict eps
+(`config.loss.prediction='eps'`); a VE checkpoint's output (-eps, score_sde's `scale_by_sigma`) is negated on the way in.
 
 With `config.training.num_steps=0` the run only imports: it writes the step-0 checkpoint
 (and, if `num_final_samples` > 0, a sample grid) without reading any data, and
@@ -30,6 +30,7 @@ With `config.training.num_steps=0` the run only imports: it writes the step-0 ch
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +41,7 @@ from jaxdiff.errors import ConfigError, split_source
 # source -> the jaxdiff networks its checkpoints can hold (config.model.name)
 SOURCES = {"score_sde": ("ncsnpp", "unet"), "score_sde_pytorch": ("ncsnpp",), "diffusers": ("unet", "dit"),
            "jaxdiff": ("unet", "ncsnpp", "dit", "mlp")}
-_FREE_MODEL = ("dtype", "dropout")  # the config.model keys a jaxdiff run may change when it starts from another
+FREE_MODEL_KEYS = ("dtype", "dropout")  # config.model keys a run may change from the run it starts from
 KEY = "config.training.init_from"
 
 
@@ -82,7 +83,7 @@ def load_pretrained(init_from: str, model: nn.Module, image_shape: tuple[int, ..
     kwargs.pop("dropout", None)
     if getattr(model, "out_channels", None) is None and kwargs.get("out_channels") == image_shape[-1]:
       kwargs.pop("out_channels")  # None: as many as the input has
-    differ = {k: v for k, v in kwargs.items() if _norm(getattr(model, k, None)) != _norm(v)}
+    differ = {k: v for k, v in kwargs.items() if canonical_value(getattr(model, k, None)) != canonical_value(v)}
     if differ:
       fix = " ".join(f"--config.model.{k}={_flag(v)}" for k, v in differ.items())
       raise ConfigError(f"{KEY}={init_from!r} is a {type(model).__name__}("
@@ -110,12 +111,7 @@ def check_jaxdiff_run(init_from: str, config, run_config, is_consistency: bool, 
   if run_config.model.name in ("classifier", "autoencoder") or run_config.model.name != config.model.name:
     raise ConfigError(f"{KEY}={init_from!r} holds a {run_config.model.name!r} network, but config.model.name="
                       f"{config.model.name!r}; start from that run's config file.")
-  mine, theirs = (({k: _norm(v) for k, v in c.model.to_dict().items() if k not in _FREE_MODEL}) for c in
-                  (config, run_config))
-  diffs = [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in sorted(set(mine) | set(theirs))
-           if mine.get(k) != theirs.get(k)]
-  if config.loss.prediction != run_config.loss.prediction:
-    diffs.append(f"loss.prediction: {config.loss.prediction!r} here, {run_config.loss.prediction!r} there")
+  diffs = network_differences(config, run_config, "there")
   if diffs:
     raise ConfigError(f"{KEY}={init_from!r}: this run starts from that run's network, so the configs must agree; "
                       f"they differ in " + "; ".join(diffs) + ". Set those keys to that run's values (only "
@@ -123,6 +119,27 @@ def check_jaxdiff_run(init_from: str, config, run_config, is_consistency: bool, 
   if run_is_consistency and not is_consistency:
     raise ConfigError(f"{KEY}={init_from!r} holds a consistency model, whose output is not a diffusion model's "
                       f"denoiser; start a consistency model from it, or start from a diffusion model's run.")
+
+
+def network_differences(config, other, there: str) -> list[str]:
+  """Where `config` and `other`, the config of a run it starts from (a teacher, an init), differ in
+  the network: config.model but `FREE_MODEL_KEYS`, and config.loss.prediction (what its output
+  means); each as 'key: <here> here, <other's> <there>'."""
+  mine, theirs = ({k: v for k, v in c.model.to_dict().items() if k not in FREE_MODEL_KEYS} for c in (config, other))
+  diffs = [f"model.{k}: {mine.get(k)!r} here, {theirs.get(k)!r} {there}" for k in sorted(set(mine) | set(theirs))
+           if canonical_value(mine.get(k)) != canonical_value(theirs.get(k))]
+  if config.loss.prediction != other.loss.prediction:
+    diffs.append(f"loss.prediction: {config.loss.prediction!r} here, {other.loss.prediction!r} {there}")
+  return diffs
+
+
+def canonical_value(v: Any) -> Any:
+  """A config value as saved JSON and a live config compare: lists as tuples, whole floats as ints."""
+  if isinstance(v, (list, tuple)):
+    return tuple(canonical_value(x) for x in v)
+  if isinstance(v, float) and math.isfinite(v) and v == int(v):
+    return int(v)
+  return v
 
 
 def check_fits(params: Any, abstract_params: Any, init_from: str) -> None:
@@ -133,10 +150,6 @@ def check_fits(params: Any, abstract_params: Any, init_from: str) -> None:
   if bad:
     raise ConfigError(f"{KEY}={init_from!r} does not fit config.model (e.g. {'; '.join(bad)}); set "
                       f"config.model to the checkpoint's network.")
-
-
-def _norm(v: Any) -> Any:
-  return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def _flag(v: Any) -> str:
