@@ -441,10 +441,7 @@ def make_consistency_loss(
   grid = consistency_grid(process, num_scales, rho)
 
   teacher_x0 = _teacher_denoiser(process, prediction, clip)
-
-  def f(net, z, t):
-    x0, _, _ = param_lib.predict(net, process, prediction, z, t)
-    return param_lib.consistency_x0(process, x0, z, t, sigma_data)
+  f = _consistency_fn(process, prediction, sigma_data)
 
   def loss_fn(net, target, teacher, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
     k_n, k_eps = jax.random.split(key)
@@ -480,25 +477,6 @@ def consistency_training_scales(step, num_steps: int, scales: tuple[int, int]):
   return jnp.minimum(s0 * jnp.left_shift(jnp.int32(1), doublings), s1)
 
 
-def consistency_noise_levels(process: Process, i: Array, num_intervals, rho: float = 7.0) -> Array:
-  """Noise levels `sigma / alpha` of points `i = 0 .. N` of the Karras grid with `N =
-  num_intervals` intervals, from the process's at T (i = 0) down to its at t_min (i = N),
-  uniform in level^(1 / rho). `i` and `N` may be traced (N changes during consistency
-  training); the N + 1 times are `consistency_grid(process, N + 1, rho)`."""
-  t_hi, t_lo = jnp.full((1,), process.T, jnp.float32), jnp.full((1,), process.t_min, jnp.float32)
-  hi = (process.sigma(t_hi) / process.alpha(t_hi))[0]
-  lo = (process.sigma(t_lo) / process.alpha(t_lo))[0]
-  frac = jnp.asarray(i, jnp.float32) / jnp.asarray(num_intervals, jnp.float32)
-  return (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-
-
-def _time_of_level(process: Process, level: Array, i: Array, num_intervals) -> Array:
-  """The times of grid points `i` at noise `level`: exactly T and t_min at the ends."""
-  t = process.t_from_log_snr(-2.0 * jnp.log(level))
-  t = jnp.where(i == 0, jnp.float32(process.T), t)
-  return jnp.where(i == num_intervals, jnp.float32(process.t_min), t)
-
-
 def make_consistency_training_loss(
     process: Process,
     *,
@@ -527,7 +505,7 @@ def make_consistency_training_loss(
   with `f = parameterization.consistency_x0(...)`, so f(x, t_min) = x / alpha anchors the chain.
   The defaults are Song & Dhariwal's (2024) improved techniques (iCT): the grid's N intervals
   follow `consistency_training_scales(step, num_steps, scales)` (10 doubling to 1280); interval
-  n (levels l_n > l_{n+1}, `consistency_noise_levels`) is drawn with probability proportional to
+  n (levels l_n > l_{n+1}, `samplers.karras_grid_points`) is drawn with probability proportional to
   erf((log l_n - p_mean) / (sqrt2 p_std)) - erf((log l_{n+1} - p_mean) / (sqrt2 p_std))
   ('lognormal'; 'process': uniformly, as Song et al.); lambda = 1 / (l_n - l_{n+1})
   ('inverse_gap'; 'none': 1); d the pseudo-Huber distance `sqrt(||a - b||^2 + c^2) - c`, c =
@@ -562,26 +540,24 @@ def make_consistency_training_loss(
     raise ConfigError("config.loss.objective='consistency' draws times on a continuous grid, but the DDPM process "
                       "has integer steps; use a continuous process, e.g. config.process.name='edm' (iCT) or "
                       "'cosine_vp'.")
-  slots = jnp.arange(s1)  # interval n joins grid points n and n + 1; those at n >= N are masked out
+  from jaxdiff import samplers  # samplers does not import losses
 
-  def f(net, z, t):
-    x0, _, _ = param_lib.predict(net, process, prediction, z, t)
-    return param_lib.consistency_x0(process, x0, z, t, sigma_data)
+  slots = jnp.arange(s1)  # interval n joins grid points n and n + 1; those at n >= N are masked out
+  f = _consistency_fn(process, prediction, sigma_data)
 
   def loss_fn(net, target, x0: Array, key: Array, step) -> tuple[Array, dict[str, Any]]:
     k_n, k_eps = jax.random.split(key)
     batch = x0.shape[0]
     big_n = consistency_training_scales(step, num_steps, (s0, s1))
     if t_sampling == "lognormal":
-      lv = jnp.log(consistency_noise_levels(process, jnp.arange(s1 + 1), big_n, rho))
+      lv = jnp.log(samplers.karras_grid_points(process, jnp.arange(s1 + 1), big_n, rho)[1])
       cdf = jax.scipy.special.erf((lv - p_mean) / (math.sqrt(2.0) * p_std))
       p = cdf[:-1] - cdf[1:]
       logits = jnp.where((slots < big_n) & (p > 0), jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
       n = jax.random.categorical(k_n, logits, shape=(batch,))
     else:
       n = jax.random.randint(k_n, (batch,), 0, big_n)
-    l_t, l_s = (consistency_noise_levels(process, i, big_n, rho) for i in (n, n + 1))
-    t, s = _time_of_level(process, l_t, n, big_n), _time_of_level(process, l_s, n + 1, big_n)
+    (t, l_t), (s, l_s) = (samplers.karras_grid_points(process, i, big_n, rho) for i in (n, n + 1))
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     goal = jax.lax.stop_gradient(f(target, process.marginal(x0, s, eps), s))
     diff = (f(net, process.marginal(x0, t, eps), t) - goal).astype(jnp.float32).reshape(batch, -1)
@@ -592,6 +568,15 @@ def make_consistency_training_loss(
                                    "num_scales": jnp.asarray(big_n, jnp.float32)}
 
   return loss_fn
+
+
+def _consistency_fn(process: Process, prediction: str, sigma_data: float):
+  """`f(net, z, t)`: a network's consistency function (`parameterization.consistency_x0` of its
+  denoised estimate in `prediction`)."""
+  def f(net, z, t):
+    x0, _, _ = param_lib.predict(net, process, prediction, z, t)
+    return param_lib.consistency_x0(process, x0, z, t, sigma_data)
+  return f
 
 
 def _consistency_distance(diff: Array, metric: str, reduce: str) -> Array:

@@ -446,16 +446,23 @@ register(Method(
 # --------------------------------------------------------------------------------------
 
 
-def _rho_grid(process: Process, num_steps: int, opts: dict) -> Array:
-  """Karras' grid: sigma/alpha spaced uniformly in sigma^(1/rho), mapped to times."""
+def karras_grid_points(process: Process, i: Array, num_intervals, rho: float = 7.0) -> tuple[Array, Array]:
+  """`(times, noise levels)` of points `i` (0 .. N) of Karras' grid with N = `num_intervals`
+  intervals: levels sigma/alpha spaced uniformly in level^(1/rho) from the process's at T (i = 0)
+  to its at t_min (i = N), mapped to times (exactly T and t_min at the ends). `i` and N may be
+  traced (consistency training's grid grows during a run)."""
   _, hi = _noise_level(process, _one(process.T))
   _, lo = _noise_level(process, _one(process.t_min))
-  rho = float(opts["rho"])
-  i = jnp.arange(num_steps, dtype=jnp.float32) / max(num_steps - 1, 1)
-  sig = (hi ** (1 / rho) + i * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-  ts = _t_from_noise_level(process, sig)
-  ts = ts.at[0].set(process.T)
-  return ts.at[-1].set(process.t_min) if num_steps > 1 else ts
+  i = jnp.asarray(i)
+  frac = i.astype(jnp.float32) / jnp.asarray(num_intervals, jnp.float32)
+  level = (hi[0] ** (1 / rho) + frac * (lo[0] ** (1 / rho) - hi[0] ** (1 / rho))) ** rho
+  t = jnp.where(i == 0, jnp.float32(process.T), _t_from_noise_level(process, level))
+  return jnp.where(i == num_intervals, jnp.float32(process.t_min), t), level
+
+
+def _rho_grid(process: Process, num_steps: int, opts: dict) -> Array:
+  """Karras' grid of `num_steps` times (`karras_grid_points`)."""
+  return karras_grid_points(process, jnp.arange(num_steps), max(num_steps - 1, 1), float(opts["rho"]))[0]
 
 
 def _churn(ctx: StepContext, y, t, key):

@@ -331,25 +331,37 @@ def distill_train_step(state: DistillState, batch: dict[str, Array], key: Array,
   return state, {**metrics, "student_steps": n.astype(jnp.float32)}
 
 
-def _student_update(state: DistillState, batch: dict[str, Array], key: Array, loss_call: Callable, *,
+def _student_update(state: TrainState, batch: dict[str, Array], key: Array, loss_call: Callable, *,
                     model: nn.Module, optimizer: optax.GradientTransformation, ema_decay: float,
-                    label_dropout: float, cond_resolution: int, microbatches: int) -> tuple[DistillState, dict]:
-  """A distillation student's update: `loss_call(net, bind, params, x, key) -> (loss, aux)` sees the
-  student `net` (with dropout) and `bind(p)`, which binds other parameters (teacher, target) to the
-  same network with the student's conditioning (labels, with the same ones dropped; low-res
-  images) and no dropout."""
+                    label_dropout: float, cond_resolution: int, microbatches: int,
+                    aux_metrics: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
+  """A student's update (distillation, consistency training): `loss_call(net, bind, params, x, key)
+  -> (loss, aux)` sees the student `net` (with dropout) and `bind(p, same_dropout=False)`, which
+  binds other parameters (teacher, target) to the same network with the student's conditioning
+  (labels, with the same ones dropped; low-res images), without dropout or, with
+  `same_dropout=True`, with the student's dropout mask. Metrics add aux's `aux_metrics` entries."""
   inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
 
   def objective(params, inputs, key):
     k_loss, k_drop = jax.random.split(key)
     cond = {k: v for k, v in inputs.items() if k != "x"}
     net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
-    loss, _ = loss_call(net, lambda p: network_fn(model, p, **cond), params, inputs["x"], k_loss)
-    return loss, {}
 
-  (loss, _), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
+    def bind(p, same_dropout=False):
+      return network_fn(model, p, train=same_dropout, dropout_key=k_drop, **cond)
+
+    loss, aux = loss_call(net, bind, params, inputs["x"], k_loss)
+    return loss, {k: aux[k] for k in aux_metrics}
+
+  (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
   return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
-      "loss": loss, "grad_norm": optax.tree.norm(grads)}
+      "loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+
+def _move_target(new: TrainState, old: TrainState, target_decay: float) -> TrainState:
+  """The target network's EMA step towards the updated student: theta^- <- decay theta^- + (1 - decay) theta."""
+  return new.replace(target_params=optax.incremental_update(new.params, old.target_params,
+                                                            step_size=1.0 - target_decay))
 
 
 def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
@@ -377,10 +389,7 @@ def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Ar
   new, metrics = _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer,
                                  ema_decay=ema_decay, label_dropout=label_dropout, cond_resolution=cond_resolution,
                                  microbatches=microbatches)
-  if has_target:
-    new = new.replace(target_params=optax.incremental_update(new.params, state.target_params,
-                                                             step_size=1.0 - target_decay))
-  return new, metrics
+  return (_move_target(new, state, target_decay) if has_target else new), metrics
 
 
 def consistency_training_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
@@ -401,23 +410,14 @@ def consistency_training_step(state: TrainState, batch: dict[str, Array], key: A
     need = "a TargetState (create_train_state(..., target=True))" if target_decay else "a TrainState"
     raise ConfigError(f"consistency_training_step with target_decay={target_decay} needs {need}; it got a "
                       f"{type(state).__name__}.")
-  inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
 
-  def objective(params, inputs, key):
-    k_loss, k_drop = jax.random.split(key)
-    cond = {k: v for k, v in inputs.items() if k != "x"}
-    net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
-    target = network_fn(model, state.target_params if has_target else params, train=True, dropout_key=k_drop,
-                        **cond)
-    loss, aux = loss_fn(net, target, inputs["x"], k_loss, state.step)
-    return loss, {"num_scales": aux["num_scales"]}
+  def loss_call(net, bind, params, x, k):
+    return loss_fn(net, bind(state.target_params if has_target else params, same_dropout=True), x, k, state.step)
 
-  (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
-  new = apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay)
-  if has_target:
-    new = new.replace(target_params=optax.incremental_update(new.params, state.target_params,
-                                                             step_size=1.0 - target_decay))
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "num_scales": aux["num_scales"]}
+  new, metrics = _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer,
+                                 ema_decay=ema_decay, label_dropout=label_dropout, cond_resolution=cond_resolution,
+                                 microbatches=microbatches, aux_metrics=("num_scales",))
+  return (_move_target(new, state, target_decay) if has_target else new), metrics
 
 
 def reflow_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
