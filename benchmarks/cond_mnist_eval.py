@@ -28,6 +28,11 @@ With `--img2img_strengths 0.3,0.5` it also edits the first `--num_samples` test 
 towards the next digit, (y + 1) mod 10, with SDEdit at each strength and guidance scale
 (`tasks.sdedit_images`; a latent model edits in its latents: img2img), and reports under
 `img2img` how many edits the classifier reads as the target and how many as the original.
+
+With `--inpaint_rows 14` it hides the bottom half of those test digits, inpaints it
+(`tasks.inpaint_images`; a latent model in its latents) with the null label and with each
+guidance scale towards the true digit, and reports under `inpaint` how many results the
+classifier reads as the original digit, next to the masked input's rate.
 """
 
 from __future__ import annotations
@@ -105,20 +110,40 @@ def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) 
   return float(np.mean(pred == y)), feats
 
 
-def make_edit(exp, config, *, strength: float, guidance_scale: float, method, num_steps):
-  """Jitted img2img `fn(params, vae_params, key, x, labels) -> edited x` towards `labels`."""
+def make_edit(exp, config, *, guidance_scale: float, method, num_steps, strength: float | None = None,
+              mask: np.ndarray | None = None, conditioning: str = "replace"):
+  """Jitted `fn(params, vae_params, key, x, labels) -> edited x` towards `labels`: img2img at `strength`
+  (`tasks.sdedit_images`), or with `mask` inpainting (`tasks.inpaint_images`)."""
   method = generate.resolve_method(method or config.sampling.method)
   kw = dict(method=method, num_steps=int(num_steps or config.sampling.num_steps),
             denoise=bool(config.sampling.denoise), **generate.sampler_options(config, method))
-  clip = exp.data_range if config.sampling.clip_denoised else None  # pixels, not latents
+  clip = exp.data_range if config.sampling.clip_denoised else None  # None for latents (unbounded)
 
   def fn(params, vae_params, key, x, labels):
     score_fn = generate.model_score_fn(exp, params, labels=labels, guidance_scale=guidance_scale)
+    if mask is not None:  # clipped after the conditioning (tasks.inpaint's clip_range)
+      return tasks.inpaint_images(key, exp, score_fn, x, mask, vae_params=vae_params, conditioning=conditioning,
+                                  clip_range=clip, **kw)[0]
     if clip is not None:
       score_fn = parameterization.clip_denoised(score_fn, exp.process, *clip)
     return tasks.sdedit_images(key, exp, score_fn, x, strength, vae_params=vae_params, **kw)[0]
 
   return jax.jit(fn)
+
+
+def edit_all(fn, params, vae_params, x: np.ndarray, labels: np.ndarray, *, batch_size: int, mesh,
+             seed: int) -> np.ndarray:
+  """`fn` over `x` in batches of `batch_size` (the last padded), towards `labels`."""
+  edited = []
+  for b, lo in enumerate(range(0, len(x), batch_size)):
+    xb, tb = x[lo:lo + batch_size], labels[lo:lo + batch_size]
+    pad = batch_size - len(xb)
+    if pad:
+      xb, tb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)]), np.concatenate([tb, np.repeat(tb[-1:], pad)])
+    xb, tb = (jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in (xb, tb))
+    e = fn(params, vae_params, jax.random.fold_in(jax.random.key(seed), b), xb, tb)
+    edited.append(sharding.to_host(e)[:batch_size - pad])
+  return np.concatenate(edited)
 
 
 def img2img(exp, config, params, classify_fn, clf_params, mesh, *, strengths, guidance_scales, num: int,
@@ -133,20 +158,37 @@ def img2img(exp, config, params, classify_fn, clf_params, mesh, *, strengths, gu
     for w in guidance_scales:
       t0 = time.time()
       fn = make_edit(exp, config, strength=strength, guidance_scale=w, method=method, num_steps=num_steps)
-      edited = []
-      for b, lo in enumerate(range(0, num, batch_size)):
-        xb, tb = x[lo:lo + batch_size], target[lo:lo + batch_size]
-        pad = batch_size - len(xb)
-        if pad:
-          xb, tb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)]), np.concatenate([tb, np.repeat(tb[-1:], pad)])
-        xb, tb = (jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in (xb, tb))
-        e = fn(params, vae_params, jax.random.fold_in(jax.random.key(seed), b), xb, tb)
-        edited.append(sharding.to_host(e)[:batch_size - pad])
-      pred, _ = classify(classify_fn, clf_params, np.concatenate(edited), batch_size, mesh)
+      edited = edit_all(fn, params, vae_params, x, target, batch_size=batch_size, mesh=mesh, seed=seed)
+      pred, _ = classify(classify_fn, clf_params, edited, batch_size, mesh)
       out[f"s{strength:g}_w{w:g}"] = {"strength": strength, "guidance_scale": w, "n": int(num),
                                       "to_target": float(np.mean(pred == target)),
                                       "kept_original": float(np.mean(pred == y)),
                                       "wall_s": round(time.time() - t0, 1)}
+  return out
+
+
+def inpaint_eval(exp, config, params, classify_fn, clf_params, mesh, *, guidance_scales, num: int, batch_size: int,
+                 method, num_steps, seed: int, keep_rows: int, conditioning: str = "replace") -> dict:
+  """Hides all but the top `keep_rows` rows of the first `num` test digits and fills the rest
+  (`tasks.inpaint_images`; a latent model in its latents): the fraction the classifier reads as
+  the original digit for the masked input (the hole filled with the known pixels' mean), the
+  null label (the unconditional model) and each guidance scale towards the true digit."""
+  k = exp.num_classes
+  x, y = test_images(config, num, batch_size)
+  y = y.astype(np.int32)
+  mask = np.zeros((1,) + x.shape[1:], np.float32)
+  mask[:, :keep_rows] = 1.0
+  vae_params = None if exp.latent is None else latent.load_params(exp.latent, mesh)
+  masked = np.asarray(tasks.fill_unknown(jnp.asarray(x), jnp.asarray(mask)))
+  pred, _ = classify(classify_fn, clf_params, masked, batch_size, mesh)
+  out = {"keep_rows": keep_rows, "conditioning": conditioning, "n": int(num), "masked_input": float(np.mean(pred == y))}
+  for name, w, labels in [("null", 0.0, np.full_like(y, k))] + [(f"w{w:g}", float(w), y) for w in guidance_scales]:
+    t0 = time.time()
+    fn = make_edit(exp, config, guidance_scale=w, method=method, num_steps=num_steps, mask=mask,
+                   conditioning=conditioning)
+    filled = edit_all(fn, params, vae_params, x, labels, batch_size=batch_size, mesh=mesh, seed=seed)
+    pred, _ = classify(classify_fn, clf_params, filled, batch_size, mesh)
+    out[name] = {"guidance_scale": w, "original": float(np.mean(pred == y)), "wall_s": round(time.time() - t0, 1)}
   return out
 
 
@@ -159,7 +201,7 @@ def summarize(pred: np.ndarray, want: np.ndarray, num_classes: int) -> dict:
 
 def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), num_samples: int = 100,
         method: str | None = None, num_steps: int | None = None, batch_size: int = 100, num_test: int = 1000,
-        seed: int = 0, img2img_strengths=()) -> dict:
+        seed: int = 0, img2img_strengths=(), inpaint_rows: int = 0, inpaint_conditioning: str = "replace") -> dict:
   """The evaluation as a dict (what the script prints)."""
   mesh = sharding.create_mesh({"data": -1})
   n_shards = sharding.num_data_shards(mesh)
@@ -203,6 +245,11 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     result["img2img"] = img2img(exp, config, params, classify_fn, clf_params, mesh, strengths=img2img_strengths,
                                 guidance_scales=guidance_scales, num=num_samples, batch_size=batch_size,
                                 method=method, num_steps=num_steps, seed=seed)
+  if inpaint_rows:
+    result["inpaint"] = inpaint_eval(exp, config, params, classify_fn, clf_params, mesh,
+                                     guidance_scales=guidance_scales, num=num_samples, batch_size=batch_size,
+                                     method=method, num_steps=num_steps, seed=seed, keep_rows=inpaint_rows,
+                                     conditioning=inpaint_conditioning)
   return result
 
 
@@ -220,11 +267,16 @@ def main():
   ap.add_argument("--out", default=None, help="also write the JSON here")
   ap.add_argument("--img2img_strengths", default="", help="comma-separated SDEdit strengths: also edit test "
                   "digits towards the next digit (img2img)")
+  ap.add_argument("--inpaint_rows", type=int, default=0, help="also hide all but the top N rows of test digits "
+                  "and inpaint them (e.g. 14: the bottom half)")
+  ap.add_argument("--inpaint_conditioning", default="replace", choices=tasks.CONDITIONINGS,
+                  help="how the inpainting conditions on the known rows (tasks.inpaint)")
   a = ap.parse_args()
   result = run(a.workdir, a.classifier_workdir, guidance_scales=[float(w) for w in a.guidance_scales.split(",")],
                num_samples=a.num_samples, method=a.sampler, num_steps=a.steps, batch_size=a.batch_size,
                num_test=a.num_test, seed=a.seed,
-               img2img_strengths=[float(s) for s in a.img2img_strengths.split(",") if s])
+               img2img_strengths=[float(s) for s in a.img2img_strengths.split(",") if s], inpaint_rows=a.inpaint_rows,
+               inpaint_conditioning=a.inpaint_conditioning)
   text = json.dumps(result, indent=1)
   print(text)
   if a.out:

@@ -260,8 +260,11 @@ def test_mnist_eval_script_runs(runs):
   spec.loader.exec_module(mod)
   (_, workdir), (_, clf_dir) = runs["cond"], runs["clf"]
   out = mod.run(workdir, clf_dir, guidance_scales=(3.0,), num_samples=10, batch_size=8, num_test=16,
-                img2img_strengths=(0.5,))
+                img2img_strengths=(0.5,), inpaint_rows=14)
   assert set(out["settings"]) == {"cfg_w3", "unconditional"}
+  inp = out["inpaint"]
+  assert inp["n"] == 10 and inp["keep_rows"] == 14 and 0.0 <= inp["masked_input"] <= 1.0
+  assert {k: 0.0 <= inp[k]["original"] <= 1.0 for k in ("null", "w3")} == {"null": True, "w3": True}
   edit = out["img2img"]["s0.5_w3"]
   assert edit["n"] == 10 and 0.0 <= edit["to_target"] <= 1.0 and 0.0 <= edit["kept_original"] <= 1.0
   for s in out["settings"].values():

@@ -174,6 +174,37 @@ def test_sdedit_edits_the_latents(runs, tmp_path, monkeypatch):
     tasks.run_task(lat, lat_dir, task="sdedit", input_path=path, guidance_scale=2.0)
 
 
+def test_inpainting_runs_in_the_latents(runs, tmp_path):
+  """Blended latent diffusion: the latent cells whose pixels are all known are the encoded
+  image's (its hole filled with the known pixels' mean); the rest are generated; the output is
+  their decoding with the known pixels pasted back exactly."""
+  lat, lat_dir = runs["latent"]
+  exp = train.build_experiment(lat)
+  mesh = sharding.create_mesh(lat.mesh.to_dict())
+  _, params = evaluate.restore_ema_params(lat, lat_dir, exp, mesh)
+  vae_params = latent.load_params(exp.latent, mesh)
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1), minval=-1.0, maxval=1.0)
+  mask = np.ones((1, 28, 28, 1), np.float32)
+  mask[:, :, 13:] = 0.0  # columns 13.. unknown: latent columns 6.. (2x2 blocks; 6 codes pixels 12-13)
+  score_fn = generate.model_score_fn(exp, params)
+  out, info = jax.jit(lambda key: tasks.inpaint_images(key, exp, score_fn, x, mask, vae_params=vae_params,
+                                                       method="ddim", num_steps=3))(jax.random.key(1))
+  z, known = info["latents"], exp.latent.encode(vae_params, tasks.fill_unknown(x, mask))
+  assert z.shape == (4, 14, 14, 4) and info["nfe"] == 3
+  np.testing.assert_array_equal(np.asarray(out[:, :, :13]), np.asarray(x[:, :, :13]))
+  np.testing.assert_allclose(z[:, :, :6], known[:, :, :6], atol=1e-6)
+  assert float(jnp.abs(z[:, :, 6:] - known[:, :, 6:]).mean()) > 0.1  # generated
+  np.testing.assert_allclose(out[:, :, 13:], exp.latent.decode(vae_params, z)[:, :, 13:], atol=1e-5)
+  # from the command line (run_task's latent path, with Tweedie conditioning): the input centred, kept
+  images = np.asarray((x + 1.0) * 127.5).round().astype(np.uint8)
+  np.savez(str(tmp_path / "small.npz"), images=images[:, 4:24, 4:24])
+  res = tasks.run_task(lat, lat_dir, task="outpaint", input_path=str(tmp_path / "small.npz"), method="ddim",
+                       num_steps=2, out_dir=str(tmp_path), conditioning="tweedie", cg_steps=1)
+  grown = np.load(res["paths"]["npz"])["output"]
+  assert grown.shape == (4, 28, 28, 1) and res["nfe"] == 2
+  np.testing.assert_array_equal(grown[:, 4:24, 4:24], images[:, 4:24, 4:24])
+
+
 def test_what_cannot_run_says_so(runs, tmp_path):
   ae, ae_dir = runs["ae"]
   lat, lat_dir = runs["latent"]
@@ -181,7 +212,7 @@ def test_what_cannot_run_says_so(runs, tmp_path):
     generate.generate(ae, ae_dir, num_samples=2)
   with pytest.raises(InputError, match="latent diffusion model: its bits/dim would be of the latents"):
     evaluate.evaluate_likelihood(lat, lat_dir, num_examples=8)
-  with pytest.raises(InputError, match="only --task=sdedit .img2img"):
+  with pytest.raises(InputError, match=r"--task=sdedit \(img2img\), inpaint and outpaint run in latent space"):
     tasks.run_task(lat, lat_dir, task="colorize", input_path="unused.npz")
 
   def check(match, **changes):
