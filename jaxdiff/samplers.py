@@ -757,6 +757,38 @@ def default_grid(process: Process, method: str, num_steps: int, **options) -> Ar
   return m.grid(process, num_steps, opts) if m.grid is not None else process.default_grid(num_steps)
 
 
+def resample_path(num_points: int, resample: int, jump_length: int) -> np.ndarray:
+  """RePaint's time-travel schedule (Lugmayr et al. 2022) over grid indices 0 (ts[0]) .. n-1.
+
+  The path descends the grid one step at a time; each time it reaches an index that is a
+  positive multiple of `jump_length`, it jumps back up `jump_length` indices (the forward
+  process, noising) and descends again, `resample - 1` times per such index. `resample=1`:
+  the plain descent 0, 1, ..., n-1.
+  """
+  n, r, j = int(num_points), int(resample), int(jump_length)
+  left = {i: r - 1 for i in range(j, n, j)}
+  path, i = [0], 0
+  while i < n - 1:
+    i += 1
+    path.append(i)
+    if left.get(i, 0) > 0:
+      left[i] -= 1
+      i -= j
+      path.append(i)
+  return np.asarray(path, np.int32)
+
+
+def _check_resample(method: str, m, resample, jump_length) -> None:
+  for name, value in (("resample", resample), ("jump_length", jump_length)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise InputError(f"{name}={value!r} must be an integer >= 1 (RePaint's resampling: resample=10, "
+                       f"jump_length=10 in the paper; 1 = no resampling).")
+  if resample > 1 and (m.solve is not None or m.init_carry is not _no_carry):
+    kind = "an adaptive solver" if m.solve is not None else "a multistep method (its history would be stale)"
+    raise InputError(f"resample={resample} jumps back up the grid, which method={method!r} cannot follow: it "
+                     f"is {kind}; use a one-step method (ancestral, ddim, euler, heun, ...).")
+
+
 def sample(
     key: Array,
     process: Process,
@@ -769,6 +801,8 @@ def sample(
     denoise: bool = True,
     x_init: Array | None = None,
     project: Callable[[Array, Array, Array], Array] | None = None,
+    resample: int = 1,
+    jump_length: int = 1,
     **options,
 ) -> tuple[Array, dict[str, Any]]:
   """Draws samples of `shape = (B, ...)` from the reverse of `process`.
@@ -792,6 +826,11 @@ def sample(
       adaptively between consecutive grid times (`ts`, or `process.default_grid(num_steps)`
       if `num_steps` is given) and projects at each; NFE and steps add up over the
       segments. Inpainting and colorization (`jaxdiff.tasks`) replace the known part of x.
+    resample, jump_length: RePaint's resampling (`resample_path`): at every `jump_length`-th
+      grid point, `resample - 1` times, noise the state back up `jump_length` points with
+      the forward process (`process.transition`; then `project`) and step down again. It
+      lets the generated part harmonize with what `project` imposes; each repetition costs
+      `jump_length` more steps. One-step methods only; 1 (default): none.
     **options: the method's options (e.g. `eta` for ddim); unknown ones are an error.
 
   Returns:
@@ -807,6 +846,7 @@ def sample(
     raise InputError(f"option(s) {unknown} are not known for method={method!r}; its options are: {valid}.")
   opts = {**m.options, **options}
   m.check(process, opts)
+  _check_resample(method, m, resample, jump_length)
 
   if ts is None:
     if m.solve is not None and (project is None or num_steps is None):
@@ -877,7 +917,26 @@ def sample(
     x, c = m.step(ctx, x, t, s, k, c)
     return (ctx.projected(x, s, k), c), None
 
-  if n > 1:
+  num_moves = n - 1
+  if n > 1 and resample > 1:
+    path = resample_path(n, resample, jump_length)
+    down = path[1:] > path[:-1]
+    num_moves = int(down.sum())
+
+    def move(x, inp):  # a step down the grid, or the forward process back up it
+      i, a, b, is_down = inp
+      k = jax.random.fold_in(k_loop, i)
+
+      def noise_up(x):
+        coef, var = process.transition(_one(ts[a]), _one(ts[b]))
+        return bcast(coef, x) * x + bcast(jnp.sqrt(var), x) * jax.random.normal(k, x.shape, x.dtype)
+
+      x = jax.lax.cond(is_down, lambda x: m.step(ctx, x, ts[a], ts[b], k, ())[0], noise_up, x)
+      return ctx.projected(x, ts[b], k), None
+
+    x, _ = jax.lax.scan(move, x, (jnp.arange(len(path) - 1), jnp.asarray(path[:-1]), jnp.asarray(path[1:]),
+                                  jnp.asarray(down)))
+  elif n > 1:
     steps = (jnp.arange(n - 1), ts[:-1], ts[1:])
     (x, _), _ = jax.lax.scan(body, (x, m.init_carry(x, opts)), steps)
   if m.final is not None:
@@ -886,7 +945,7 @@ def sample(
     x = x if denoise else ctx.projected(x, ts[-1], k)
   elif denoise:
     x, _ = ctx.x0_eps(x, ts[-1])
-  return x, {"nfe": m.fixed_nfe(opts, n, denoise), "num_steps": n}
+  return x, {"nfe": m.fixed_nfe(opts, num_moves + 1, denoise), "num_steps": num_moves + 1}
 
 
 def describe_methods() -> str:

@@ -613,7 +613,8 @@ def load_mask(path: str, image_shape: tuple[int, ...], *, invert: bool = False) 
 
 def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str | None = None,
              invert_mask: bool = False, strength: float | None = None, convert_channels: bool = False,
-             conditioning: str = "replace", cg_steps: int = 5, step: int | None = None,
+             conditioning: str = "replace", cg_steps: int = 5, resample: int = 1, jump_length: int = 1,
+             step: int | None = None,
              method: str | None = None, num_steps: int | None = None, options: dict | None = None,
              seed: int = 0, batch_size: int | None = None, out_dir: str | None = None,
              labels: Sequence[int | str] | None = None, guidance_scale: float | None = None) -> dict[str, Any]:
@@ -660,6 +661,9 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     raise InputError(f"--strength={strength} is only read by --task=sdedit (got --task={task}); drop it.")
   if conditioning != "replace" and task not in ("inpaint", "outpaint", "colorize"):
     raise InputError(f"--conditioning={conditioning} applies to inpaint, outpaint and colorize, not --task={task}.")
+  if (resample, jump_length) != (1, 1) and task not in ("inpaint", "outpaint", "colorize"):
+    raise InputError(f"--resample={resample} --jump_length={jump_length} (RePaint's resampling) applies to inpaint, "
+                     f"outpaint and colorize, not --task={task}; drop them.")
 
   exp = train.build_experiment(config)
   if not exp.data_spec.is_image or exp.is_classifier or exp.is_autoencoder:
@@ -755,7 +759,8 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
 
     kw = dict(method=method, num_steps=num_steps, denoise=denoise, **opts)
     # the conditioned tasks clip after conditioning on the known part (see _conditioned)
-    cond = dict(conditioning=conditioning, cg_steps=cg_steps, clip_range=clip_range)
+    cond = dict(conditioning=conditioning, cg_steps=cg_steps, clip_range=clip_range, resample=resample,
+                jump_length=jump_length)
     if task in ("inpaint", "outpaint"):
       x, info = inpaint_images(key, exp, score_fn_for(clip=False), batch["image"], batch["mask"],
                                vae_params=vae_params, **cond, **kw)
@@ -817,6 +822,8 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
       result["psnr_bicubic"] = float(np.mean(psnr(bicubic, truth, 1.0)))
 
   tag = f"_s{strength:g}" if task == "sdedit" else (f"_{conditioning}" if conditioning != "replace" else "")
+  if resample > 1:
+    tag += f"_r{resample}j{jump_length}"
   if label_list is not None:
     result["labels"] = inputs["label"].tolist()
     if cfg_w:

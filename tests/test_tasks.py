@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,32 @@ def test_replacement_conditions_on_the_known_pixels_but_approximately():
   prior_mean, prior_sd = GAUSS.mu[~KNOWN], np.sqrt(np.diag(GAUSS.cov)[~KNOWN])
   assert np.linalg.norm(x.mean(0) - mean) < 0.3 * np.linalg.norm(prior_mean - mean)
   assert np.all(x.std(0) < 0.6 * prior_sd)  # much narrower than the prior, as the conditional
+
+
+def test_repaint_resampling_reaches_the_conditional_mean():
+  """RePaint's resampling (noise back up, step down again) lets the fill harmonize with the known
+  part: on the Gaussian where plain replacement misses the conditional means by ~23 standard
+  errors, 4 extra passes per step bring them within 4 (measured: 2.5)."""
+  np.testing.assert_array_equal(samplers.resample_path(7, 3, 2),
+                                [0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 2, 3, 4, 2, 3, 4, 5, 6, 4, 5, 6, 4, 5, 6])
+  np.testing.assert_array_equal(samplers.resample_path(5, 1, 3), np.arange(5))
+  proc = P.VP()
+  image = jnp.asarray(np.where(KNOWN, Y, 0.0), jnp.float32)[None].repeat(N, 0)
+  fill = lambda key, r: tasks.inpaint(key, proc, GAUSS.score_fn(proc), image, KNOWN.astype(np.float32),  # noqa: E731
+                                      method="ancestral", num_steps=50, resample=r)
+  (plain, info1), (resampled, info5) = jax.jit(lambda key: (fill(key, 1), fill(key, 5)))(jax.random.key(3))
+  assert (info1["nfe"], info5["nfe"]) == (50, 50 + 4 * 49)
+  mean, cov = conditional_of_free()
+  se = np.sqrt(np.diag(cov) / N)
+  err = lambda x: np.max(np.abs(np.asarray(x)[:, ~KNOWN].mean(0) - mean) / se)  # noqa: E731
+  assert err(plain) > 10.0 and err(resampled) < 4.0, (err(plain), err(resampled))
+  np.testing.assert_array_equal(np.asarray(resampled)[:, KNOWN], np.asarray(image)[:, KNOWN])
+  for method, match in (("dpm_solver++", "a multistep method"), ("ode", "an adaptive solver")):
+    with pytest.raises(InputError, match=re.escape(f"resample=2 jumps back up the grid, which method='{method}' "
+                                                   f"cannot follow: it is {match}")):
+      sample(jax.random.key(0), proc, GAUSS.score_fn(proc), (2, 16), method=method, num_steps=4, resample=2)
+  with pytest.raises(InputError, match=r"jump_length=0 must be an integer >= 1"):
+    sample(jax.random.key(0), proc, GAUSS.score_fn(proc), (2, 16), method="ddim", num_steps=4, jump_length=0)
 
 
 def mixture_score_fn(process, weights, means, stds):
@@ -455,7 +482,7 @@ def test_run_sample_task_writes_side_by_side_png(runs, tmp_path):
 
 
 @pytest.mark.parametrize("task,kw,columns", [
-    ("outpaint", dict(input_path="rgb4x6.png"), ["input", "mask", "output"]),
+    ("outpaint", dict(input_path="rgb4x6.png", resample=2), ["input", "mask", "output"]),
     ("colorize", dict(input_path="rgb8.png", convert_channels=True, conditioning="tweedie", cg_steps=2),
      ["input", "original", "output"]),
     ("sdedit", dict(input_path="many.npz", strength=0.5), ["input", "output"]),
@@ -467,6 +494,8 @@ def test_run_task_other_tasks(runs, tmp_path, task, kw, columns):
   arrays = np.load(r["paths"]["npz"])
   assert sorted(arrays.files) == sorted(columns) and os.path.exists(r["paths"]["png"])
   assert arrays["output"].shape == (r["num_images"], 8, 8, 3)
+  if task == "outpaint":  # RePaint: 2 steps down, each redone once (2 more), and the denoising step
+    assert r["nfe"] == 5 and r["paths"]["npz"].endswith("_r2j1.npz")
   if task == "colorize":  # the grey level is kept (up to uint8 rounding, where no channel saturates)
     out, grey_in = arrays["output"].astype(np.float64), arrays["input"][..., 0].astype(np.float64)
     inside = np.all((out > 0) & (out < 255), axis=-1)
@@ -512,6 +541,8 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
        r"--labels=1 needs a class-conditional model, but .* is unconditional"),
       (tiny, rgb, dict(task="sdedit", input_path=d / "rgb8.png", guidance_scale=2.0),
        r"--guidance_scale=2 needs a class-conditional model"),
+      (tiny, rgb, dict(task="sdedit", input_path=d / "rgb8.png", resample=3),
+       r"--resample=3 --jump_length=1 \(RePaint's resampling\) applies to inpaint, outpaint and colorize"),
   ]
   for config, workdir, kw, pattern in cases:
     kw = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in kw.items()}
