@@ -79,8 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.distill = ml_collections.ConfigDict(dict(
-      teacher="",                # '' = ordinary training; a run's workdir: distil its model into a student that
-                                 # samples in fewer steps (jaxdiff.distill)
+      teacher="",                # '' = ordinary training; a run's workdir (its latest checkpoint; '<workdir>@<step>':
+                                 # that one): distil its model into a student that samples in fewer steps
+                                 # (jaxdiff.distill)
       method="progressive",      # progressive (Salimans & Ho 2022) | consistency (Song et al. 2023) |
                                  # reflow (Liu et al. 2023)
       clip_teacher=True,         # clip the teacher's x0 to the data range (pixel images), as its sampler did
@@ -148,7 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
       label_dropout=0.1,         # class-conditional models: P(label -> null label) per example, for
                                  # classifier-free guidance (0: conditional only)
       init_from="",              # a fresh run starts from published weights: 'score_sde:<checkpoint>',
-                                 # 'score_sde_pytorch:<npz>' or 'diffusers:<dir>' (jaxdiff.models.pretrained);
+                                 # 'score_sde_pytorch:<npz>', 'diffusers:<dir>' or another run's
+                                 # 'jaxdiff:<workdir>[@<step>]' (jaxdiff.models.pretrained);
                                  # with num_steps=0 the run only imports them (a step-0 checkpoint)
   ))
 

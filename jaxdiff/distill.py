@@ -21,7 +21,8 @@ parameters (same network, process and parameterization):
 Progressive distillation:
 
 A run with `config.distill.teacher='<workdir>'` trains a student that samples in a fraction of
-its teacher's steps. The student starts from the teacher run's EMA parameters (same network,
+its teacher's steps. The student starts from the teacher run's EMA parameters (its latest
+checkpoint, or `'<workdir>@<step>'`'s; same network,
 process and parameterization). Round r (steps `r * steps_per_round` to `(r + 1) *
 steps_per_round`) distils the teacher's `teacher_steps / 2^r` deterministic DDIM steps into
 half as many (`losses.make_distillation_loss`); at the start of the next round the student

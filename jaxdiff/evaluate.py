@@ -33,7 +33,7 @@ from jaxdiff import likelihood
 from jaxdiff import parameterization
 from jaxdiff import processes
 from jaxdiff import sharding
-from jaxdiff.errors import ConfigError, DataError, InputError, check_choice
+from jaxdiff.errors import CheckpointError, ConfigError, DataError, InputError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,37 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, exp, mes
   return step, state.ema_params
 
 
-def load_run_params(workdir: str, mesh, abstract_params: Any, *, key: str,
+def split_run(ref: str) -> tuple[str, int | None]:
+  """'<workdir>' -> (workdir, None: its latest checkpoint); '<workdir>@<step>' -> (workdir, step)."""
+  workdir, sep, step = str(ref).rpartition("@")
+  if sep and workdir and step.isdigit():
+    return workdir, int(step)
+  return str(ref), None
+
+
+def load_run_params(ref: str, mesh, abstract_params: Any, *, key: str, value: str | None = None,
                     check: Callable[[ml_collections.ConfigDict], None] | None = None) -> tuple[int, Any]:
-  """`(step, params)`: the EMA parameters of the jaxdiff run in `workdir`, for another run's network
-  (`abstract_params`: its shapes, dtypes and shardings), cast to those dtypes and placed in those
-  shardings. `check(run_config)` vets the run's config first; `key` is the config key that named
-  `workdir`, for the errors (a teacher, an init)."""
+  """`(step, params)`: the EMA parameters of the jaxdiff run `ref` names (`'<workdir>'`: its latest
+  checkpoint, `'<workdir>@<step>'`: that one), for another run's network (`abstract_params`: its
+  shapes, dtypes and shardings), cast to those dtypes and placed in those shardings.
+  `check(run_config)` vets the run's config first; `key` is the config key that named the run,
+  and its `value` (default: `ref`), for the errors (a teacher, an init)."""
   from jaxdiff import generate
   from jaxdiff import train
 
+  where = f"{key}={ref if value is None else value!r}"
+  workdir, want = split_run(ref)
   run_config = generate.load_config(workdir)  # CheckpointError naming the workdir if it has no run
   if check is not None:
     check(run_config)
-  step, params = restore_ema_params(run_config, workdir, train.build_experiment(run_config), mesh)
+  try:
+    step, params = restore_ema_params(run_config, workdir, train.build_experiment(run_config), mesh, step=want)
+  except CheckpointError as e:  # no such step (the error lists the run's steps), or not this run's network
+    raise CheckpointError(f"{where}: {e}") from None
   same = jax.tree.structure(params) == jax.tree.structure(abstract_params) and all(
       a.shape == s.shape for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params)))
   if not same:
-    raise ConfigError(f"{key}={workdir!r}: that run's parameters do not fit this run's network (config.model); "
+    raise ConfigError(f"{where}: that run's parameters do not fit this run's network (config.model); "
                       f"start from its config file.")
   cast = jax.jit(lambda p: jax.tree.map(lambda a, s: a.astype(s.dtype), p, abstract_params),
                  out_shardings=jax.tree.map(lambda s: s.sharding, abstract_params))

@@ -763,7 +763,7 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
                                    consistency_sigma_data(run_config) is not None)
 
     run_step, params = evaluate.load_run_params(init_from.partition(":")[2], mesh, abstract.params,
-                                                key=pretrained.KEY, check=check)
+                                                key=pretrained.KEY, value=init_from, check=check)
     log.info("Initialising from %s (its step %d, EMA parameters).", init_from, run_step)
   elif init_from:
     host = pretrained.load_pretrained(init_from, exp.model, exp.shape,

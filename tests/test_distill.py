@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from conftest import load_config
-from jaxdiff import distill, losses, processes, samplers, sharding, train
+from jaxdiff import distill, evaluate, losses, processes, samplers, sharding, train
 from jaxdiff import parameterization as param_lib
 from jaxdiff import checkpoint as ckpt_lib
 from jaxdiff.data import synthetic
@@ -802,6 +802,11 @@ def test_a_run_starts_from_another_runs_ema_weights(tfds_dir, tiny_teacher, tmp_
   workdir = str(tmp_path / "ft")
   train.train_and_evaluate(config, workdir)
   _assert_trees_equal(_state(workdir, config, 0).params, _state(teacher_dir, teacher_config, 4).ema_params)
+  config.training.init_from = f"jaxdiff:{teacher_dir}@2"  # an earlier checkpoint of that run
+  train.train_and_evaluate(config, str(tmp_path / "ft2"))
+  step2 = _state(teacher_dir, teacher_config, 2).ema_params
+  _assert_trees_equal(_state(str(tmp_path / "ft2"), config, 0).params, step2)
+  assert not np.array_equal(jax.tree.leaves(step2)[-1], jax.tree.leaves(_state(workdir, config, 0).params)[-1])
 
   def err(exc=ConfigError, **kw):
     c = load_config("mnist_ct", "tiny")
@@ -817,9 +822,14 @@ def test_a_run_starts_from_another_runs_ema_weights(tfds_dir, tiny_teacher, tmp_
   assert "model.ch: 16 here, 8 there" in err(model__ch=16)
   assert "loss.prediction: 'eps' here, 'v' there" in err(loss__prediction="eps")
   assert "nowhere" in err(CheckpointError, training__init_from="jaxdiff:" + str(tmp_path / "nowhere"))
+  e3 = err(CheckpointError, training__init_from=f"jaxdiff:{teacher_dir}@3")
+  assert f"init_from='jaxdiff:{teacher_dir}@3'" in e3 and "step=3 does not exist" in e3 and "[2, 4]" in e3
+  split = evaluate.split_run  # config.distill.teacher reads its run the same way
+  assert split("runs/t@2000") == ("runs/t", 2000) and split("runs/t") == ("runs/t", None)
+  assert split("/u@host/t") == ("/u@host/t", None) and split("@5") == ("@5", None)
   with pytest.raises(ConfigError, match="holds a consistency model"):
     pretrained.check_jaxdiff_run("jaxdiff:/ct", teacher_config, config, False, True)
   bad = load_config("mnist_ct", "tiny")
   bad.training.init_from = "jaxdiff"
-  with pytest.raises(ConfigError, match="'jaxdiff:<run workdir>'"):
+  with pytest.raises(ConfigError, match=r"'jaxdiff:<run workdir>\[@<step>\]'"):
     config_lib.validate(bad)

@@ -12,8 +12,9 @@ is 0. A run that resumes from its own checkpoint ignores `init_from`.
   'diffusers:<path>'          a diffusers `UNet2DModel` directory (or its .safetensors) -> UNet,
                               or a `DiTTransformer2DModel` one -> DiT (eps only: a learned
                               variance is dropped)
-  'jaxdiff:<workdir>'         another jaxdiff run's EMA weights (its latest checkpoint): fine-tuning,
-                              e.g. consistency training from a diffusion model (Geng et al. 2024)
+  'jaxdiff:<workdir>'         another jaxdiff run's EMA weights (its latest checkpoint;
+                              'jaxdiff:<workdir>@<step>': that step's): fine-tuning, e.g.
+                              consistency training from a diffusion model (Geng et al. 2024)
 
 The config's network must be the checkpoint's: the same sizes (`config.model`, e.g.
 `configs/cifar10_ncsnpp.py` for score_sde's NCSN++ cont.) and the same data shape; a
@@ -49,7 +50,7 @@ def parse_init_from(init_from: str) -> tuple[str, str]:
   """'<source>:<path>' -> (source, path); a ConfigError naming the valid forms otherwise."""
   return split_source(KEY, init_from, SOURCES, "use 'score_sde:<checkpoint_n or its directory>', "
                       "'score_sde_pytorch:<state dict .npz>', 'diffusers:<UNet2DModel or DiT dir>' or "
-                      "'jaxdiff:<run workdir>' (or '' for a random init)")
+                      "'jaxdiff:<run workdir>[@<step>]' (or '' for a random init)")
 
 
 def validate_init_from(init_from: str, model_name: str, prediction: str) -> None:
