@@ -778,15 +778,11 @@ def resample_path(num_points: int, resample: int, jump_length: int) -> np.ndarra
   return np.asarray(path, np.int32)
 
 
-def _check_resample(method: str, m, resample, jump_length) -> None:
+def _check_resample(resample, jump_length) -> None:
   for name, value in (("resample", resample), ("jump_length", jump_length)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise InputError(f"{name}={value!r} must be an integer >= 1 (RePaint's resampling: resample=10, "
                        f"jump_length=10 in the paper; 1 = no resampling).")
-  if resample > 1 and (m.solve is not None or m.init_carry is not _no_carry):
-    kind = "an adaptive solver" if m.solve is not None else "a multistep method (its history would be stale)"
-    raise InputError(f"resample={resample} jumps back up the grid, which method={method!r} cannot follow: it "
-                     f"is {kind}; use a one-step method (ancestral, ddim, euler, heun, ...).")
 
 
 def sample(
@@ -830,7 +826,9 @@ def sample(
       grid point, `resample - 1` times, noise the state back up `jump_length` points with
       the forward process (`process.transition`; then `project`) and step down again. It
       lets the generated part harmonize with what `project` imposes; each repetition costs
-      `jump_length` more steps. One-step methods only; 1 (default): none.
+      `jump_length` more steps. A multistep method's history restarts after each jump (its
+      first step back down is first order); `ode` integrates adaptively between the grid
+      times (`num_steps` or `ts`) and jumps along them. 1 (default): none.
     **options: the method's options (e.g. `eta` for ddim); unknown ones are an error.
 
   Returns:
@@ -846,14 +844,17 @@ def sample(
     raise InputError(f"option(s) {unknown} are not known for method={method!r}; its options are: {valid}.")
   opts = {**m.options, **options}
   m.check(process, opts)
-  _check_resample(method, m, resample, jump_length)
+  _check_resample(resample, jump_length)
 
   if ts is None:
-    if m.solve is not None and (project is None or num_steps is None):
+    if m.solve is not None and resample > 1 and num_steps is None:
+      raise InputError(f"sample(method={method!r}, resample={resample}) jumps back up a grid of times; pass "
+                       f"num_steps=<int >= 2> (or ts) for it.")
+    if m.solve is not None and ((project is None and resample == 1) or num_steps is None):
       ts = jnp.asarray([process.T, process.t_min], jnp.float32)
     elif m.solve is not None:
       if int(num_steps) < 2:
-        raise InputError(f"sample(method={method!r}, project=...) projects between grid times; "
+        raise InputError(f"sample(method={method!r}) with project= or resample= integrates between grid times; "
                          f"num_steps={num_steps} must be >= 2.")
       ts = process.default_grid(int(num_steps))
     else:
@@ -890,55 +891,50 @@ def sample(
   ctx = StepContext(process, score_fn, opts, ts, project)
   x = ctx.projected(x, ts[0], k_init)
 
-  if m.solve is not None and project is not None and n > 1:
-    def segment(x, inp):  # an adaptive solve from t to s, then the projection at s
-      i, t, s = inp
-      seg = dataclasses.replace(ctx, ts=jnp.stack([t, s]))
-      x, nfe, steps = m.solve(seg, x, jax.random.fold_in(k_loop, i))
-      return ctx.projected(x, s, jax.random.fold_in(k_loop, i)), (nfe, steps)
-
-    x, (nfes, steps) = jax.lax.scan(segment, x, (jnp.arange(n - 1), ts[:-1], ts[1:]))
-    nfe, steps = jnp.sum(nfes), jnp.sum(steps)
-    if denoise:
-      x = ctx.x0_eps(x, ts[-1])[0]
-      nfe = nfe + 1
-    return x, {"nfe": nfe, "num_steps": steps}
-  if m.solve is not None:
+  adaptive = m.solve is not None
+  if adaptive and (n < 2 or (project is None and resample == 1)):  # one solve from ts[0] to ts[-1]
     x, nfe, steps = m.solve(ctx, x, k_loop)
     if denoise:
       x = ctx.x0_eps(x, ts[-1])[0]
       nfe = nfe + 1
     return x, {"nfe": nfe, "num_steps": steps}
 
-  def body(carry, inp):
+  def descend(carry, i, t, s):  # a step (adaptive: a solve) from t down to s, then the projection at s
     x, c = carry
-    i, t, s = inp
     k = jax.random.fold_in(k_loop, i)
-    x, c = m.step(ctx, x, t, s, k, c)
-    return (ctx.projected(x, s, k), c), None
+    if adaptive:
+      x, nfe, steps = m.solve(dataclasses.replace(ctx, ts=jnp.stack([t, s])), x, k)
+    else:
+      (x, c), nfe, steps = m.step(ctx, x, t, s, k, c), m.step_nfe(opts), 1
+    return (ctx.projected(x, s, k), c), (jnp.asarray(nfe, jnp.int32), jnp.asarray(steps, jnp.int32))
 
-  num_moves = n - 1
+  def ascend(carry, i, t, s):  # RePaint: the forward process from t back up to s > t, then the projection
+    x, _ = carry
+    k = jax.random.fold_in(k_loop, i)
+    coef, var = process.transition(_one(t), _one(s))
+    x = ctx.projected(bcast(coef, x) * x + bcast(jnp.sqrt(var), x) * jax.random.normal(k, x.shape, x.dtype), s, k)
+    return (x, m.init_carry(x, opts)), (jnp.int32(0), jnp.int32(0))  # a multistep history restarts
+
+  carry, num_moves = (x, m.init_carry(x, opts)), n - 1
   if n > 1 and resample > 1:
     path = resample_path(n, resample, jump_length)
     down = path[1:] > path[:-1]
     num_moves = int(down.sum())
 
-    def move(x, inp):  # a step down the grid, or the forward process back up it
+    def move(carry, inp):
       i, a, b, is_down = inp
-      k = jax.random.fold_in(k_loop, i)
+      return jax.lax.cond(is_down, descend, ascend, carry, i, ts[a], ts[b])
 
-      def noise_up(x):
-        coef, var = process.transition(_one(ts[a]), _one(ts[b]))
-        return bcast(coef, x) * x + bcast(jnp.sqrt(var), x) * jax.random.normal(k, x.shape, x.dtype)
-
-      x = jax.lax.cond(is_down, lambda x: m.step(ctx, x, ts[a], ts[b], k, ())[0], noise_up, x)
-      return ctx.projected(x, ts[b], k), None
-
-    x, _ = jax.lax.scan(move, x, (jnp.arange(len(path) - 1), jnp.asarray(path[:-1]), jnp.asarray(path[1:]),
-                                  jnp.asarray(down)))
+    carry, (nfes, steps) = jax.lax.scan(move, carry, (jnp.arange(len(path) - 1), jnp.asarray(path[:-1]),
+                                                      jnp.asarray(path[1:]), jnp.asarray(down)))
   elif n > 1:
-    steps = (jnp.arange(n - 1), ts[:-1], ts[1:])
-    (x, _), _ = jax.lax.scan(body, (x, m.init_carry(x, opts)), steps)
+    carry, (nfes, steps) = jax.lax.scan(lambda c, inp: descend(c, *inp), carry, (jnp.arange(n - 1), ts[:-1], ts[1:]))
+  x = carry[0]
+  if adaptive:  # the segments' evaluations and steps, counted as they ran
+    nfe = jnp.sum(nfes) + int(denoise)
+    if denoise:
+      x = ctx.x0_eps(x, ts[-1])[0]
+    return x, {"nfe": nfe, "num_steps": jnp.sum(steps)}
   if m.final is not None:
     k = jax.random.fold_in(k_loop, n - 1)
     x = m.final(ctx, x, k, denoise)
