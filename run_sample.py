@@ -87,6 +87,9 @@ _CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "Conjugate-gradient iterations p
 _RESAMPLE = flags.DEFINE_integer("resample", 1, "inpaint/outpaint/colorize: RePaint's resampling, times each "
                                  "--jump_length-th step is redone after noising back up (1: none; 10 in the paper).")
 _JUMP = flags.DEFINE_integer("jump_length", 1, "Grid steps each RePaint jump goes back up (10 in the paper).")
+_OBS_NOISE = flags.DEFINE_float("obs_noise", 0.0, "With --conditioning=tweedie: the known values are noisy, with "
+                                "this standard deviation in model units (pixels in [-1, 1]; a latent model's "
+                                "latents); they are then generated too (0: kept exactly).")
 cli.define_distributed_flags()  # --distributed, --coordinator_address, ... as in run_train.py
 flags.mark_flags_as_required(["workdir"])
 
@@ -112,7 +115,7 @@ def main(argv):
       tasks.run_task(config, _WORKDIR.value, task=_TASK.value, input_path=_INPUT.value, mask_path=_MASK.value,
                      invert_mask=_INVERT.value, strength=_STRENGTH.value, convert_channels=_CONVERT.value,
                      conditioning=_CONDITIONING.value, cg_steps=_CG_STEPS.value, resample=_RESAMPLE.value,
-                     jump_length=_JUMP.value, step=_STEP.value,
+                     jump_length=_JUMP.value, obs_noise=_OBS_NOISE.value, step=_STEP.value,
                      method=_SAMPLER.value, num_steps=_STEPS.value, options=cli.parse_options(_OPTS.value),
                      seed=_SEED.value, batch_size=_BATCH.value, out_dir=_OUT.value, labels=_LABELS.value,
                      guidance_scale=_GUIDANCE.value)

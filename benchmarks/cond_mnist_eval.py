@@ -111,10 +111,10 @@ def test_accuracy(clf_config, fn, params, num_test: int, batch_size: int, mesh) 
 
 
 def make_edit(exp, config, *, guidance_scale: float, method, num_steps, strength: float | None = None,
-              mask: np.ndarray | None = None, conditioning: str = "replace",
-              resample: tuple[int, int] = (1, 1)):
+              mask: np.ndarray | None = None, inpaint_kw: dict | None = None):
   """Jitted `fn(params, vae_params, key, x, labels) -> edited x` towards `labels`: img2img at `strength`
-  (`tasks.sdedit_images`), or with `mask` inpainting (`tasks.inpaint_images`)."""
+  (`tasks.sdedit_images`), or with `mask` inpainting (`tasks.inpaint_images` with `inpaint_kw`:
+  conditioning, resample, jump_length, obs_noise)."""
   method = generate.resolve_method(method or config.sampling.method)
   kw = dict(method=method, num_steps=int(num_steps or config.sampling.num_steps),
             denoise=bool(config.sampling.denoise), **generate.sampler_options(config, method))
@@ -123,8 +123,8 @@ def make_edit(exp, config, *, guidance_scale: float, method, num_steps, strength
   def fn(params, vae_params, key, x, labels):
     score_fn = generate.model_score_fn(exp, params, labels=labels, guidance_scale=guidance_scale)
     if mask is not None:  # clipped after the conditioning (tasks.inpaint's clip_range)
-      return tasks.inpaint_images(key, exp, score_fn, x, mask, vae_params=vae_params, conditioning=conditioning,
-                                  clip_range=clip, resample=resample[0], jump_length=resample[1], **kw)[0]
+      return tasks.inpaint_images(key, exp, score_fn, x, mask, vae_params=vae_params, clip_range=clip,
+                                  **(inpaint_kw or {}), **kw)[0]
     if clip is not None:
       score_fn = parameterization.clip_denoised(score_fn, exp.process, *clip)
     return tasks.sdedit_images(key, exp, score_fn, x, strength, vae_params=vae_params, **kw)[0]
@@ -169,12 +169,12 @@ def img2img(exp, config, params, classify_fn, clf_params, mesh, *, strengths, gu
 
 
 def inpaint_eval(exp, config, params, classify_fn, clf_params, mesh, *, guidance_scales, num: int, batch_size: int,
-                 method, num_steps, seed: int, keep_rows: int, conditioning: str = "replace",
-                 resample: tuple[int, int] = (1, 1)) -> dict:
+                 method, num_steps, seed: int, keep_rows: int, inpaint_kw: dict | None = None) -> dict:
   """Hides all but the top `keep_rows` rows of the first `num` test digits and fills the rest
   (`tasks.inpaint_images`; a latent model in its latents): the fraction the classifier reads as
   the original digit for the masked input (the hole filled with the known pixels' mean), the
-  null label (the unconditional model) and each guidance scale towards the true digit."""
+  null label (the unconditional model) and each guidance scale towards the true digit. `inpaint_kw`:
+  `tasks.inpaint`'s conditioning, resample, jump_length and obs_noise."""
   k = exp.num_classes
   x, y = test_images(config, num, batch_size)
   y = y.astype(np.int32)
@@ -183,12 +183,11 @@ def inpaint_eval(exp, config, params, classify_fn, clf_params, mesh, *, guidance
   vae_params = None if exp.latent is None else latent.load_params(exp.latent, mesh)
   masked = np.asarray(tasks.fill_unknown(jnp.asarray(x), jnp.asarray(mask)))
   pred, _ = classify(classify_fn, clf_params, masked, batch_size, mesh)
-  out = {"keep_rows": keep_rows, "conditioning": conditioning, "resample": list(resample), "n": int(num),
-         "masked_input": float(np.mean(pred == y))}
+  out = {"keep_rows": keep_rows, **(inpaint_kw or {}), "n": int(num), "masked_input": float(np.mean(pred == y))}
   for name, w, labels in [("null", 0.0, np.full_like(y, k))] + [(f"w{w:g}", float(w), y) for w in guidance_scales]:
     t0 = time.time()
     fn = make_edit(exp, config, guidance_scale=w, method=method, num_steps=num_steps, mask=mask,
-                   conditioning=conditioning, resample=resample)
+                   inpaint_kw=inpaint_kw)
     filled = edit_all(fn, params, vae_params, x, labels, batch_size=batch_size, mesh=mesh, seed=seed)
     pred, _ = classify(classify_fn, clf_params, filled, batch_size, mesh)
     out[name] = {"guidance_scale": w, "original": float(np.mean(pred == y)), "wall_s": round(time.time() - t0, 1)}
@@ -205,7 +204,7 @@ def summarize(pred: np.ndarray, want: np.ndarray, num_classes: int) -> dict:
 def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), num_samples: int = 100,
         method: str | None = None, num_steps: int | None = None, batch_size: int = 100, num_test: int = 1000,
         seed: int = 0, img2img_strengths=(), inpaint_rows: int = 0, inpaint_conditioning: str = "replace",
-        inpaint_resample: tuple[int, int] = (1, 1)) -> dict:
+        inpaint_resample: tuple[int, int] = (1, 1), inpaint_obs_noise: float = 0.0) -> dict:
   """The evaluation as a dict (what the script prints)."""
   mesh = sharding.create_mesh({"data": -1})
   n_shards = sharding.num_data_shards(mesh)
@@ -253,7 +252,8 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     result["inpaint"] = inpaint_eval(exp, config, params, classify_fn, clf_params, mesh,
                                      guidance_scales=guidance_scales, num=num_samples, batch_size=batch_size,
                                      method=method, num_steps=num_steps, seed=seed, keep_rows=inpaint_rows,
-                                     conditioning=inpaint_conditioning, resample=inpaint_resample)
+                                     inpaint_kw=dict(conditioning=inpaint_conditioning, resample=inpaint_resample[0],
+                                                     jump_length=inpaint_resample[1], obs_noise=inpaint_obs_noise))
   return result
 
 
@@ -277,13 +277,16 @@ def main():
                   help="how the inpainting conditions on the known rows (tasks.inpaint)")
   ap.add_argument("--inpaint_resample", default="1,1", help="RePaint's resample,jump_length for the inpainting "
                   "(e.g. 5,1; 1,1: none)")
+  ap.add_argument("--inpaint_obs_noise", type=float, default=0.0, help="with --inpaint_conditioning tweedie: the "
+                  "known values' noise standard deviation (a latent model's: in latent units)")
   a = ap.parse_args()
   result = run(a.workdir, a.classifier_workdir, guidance_scales=[float(w) for w in a.guidance_scales.split(",")],
                num_samples=a.num_samples, method=a.sampler, num_steps=a.steps, batch_size=a.batch_size,
                num_test=a.num_test, seed=a.seed,
                img2img_strengths=[float(s) for s in a.img2img_strengths.split(",") if s], inpaint_rows=a.inpaint_rows,
                inpaint_conditioning=a.inpaint_conditioning,
-               inpaint_resample=tuple(int(v) for v in a.inpaint_resample.split(",")))
+               inpaint_resample=tuple(int(v) for v in a.inpaint_resample.split(",")),
+               inpaint_obs_noise=a.inpaint_obs_noise)
   text = json.dumps(result, indent=1)
   print(text)
   if a.out:

@@ -147,17 +147,19 @@ def conjugate_gradient(op: Callable[[Array], Array], b: Array, num_steps: int) -
 
 
 def tweedie_score_fn(process: Process, score_fn: ScoreFn, known: Array, mask: Array, *, cg_steps: int = 5,
-                     to_space: Callable[[Array], Array] | None = None,
+                     obs_noise: float = 0.0, to_space: Callable[[Array], Array] | None = None,
                      from_space: Callable[[Array], Array] | None = None) -> ScoreFn:
-  """The score of `p_t(x | x0_k = known)` under Tweedie's Gaussian moment projection.
+  """The score of `p_t(x | y)`, `y = x0_k + obs_noise * n` (n ~ N(0, I); 0: the known values
+  exactly), under Tweedie's Gaussian moment projection.
 
   `grad_x log p_t(x | y) = score(x) + grad_x log p(y | x_t)`; with `p(x0 | x_t)` taken as
   the Gaussian of mean `x0_hat(x)` and covariance `C = sigma^2 / alpha * J`,
   `J = d x0_hat / d x` (Tweedie's second moment; J is symmetric for an exact score), the
-  second term is `J^T P^T C_kk^-1 (y - P x0_hat)` with P the restriction to the known
-  coordinates (in the basis `to_space`). Exact for Gaussian data. `C_kk^-1` is applied by
-  `cg_steps` conjugate-gradient iterations; every product with J is a vector-Jacobian
-  product of one `jax.vjp` of the network (reverse mode only, so custom-VJP layers work).
+  second term is `J^T P^T (C_kk + obs_noise^2 I)^-1 (y - P x0_hat)` with P the restriction
+  to the known coordinates (in the basis `to_space`). Exact for Gaussian data. The inverse
+  is applied by `cg_steps` conjugate-gradient iterations; every product with J is a
+  vector-Jacobian product of one `jax.vjp` of the network (reverse mode only, so custom-VJP
+  layers work).
   """
   mask = _as_mask(mask, known)
   to_space = to_space or (lambda v: v)
@@ -173,7 +175,7 @@ def tweedie_score_fn(process: Process, score_fn: ScoreFn, known: Array, mask: Ar
     x0, vjp, score = jax.vjp(x0_hat, x, has_aux=True)
     jt = lambda v: vjp(v)[0]  # noqa: E731  J^T v
     residual = mask * (known - to_space(x0))
-    cov = lambda v: mask * (s**2 / a) * to_space(jt(from_space(mask * v)))  # noqa: E731
+    cov = lambda v: mask * ((s**2 / a) * to_space(jt(from_space(mask * v))) + obs_noise**2 * v)  # noqa: E731
     w = conjugate_gradient(cov, residual, cg_steps)
     return score + jt(from_space(mask * w))
 
@@ -183,9 +185,17 @@ def tweedie_score_fn(process: Process, score_fn: ScoreFn, known: Array, mask: Ar
 CONDITIONINGS = ("replace", "tweedie")
 
 
+def check_obs_noise(obs_noise) -> float:
+  ok = isinstance(obs_noise, (int, float, np.integer, np.floating)) and not isinstance(obs_noise, bool)
+  if not ok or not 0.0 <= float(obs_noise) < math.inf:
+    raise InputError(f"obs_noise={obs_noise!r} must be a number >= 0 (the standard deviation of the noise on the "
+                     f"known values, in model units; 0: they are exact).")
+  return float(obs_noise)
+
+
 def _conditioned(process: Process, score_fn: ScoreFn, known: Array, mask: Array, conditioning: str,
-                 cg_steps: int, clip_range: tuple[float, float] | None = None, to_space=None,
-                 from_space=None) -> tuple[ScoreFn, Project | None]:
+                 cg_steps: int, clip_range: tuple[float, float] | None = None, obs_noise: float = 0.0,
+                 to_space=None, from_space=None) -> tuple[ScoreFn, Project | None]:
   """(score_fn, project) for `sample` under the chosen conditioning.
 
   `clip_range` clips the denoised estimate of the *conditional* score (`clip_denoised` after
@@ -193,14 +203,18 @@ def _conditioned(process: Process, score_fn: ScoreFn, known: Array, mask: Array,
   would zero at every saturated pixel, leaving its covariance near-singular (measured on
   MNIST: fills of magnitude 1e3-1e4 instead of pixels in [-1, 1]).
   """
+  obs_noise = check_obs_noise(obs_noise)
+  if conditioning == "replace" and obs_noise > 0:
+    raise InputError(f"obs_noise={obs_noise:g} models noisy known values, which conditioning='replace' imposes "
+                     f"exactly; use conditioning='tweedie' (or obs_noise=0).")
   if conditioning == "replace":
     project = replacement(process, known, mask, to_space=to_space, from_space=from_space)
   elif conditioning == "tweedie":
     if not isinstance(cg_steps, (int, np.integer)) or cg_steps < 1:
       raise InputError(f"cg_steps={cg_steps!r} must be an integer >= 1 (conjugate-gradient iterations of "
                        f"conditioning='tweedie'; e.g. 5).")
-    score_fn = tweedie_score_fn(process, score_fn, known, mask, cg_steps=int(cg_steps), to_space=to_space,
-                                from_space=from_space)
+    score_fn = tweedie_score_fn(process, score_fn, known, mask, cg_steps=int(cg_steps), obs_noise=float(obs_noise),
+                                to_space=to_space, from_space=from_space)
     project = None
   else:
     raise InputError(f"conditioning={conditioning!r} is not known; valid values are: "
@@ -213,7 +227,7 @@ def _conditioned(process: Process, score_fn: ScoreFn, known: Array, mask: Array,
 def inpaint(key: Array, process: Process, score_fn: ScoreFn, image: Array, mask, *, method: str,
             num_steps: int | None = None, ts: Array | None = None, denoise: bool = True,
             conditioning: str = "replace", cg_steps: int = 5, clip_range: tuple[float, float] | None = None,
-            **options) -> tuple[Array, dict[str, Any]]:
+            obs_noise: float = 0.0, **options) -> tuple[Array, dict[str, Any]]:
   """Fills the unknown pixels of `image` (mask = 0) with any sampler; keeps the known ones.
 
   Args:
@@ -229,16 +243,19 @@ def inpaint(key: Array, process: Process, score_fn: ScoreFn, image: Array, mask,
     clip_range: (lo, hi) to clip the conditional model's denoised estimate to (Ho et al.'s
       `clip_denoised`; e.g. (-1, 1) for centred pixels), applied after the conditioning.
       Pass the network's unclipped score: a score clipped before "tweedie" breaks it.
+    obs_noise: "tweedie" only: the known pixels are noisy measurements, `image = x0 +
+      obs_noise * n` (noisy inpainting / denoising); they are then generated too, as a draw
+      from `p(x0 | image)`, and not pasted back.
 
   Returns:
-    (x [image.shape], info): x equals `image` exactly where mask == 1.
+    (x [image.shape], info): x equals `image` exactly where mask == 1 (if obs_noise is 0).
   """
   image = jnp.asarray(image, jnp.float32)
   mask = _as_mask(mask, image)
-  score_fn, project = _conditioned(process, score_fn, image, mask, conditioning, cg_steps, clip_range)
+  score_fn, project = _conditioned(process, score_fn, image, mask, conditioning, cg_steps, clip_range, obs_noise)
   x, info = samplers.sample(key, process, score_fn, image.shape, method=method, num_steps=num_steps, ts=ts,
                             denoise=denoise, project=project, **options)
-  return _blend(mask, image, x), info
+  return (_blend(mask, image, x) if obs_noise == 0 else x), info
 
 
 # Latent diffusion models: the known part in the latents (Blended Latent Diffusion)
@@ -280,6 +297,9 @@ def inpaint_images(key: Array, exp, score_fn: ScoreFn, image: Array, mask, *, va
   (`latent_mask`) are the known part (`conditioning` as for `inpaint`) and the others are
   generated; the result is decoded and the known pixels pasted back, so they are kept
   exactly (the seam lies where the decoder meets them). `info["latents"]` holds the latents.
+  There, `obs_noise` ("tweedie") is the noise on the known latents, in latent units: the
+  encoding is an estimate of the latents the model would give those pixels; the pixels are
+  still pasted back.
   """
   if exp.latent is None:
     return inpaint(key, exp.process, score_fn, image, mask, **kw)
@@ -347,17 +367,17 @@ def to_grayscale(x: Array) -> Array:
 def colorize(key: Array, process: Process, score_fn: ScoreFn, gray: Array, *, method: str,
              num_steps: int | None = None, ts: Array | None = None, denoise: bool = True,
              conditioning: str = "replace", cg_steps: int = 5, clip_range: tuple[float, float] | None = None,
-             **options) -> tuple[Array, dict[str, Any]]:
+             obs_noise: float = 0.0, **options) -> tuple[Array, dict[str, Any]]:
   """Colours grey images with an RGB model and any sampler.
 
   Args:
     gray: `[B, H, W, 1]` grey levels in model space (the channel mean of the RGB image).
     the rest: as for `inpaint`; the known coordinate is the first of the decoupled colour
-      space (`decouple`), sqrt(3) x the grey level.
+      space (`decouple`), sqrt(3) x the grey level; `obs_noise` is the noise on `gray`.
 
   Returns:
     (x [B, H, W, 3], info): RGB images whose channel mean equals `gray` (up to float32
-    rounding of the orthogonal change of basis).
+    rounding of the orthogonal change of basis; if obs_noise is 0).
   """
   gray = jnp.asarray(gray, jnp.float32)
   if gray.ndim < 2 or gray.shape[-1] != 1:
@@ -366,10 +386,10 @@ def colorize(key: Array, process: Process, score_fn: ScoreFn, gray: Array, *, me
   known = jnp.concatenate([math.sqrt(3.0) * gray, jnp.zeros_like(gray), jnp.zeros_like(gray)], axis=-1)
   mask = _as_mask(jnp.asarray([1.0, 0.0, 0.0], jnp.float32), known)
   score_fn, project = _conditioned(process, score_fn, known, mask, conditioning, cg_steps, clip_range,
-                                   to_space=decouple, from_space=couple)
+                                   math.sqrt(3.0) * check_obs_noise(obs_noise), to_space=decouple, from_space=couple)
   x, info = samplers.sample(key, process, score_fn, known.shape, method=method, num_steps=num_steps, ts=ts,
                             denoise=denoise, project=project, **options)
-  return couple(_blend(mask, known, decouple(x))), info
+  return (couple(_blend(mask, known, decouple(x))) if obs_noise == 0 else x), info
 
 
 # --------------------------------------------------------------------------------------
@@ -614,7 +634,7 @@ def load_mask(path: str, image_shape: tuple[int, ...], *, invert: bool = False) 
 def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str | None = None,
              invert_mask: bool = False, strength: float | None = None, convert_channels: bool = False,
              conditioning: str = "replace", cg_steps: int = 5, resample: int = 1, jump_length: int = 1,
-             step: int | None = None,
+             obs_noise: float = 0.0, step: int | None = None,
              method: str | None = None, num_steps: int | None = None, options: dict | None = None,
              seed: int = 0, batch_size: int | None = None, out_dir: str | None = None,
              labels: Sequence[int | str] | None = None, guidance_scale: float | None = None) -> dict[str, Any]:
@@ -661,6 +681,9 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     raise InputError(f"--strength={strength} is only read by --task=sdedit (got --task={task}); drop it.")
   if conditioning != "replace" and task not in ("inpaint", "outpaint", "colorize"):
     raise InputError(f"--conditioning={conditioning} applies to inpaint, outpaint and colorize, not --task={task}.")
+  if obs_noise and conditioning != "tweedie":
+    raise InputError(f"--obs_noise={obs_noise:g} (noisy known values) needs --conditioning=tweedie, not "
+                     f"--conditioning={conditioning}.")
   if (resample, jump_length) != (1, 1) and task not in ("inpaint", "outpaint", "colorize"):
     raise InputError(f"--resample={resample} --jump_length={jump_length} (RePaint's resampling) applies to inpaint, "
                      f"outpaint and colorize, not --task={task}; drop them.")
@@ -760,7 +783,7 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     kw = dict(method=method, num_steps=num_steps, denoise=denoise, **opts)
     # the conditioned tasks clip after conditioning on the known part (see _conditioned)
     cond = dict(conditioning=conditioning, cg_steps=cg_steps, clip_range=clip_range, resample=resample,
-                jump_length=jump_length)
+                jump_length=jump_length, obs_noise=obs_noise)
     if task in ("inpaint", "outpaint"):
       x, info = inpaint_images(key, exp, score_fn_for(clip=False), batch["image"], batch["mask"],
                                vae_params=vae_params, **cond, **kw)
@@ -822,6 +845,8 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
       result["psnr_bicubic"] = float(np.mean(psnr(bicubic, truth, 1.0)))
 
   tag = f"_s{strength:g}" if task == "sdedit" else (f"_{conditioning}" if conditioning != "replace" else "")
+  if obs_noise:
+    tag += f"_n{obs_noise:g}"
   if resample > 1:
     tag += f"_r{resample}j{jump_length}"
   if label_list is not None:

@@ -144,6 +144,40 @@ def test_tweedie_inpainting_matches_the_gaussian_conditional(process, method, st
   check_fill(x[:, ~KNOWN], f"{process}/{method}", mean, cov)
 
 
+def test_tweedie_conditions_on_noisy_known_values():
+  """obs_noise=s: the known values are measurements y = A x0 + s n, so every coordinate is drawn
+  from the closed-form posterior N(mu + S A^T (A S A^T + s^2 I)^-1 (y - A mu), S - S A^T (...)^-1 A S),
+  the known ones too (not pasted back): inpainting, and colorization of noisy grey levels."""
+  def posterior(g, a, y, var):
+    gain = g.cov @ a.T @ np.linalg.inv(a @ g.cov @ a.T + var * np.eye(len(a)))
+    return g.mu + gain @ (y - a @ g.mu), g.cov - gain @ a @ g.cov
+
+  proc, s = P.VP(), 0.3
+  image = jnp.asarray(np.where(KNOWN, Y, 0.0), jnp.float32)[None].repeat(N, 0)
+  fn = jax.jit(lambda key: tasks.inpaint(key, proc, GAUSS.score_fn(proc), image, KNOWN.astype(np.float32),
+                                         method="heun", num_steps=30, conditioning="tweedie", obs_noise=s)[0])
+  x = np.asarray(fn(jax.random.key(2)))
+  mean, cov = posterior(GAUSS, np.eye(16)[KNOWN], Y[KNOWN], s**2)
+  check_fill(x, "inpaint/obs_noise", mean, cov)
+  assert np.all(x[:, KNOWN].std(0) > 0.05)  # measured, not pasted
+
+  rng = np.random.default_rng(4)  # test_colorization_keeps_the_grey_level's Gaussian
+  a = rng.standard_normal((12, 12))
+  img = Gaussian(0.3 * rng.standard_normal(12), a @ a.T / 12 + 0.05 * np.eye(12), (2, 2, 3))
+  gray = rng.multivariate_normal(img.mu, img.cov).reshape(2, 2, 3).mean(-1, keepdims=True) + 0.1
+  fn = jax.jit(lambda key: tasks.colorize(key, proc, img.score_fn(proc), jnp.asarray(gray, jnp.float32)[None]
+                                          .repeat(N, 0), method="heun", num_steps=30, conditioning="tweedie",
+                                          obs_noise=s)[0])
+  grey_rows = np.kron(np.eye(4), tasks.COLOR_MATRIX.astype(np.float64))[0::3]  # sqrt(3) x the grey level
+  mean, cov = posterior(img, grey_rows, np.sqrt(3.0) * gray.reshape(-1), 3.0 * s**2)
+  check_fill(np.asarray(fn(jax.random.key(5))).reshape(N, -1), "colorize/obs_noise", mean, cov)
+  for kw, match in ((dict(obs_noise=0.1), "conditioning='replace' imposes exactly"),
+                    (dict(obs_noise=-1.0, conditioning="tweedie"), "obs_noise=-1.0 must be a number >= 0")):
+    with pytest.raises(InputError, match=re.escape(match)):
+      tasks.inpaint(jax.random.key(0), proc, GAUSS.score_fn(proc), image[:2], KNOWN.astype(np.float32),
+                    method="ddim", num_steps=2, **kw)
+
+
 def test_tweedie_clips_after_conditioning():
   """clip_range clips the conditional score's denoised estimate, so the Tweedie term keeps the
   network's own Jacobian. Known values near the data range's edge (MNIST's background at -1)
@@ -494,7 +528,8 @@ def test_run_sample_task_writes_side_by_side_png(runs, tmp_path):
 
 
 @pytest.mark.parametrize("task,kw,columns", [
-    ("outpaint", dict(input_path="rgb4x6.png", resample=2), ["input", "mask", "output"]),
+    ("outpaint", dict(input_path="rgb4x6.png", resample=2, conditioning="tweedie", cg_steps=1, obs_noise=0.1),
+     ["input", "mask", "output"]),
     ("colorize", dict(input_path="rgb8.png", convert_channels=True, conditioning="tweedie", cg_steps=2),
      ["input", "original", "output"]),
     ("sdedit", dict(input_path="many.npz", strength=0.5), ["input", "output"]),
@@ -507,7 +542,7 @@ def test_run_task_other_tasks(runs, tmp_path, task, kw, columns):
   assert sorted(arrays.files) == sorted(columns) and os.path.exists(r["paths"]["png"])
   assert arrays["output"].shape == (r["num_images"], 8, 8, 3)
   if task == "outpaint":  # RePaint: 2 steps down, each redone once (2 more), and the denoising step
-    assert r["nfe"] == 5 and r["paths"]["npz"].endswith("_r2j1.npz")
+    assert r["nfe"] == 5 and r["paths"]["npz"].endswith("_tweedie_n0.1_r2j1.npz")
   if task == "colorize":  # the grey level is kept (up to uint8 rounding, where no channel saturates)
     out, grey_in = arrays["output"].astype(np.float64), arrays["input"][..., 0].astype(np.float64)
     inside = np.all((out > 0) & (out < 255), axis=-1)
@@ -555,6 +590,8 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
        r"--guidance_scale=2 needs a class-conditional model"),
       (tiny, rgb, dict(task="sdedit", input_path=d / "rgb8.png", resample=3),
        r"--resample=3 --jump_length=1 \(RePaint's resampling\) applies to inpaint, outpaint and colorize"),
+      (tiny, rgb, dict(task="outpaint", input_path=d / "rgb4x6.png", obs_noise=0.1),
+       r"--obs_noise=0.1 \(noisy known values\) needs --conditioning=tweedie, not --conditioning=replace"),
   ]
   for config, workdir, kw, pattern in cases:
     kw = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in kw.items()}
