@@ -1,0 +1,78 @@
+"""The FID Inception network equals pytorch-fid's, and torch checkpoints are read without torch."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff.errors import InputError
+from jaxdiff.models import inception
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+HERE = os.path.join(FIXTURES, "fid_inception")
+
+
+def _maker():
+  spec = importlib.util.spec_from_file_location("make_fid_inception_fixture",
+                                                os.path.join(FIXTURES, "make_fid_inception_fixture.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_features_match_pytorch_fid(tmp_path):
+  """pytorch-fid's InceptionV3 (resize to 299, [0, 1] -> [-1, 1], the FID blocks) on seeded weights:
+  the same 2048 features for RGB images and for grey ones of another size, from the state dict
+  and from an .npz of it; a state dict of another network is an InputError naming the layer."""
+  with open(os.path.join(HERE, "layout.json")) as f:
+    layout = json.load(f)
+  state = _maker().seeded_state_dict(layout)
+  params = inception.convert_fid_inception_state_dict(state)
+  io = np.load(os.path.join(HERE, "io.npz"))
+  feats = jax.jit(inception.fid_features)
+  fx, fg = np.asarray(feats(params, io["x"])), np.asarray(feats(params, io["g"]))
+  assert fx.shape == (2, inception.FEATURES) and np.mean(io["fx"] > 0) > 0.5  # not a dead network
+  for got, want in ((fx, io["fx"]), (fg, io["fg"])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # measured: 6e-7 of the max
+  np.savez(tmp_path / "w.npz", **state)
+  again = inception.load_fid_inception(tmp_path / "w.npz")
+  assert jax.tree.all(jax.tree.map(np.array_equal, again, params))
+
+  bad = dict(state)
+  bad["Mixed_6b.branch7x7_2.conv.weight"] = bad["Mixed_6b.branch7x7_2.conv.weight"].transpose(0, 1, 3, 2)
+  with pytest.raises(InputError, match=r"'Mixed_6b.branch7x7_2' has kernel \(7, 1, 128, 128\) \(HWIO\), the "
+                                       r"network \(1, 7, 128, 128\)"):
+    inception.convert_fid_inception_state_dict(bad)
+  with pytest.raises(InputError, match=r"lacks 1 layer\(s\), e.g. \['Mixed_7c/branch_pool'\]"):
+    inception.convert_fid_inception_state_dict({k: v for k, v in state.items() if "Mixed_7c.branch_pool" not in k})
+  with pytest.raises(InputError, match=r"FID features take images \[B, H, W, 1 or 3\]"):
+    inception.fid_features(params, io["x"][..., :2])
+  with pytest.raises(InputError, match="pt_inception-2015-12-05-6726825d.pth and pass its path"):
+    inception.load_fid_inception(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_torch_files_are_read_without_torch(fmt, tmp_path):
+  """torch.save's zip and legacy formats: views (transposed, sliced), float16, bfloat16, int64,
+  bool and 0-d tensors, nested dicts; a file that is not a state dict is a one-line error."""
+  got = inception.read_torch_file(os.path.join(HERE, f"tensors_{fmt}.pth"))
+  want = dict(np.load(os.path.join(HERE, "tensors.npz")))
+  assert set(got) == {k for k in want if "." not in k} | {"nested"}
+  got = dict(got, **{"nested.w": got.pop("nested")["w"]})
+  for k, v in want.items():
+    g = np.asarray(got[k], np.float32) if k == "bf16" else got[k]
+    assert g.dtype == v.dtype and g.shape == v.shape, (k, g.dtype, v.dtype, g.shape, v.shape)
+    np.testing.assert_array_equal(g, v, err_msg=k)
+  assert str(got["bf16"].dtype) == "bfloat16"
+  (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+  with pytest.raises(InputError, match="cannot read .*junk.pth' as a torch.save state dict"):
+    inception.read_torch_file(tmp_path / "junk.pth")
+  if fmt == "legacy":  # the tensors' bytes come last: a cut file must not be read past its end
+    raw = open(os.path.join(HERE, "tensors_legacy.pth"), "rb").read()
+    (tmp_path / "cut.pth").write_bytes(raw[:-10])
+    with pytest.raises(InputError, match="ends inside a tensor's data: the file is truncated"):
+      inception.read_torch_file(tmp_path / "cut.pth")
+
