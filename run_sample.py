@@ -9,6 +9,13 @@ With --mode=likelihood it evaluates bits/dim on the test split instead and write
   python run_sample.py --workdir runs/quickstart --mode likelihood --likelihood_method ode
   python run_sample.py --workdir runs/quickstart --mode likelihood --likelihood_method vlb --vlb_timesteps 50
 
+With --mode=fid it draws --num_samples samples and writes their FID against the training data
+to <workdir>/eval/fid_<method>_<nfe>nfe_step<step>_seed<seed>.json (jaxdiff.fid; pytorch-fid's
+Inception weights, read without torch; the data's statistics are saved for --fid_ref):
+
+  python run_sample.py --workdir runs/cifar10 --mode fid --num_samples 50000 --sampler ddim --steps 100 \
+      --inception pt_inception-2015-12-05-6726825d.pth
+
 Class-conditional models (configs/mnist_cond.py) draw the --labels given (cycled over
 --num_samples; default every class in turn, 'null' = unconditional) with classifier-free
 guidance scale w; any model can be steered by a noise-conditional classifier
@@ -35,7 +42,7 @@ The config is read from <workdir>/config.json unless --config is given.
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff import cli, errors, evaluate, generate, samplers, tasks
+from jaxdiff import cli, errors, evaluate, fid, generate, samplers, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's).",
                                           lock_config=True)
@@ -59,7 +66,14 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance
 _CLF_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Run directory of a noise-conditional classifier "
                                    "(config.model.name='classifier') for classifier guidance.")
 _CLF_SCALE = flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale (default 1.0).")
-_MODE = flags.DEFINE_enum("mode", "sample", ["sample", "likelihood"], "Draw samples, or evaluate bits/dim.")
+_MODE = flags.DEFINE_enum("mode", "sample", ["sample", "likelihood", "fid"], "Draw samples, evaluate bits/dim, "
+                          "or the FID of --num_samples samples (jaxdiff.fid).")
+_INCEPTION = flags.DEFINE_string("inception", None, "--mode=fid: pytorch-fid's Inception weights, "
+                                 "pt_inception-2015-12-05-6726825d.pth (read without torch).")
+_FID_REF = flags.DEFINE_string("fid_ref", None, "--mode=fid: the data's statistics (.npz with mu, sigma) from an "
+                               "earlier run or pytorch-fid (default: computed from the data and saved).")
+_FID_SPLIT = flags.DEFINE_string("fid_split", None, "--mode=fid: the data split the statistics come from (default: "
+                                 "config.data.split; --num_examples caps it).")
 _LMETHOD = flags.DEFINE_enum("likelihood_method", "ode", ["ode", "vlb"],
                              "Probability-flow ODE, or the DDPM variational bound.")
 _NUM_EX = flags.DEFINE_integer("num_examples", None, "Test examples to evaluate (default: the whole split).")
@@ -106,6 +120,18 @@ def main(argv):
                                    batch_size=_BATCH.value, method=_LMETHOD.value, seed=_SEED.value,
                                    n_repeats=_REPEATS.value, rtol=_RTOL.value, atol=_ATOL.value,
                                    vlb_timesteps=_VLB_T.value, out_dir=_OUT.value)
+      return
+    if _MODE.value == "fid":
+      if not _INCEPTION.value:
+        raise errors.InputError("--mode=fid needs --inception=PATH, pytorch-fid's weights: download https://github."
+                                "com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-"
+                                "6726825d.pth")
+      fid.evaluate_fid(config, _WORKDIR.value, inception_path=_INCEPTION.value, ref=_FID_REF.value,
+                       split=_FID_SPLIT.value, num_ref=_NUM_EX.value, num_samples=_NUM.value, out_dir=_OUT.value,
+                       step=_STEP.value, method=_SAMPLER.value, num_steps=_STEPS.value, seed=_SEED.value,
+                       batch_size=_BATCH.value, options=cli.parse_options(_OPTS.value), labels=_LABELS.value,
+                       guidance_scale=_GUIDANCE.value, classifier_workdir=_CLF_WORKDIR.value,
+                       classifier_scale=_CLF_SCALE.value)
       return
     if _TASK.value is not None:
       if _CLF_WORKDIR.value or _CLF_SCALE.value is not None:

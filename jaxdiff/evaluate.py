@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +169,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
     raise InputError(f"frechet_distance needs two feature sets [N, d] and [M, d] with N, M >= 2; got "
                      f"{a.shape} and {b.shape}.")
-  mu_a, mu_b = a.mean(0), b.mean(0)
-  c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  return frechet_distance_from_statistics(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def frechet_distance_from_statistics(mu_a: np.ndarray, c_a: np.ndarray, mu_b: np.ndarray, c_b: np.ndarray) -> float:
+  """`frechet_distance` from the two Gaussians' means and covariances (float64)."""
+  mu_a, c_a, mu_b, c_b = (np.asarray(v, np.float64) for v in (mu_a, c_a, mu_b, c_b))
 
   def sqrt_psd(c):
     w, v = np.linalg.eigh((c + c.T) / 2)
@@ -206,6 +210,54 @@ def _mean_stderr(v: np.ndarray) -> tuple[float, float]:
   return float(np.mean(v)), se
 
 
+def data_batches(config: ml_collections.ConfigDict, exp, mesh, *, split: str, num_examples: int | None,
+                 batch_size: int, seed: int = 0) -> tuple[int, int, int, Iterator[dict[str, jax.Array]]]:
+  """The first `num_examples` (None: all) of `split` of `config.data`, unshuffled and unflipped,
+  as global batches `{"x", "valid"}` sharded over `mesh` (each host reads its round-robin share).
+
+  Images come as their uint8 pixels k (read undequantized, `pixels_from_scaled`), vectors as
+  they are; the last batch is padded, `valid` marks the real rows. Returns `(n, global batch
+  size, number of batches, iterator)`.
+  """
+  from jaxdiff import data as data_lib
+
+  d = config.data
+  total = data_lib.dataset_size(d.dataset, split, d.data_dir or None, d.num_examples)
+  n = min(num_examples, total) if num_examples else total
+  n_shards = sharding.num_data_shards(mesh)
+  bs = int(math.ceil(min(batch_size, n) / n_shards) * n_shards)
+  sharding.check_batch_size(bs, mesh, name="batch_size")
+  host, hosts = sharding.process_shard()
+  local_bs = sharding.local_batch_size(bs)
+  mine = len(range(host, n, hosts))  # the first n examples of the split, dealt round-robin to hosts
+  n_batches = int(math.ceil(math.ceil(n / hosts) / local_bs))
+  example_shape = tuple(exp.data_spec.shape)
+  dtype = np.uint8 if exp.data_spec.is_image else np.float32
+
+  def batches():
+    data_iter = data_lib.create_dataset(
+        dataset=d.dataset, split=split, batch_size=local_bs, resolution=d.resolution,
+        num_channels=d.num_channels, data_dir=d.data_dir or None, centered=d.centered, random_flip=False,
+        uniform_dequantization=False, use_labels=False, crop_size=d.crop_size, num_examples=d.num_examples,
+        seed=seed, shard_index=host, shard_count=hosts, num_epochs=1, shuffle=False, drop_remainder=False,
+        num_threads=d.num_threads, num_workers=0)
+    done = 0
+    for _ in range(n_batches):
+      x = np.zeros((local_bs,) + example_shape, dtype)
+      take = min(local_bs, mine - done)
+      if take > 0:
+        batch = next(data_iter)["x"][:take]
+        if batch.shape[1:] != example_shape:
+          raise DataError(f"dataset {d.dataset!r} gives examples of shape {batch.shape[1:]}, but the model "
+                          f"expects {example_shape}; evaluate with the config the run was trained with.")
+        x[:len(batch)] = pixels_from_scaled(batch, exp.centered) if exp.data_spec.is_image else batch
+        take = len(batch)
+      done += max(take, 0)
+      yield sharding.global_batch({"x": x, "valid": np.arange(local_bs) < max(take, 0)}, mesh)
+
+  return n, bs, n_batches, batches()
+
+
 def evaluate_likelihood(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
                         split: str | None = None, num_examples: int | None = None,
                         batch_size: int | None = None, method: str = "ode", seed: int = 0,
@@ -239,7 +291,6 @@ def evaluate_likelihood(config: ml_collections.ConfigDict, workdir: str, *, step
     The summary written: `bpd` (mean over examples), `stderr` (its standard error over
     examples), `n`, `nfe_mean`, `wall_s`, `checkpoint_step`, the options, and `path`.
   """
-  from jaxdiff import data as data_lib
   from jaxdiff import train
 
   check_choice("method", method, METHODS)
@@ -263,45 +314,16 @@ def evaluate_likelihood(config: ml_collections.ConfigDict, workdir: str, *, step
                           clip_denoised=clip_denoised)
   step, params = restore_ema_params(config, workdir, exp, mesh, step=step)
 
-  total = data_lib.dataset_size(d.dataset, split, d.data_dir or None, d.num_examples)
-  n = min(num_examples, total) if num_examples else total
-  n_shards = sharding.num_data_shards(mesh)
-  bs = min(batch_size or config.training.batch_size, n)
-  bs = int(math.ceil(bs / n_shards) * n_shards)
-  sharding.check_batch_size(bs, mesh, name="batch_size")
-  host, hosts = sharding.process_shard()
-  local_bs = sharding.local_batch_size(bs)
-  mine = len(range(host, n, hosts))  # the first n examples of the split, dealt round-robin to hosts
-  n_batches = int(math.ceil(math.ceil(n / hosts) / local_bs))
-  data_iter = data_lib.create_dataset(
-      dataset=d.dataset, split=split, batch_size=local_bs, resolution=d.resolution,
-      num_channels=d.num_channels, data_dir=d.data_dir or None, centered=d.centered, random_flip=False,
-      uniform_dequantization=False, use_labels=False, crop_size=d.crop_size, num_examples=d.num_examples,
-      seed=seed, shard_index=host, shard_count=hosts, num_epochs=1, shuffle=False, drop_remainder=False,
-      num_threads=d.num_threads, num_workers=0)
-
+  n, bs, n_batches, batches = data_batches(config, exp, mesh, split=split, num_examples=num_examples,
+                                           batch_size=batch_size or config.training.batch_size, seed=seed)
   key = jax.random.key(seed)
-  example_shape = tuple(exp.data_spec.shape)
-  dtype = np.uint8 if exp.data_spec.is_image else np.float32
   what = f"{method}" + (f", {divergence}, rtol={rtol:g}, atol={atol:g}" if method == "ode" else
                         f", {vlb_timesteps or 'all'} timesteps, {vlb_variance}")
   log.info("Evaluating bits/dim (%s) of %s step %d on %d examples of %s/%s in %d batches of %d.",
            what, workdir, step, n, d.dataset, split, n_batches, bs)
-  values, nfes, done_local = [], [], 0
+  values, nfes = [], []
   t0 = t_log = time.time()
-  for b in range(n_batches):
-    x = np.zeros((local_bs,) + example_shape, dtype)
-    take = min(local_bs, mine - done_local)
-    if take > 0:
-      batch = next(data_iter)["x"][:take]
-      if batch.shape[1:] != example_shape:
-        raise DataError(f"dataset {d.dataset!r} gives examples of shape {batch.shape[1:]}, but the model "
-                        f"expects {example_shape}; evaluate with the config the run was trained with.")
-      x[:len(batch)] = pixels_from_scaled(batch, exp.centered) if exp.data_spec.is_image else batch
-      take = len(batch)
-    valid = np.arange(local_bs) < max(take, 0)
-    done_local += max(take, 0)
-    arrays = sharding.global_batch({"x": x, "valid": valid}, mesh)
+  for b, arrays in enumerate(batches):
     bpd, _, nfe, ok = fn(params, jax.random.fold_in(key, b), arrays["x"])
     if not bool(ok):
       raise InputError(f"the likelihood ODE did not converge on batch {b} within max_steps={max_steps} at "

@@ -294,7 +294,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
              seed: int = 0, batch_size: int | None = None, options: dict | None = None,
              out_dir: str | None = None, labels: Sequence[int | str] | None = None,
              guidance_scale: float | None = None, classifier_workdir: str | None = None,
-             classifier_scale: float | None = None) -> dict[str, Any]:
+             classifier_scale: float | None = None, keep_samples: bool = False) -> dict[str, Any]:
   """Restores the EMA parameters of `workdir`'s checkpoint and writes samples.
 
   Args (beyond the sampler's):
@@ -304,6 +304,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     guidance_scale: classifier-free guidance w (default config.sampling.guidance_scale).
     classifier_workdir: a run of `config.model.name='classifier'` for classifier guidance.
     classifier_scale: its guidance scale (default 1.0).
+    keep_samples: also return the samples (`result["samples"]`, model space, on every process).
 
   Returns a dict with the paths written, the NFE per sample, wall time and images/s.
   """
@@ -398,4 +399,6 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   if sharding.is_main_process():
     log.info("Wrote %s: %d samples, %s, %d NFE, %.1fs (%.2f samples/s, compile included).",
              paths.get("png"), num_samples, method, nfe, wall, num_samples / wall)
+  if keep_samples:
+    result["samples"] = x
   return result

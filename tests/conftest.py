@@ -43,6 +43,19 @@ def tfds_dir():
   return SHARED_TFDS
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(config, workdir) of configs/tiny.py trained for 2 steps (its step-2 checkpoint), shared by the
+  evaluation tests (likelihood, FID) that run in one worker."""
+  from jaxdiff import train
+
+  config = load_config("tiny")
+  config.training.update(num_steps=2, num_final_samples=0)
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
 def load_config(name: str, arg: str | None = None):
   """Loads configs/<name>.py's get_config (unlocked, for tests to edit)."""
   import importlib.util

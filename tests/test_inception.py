@@ -76,3 +76,32 @@ def test_torch_files_are_read_without_torch(fmt, tmp_path):
     with pytest.raises(InputError, match="ends inside a tensor's data: the file is truncated"):
       inception.read_torch_file(tmp_path / "cut.pth")
 
+
+def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
+  """run_sample.py --mode fid's library side on configs/tiny.py (seeded Inception weights): the data's
+  statistics are written and, passed back as the reference, give the same FID; bad references are
+  one-line errors."""
+  from jaxdiff import evaluate, fid
+
+  with open(os.path.join(HERE, "layout.json")) as f:
+    np.savez(tmp_path / "inception.npz", **_maker().seeded_state_dict(json.load(f)))
+  config, workdir = tiny_run
+  kw = dict(inception_path=str(tmp_path / "inception.npz"), num_samples=8, method="ddim", num_steps=2,
+            feature_batch=8, out_dir=str(tmp_path / "eval"))
+  first = fid.evaluate_fid(config, workdir, num_ref=8, **kw)
+  with open(first["path"]) as f:
+    saved = json.load(f)
+  assert os.path.basename(first["path"]) == "fid_ddim_2nfe_step2_seed0.json"
+  assert saved["fid"] == first["fid"] > 0 and saved["num_samples"] == 8 and saved["ref_n"] == 8
+  mu, sigma = fid.load_statistics(saved["ref"])
+  assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+  again = fid.evaluate_fid(config, workdir, ref=saved["ref"], **kw)
+  assert again["fid"] == first["fid"] and again["ref"] == saved["ref"]
+
+  self_fid = evaluate.frechet_distance_from_statistics(mu, sigma, mu, sigma)
+  assert abs(self_fid) < 1e-5 * np.trace(sigma), (self_fid, np.trace(sigma))  # rank 7 of 2048: rounding only
+  np.savez(tmp_path / "bad.npz", mu=mu[:10], sigma=sigma[:10, :10])
+  with pytest.raises(InputError, match=r"holds statistics of shapes \(10,\) and \(10, 10\)"):
+    fid.load_statistics(str(tmp_path / "bad.npz"))
+  with pytest.raises(InputError, match=r"--fid_ref='nope.npz' is not a file"):
+    fid.evaluate_fid(config, workdir, ref="nope.npz", **kw)

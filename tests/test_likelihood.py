@@ -21,7 +21,7 @@ import pytest
 from scipy import integrate, special
 
 import jaxdiff
-from conftest import ROOT, load_config
+from conftest import ROOT
 from jaxdiff import likelihood as lk
 from jaxdiff import processes
 from jaxdiff.data import synthetic
@@ -462,14 +462,8 @@ def test_ode_that_does_not_converge_names_the_tolerances():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  from jaxdiff import train
-
-  config = load_config("tiny")
-  config.training.update(num_steps=2, num_final_samples=0)
-  workdir = str(tmp_path_factory.mktemp("lkrun"))
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+def trained(tiny_run):
+  return tiny_run
 
 
 def test_evaluate_likelihood_end_to_end(trained):

@@ -76,6 +76,8 @@ def test_one_line_errors(trained, tmp_path):
       (["run_sample.py", "--workdir", str(tmp_path / "nothing")], "holds no training run"),
       (["run_sample.py", "--workdir", trained, "--task", "sdedit", "--input", "x.png", "--classifier_workdir",
         trained], "does not take classifier guidance"),
+      (["run_sample.py", "--workdir", trained, "--mode", "fid", "--inception", "nope.pth"],
+       "FID Inception weights 'nope.pth' are not a file; download pytorch-fid's"),
   ]
   for argv, needle in cases:
     proc = run(*argv, check=False)
