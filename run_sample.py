@@ -10,7 +10,7 @@ With --mode=likelihood it evaluates bits/dim on the test split instead and write
   python run_sample.py --workdir runs/quickstart --mode likelihood --likelihood_method vlb --vlb_timesteps 50
 
 With --mode=fid it draws --num_samples samples and writes their FID against the training data
-to <workdir>/eval/fid_<method>_<nfe>nfe_step<step>_seed<seed>.json (jaxdiff.fid; pytorch-fid's
+and their Inception Score to <workdir>/eval/fid_<method>_<nfe>nfe_step<step>_seed<seed>.json (jaxdiff.fid; pytorch-fid's
 Inception weights, read without torch; the data's statistics are saved for --fid_ref):
 
   python run_sample.py --workdir runs/cifar10 --mode fid --num_samples 50000 --sampler ddim --steps 100 \
@@ -67,7 +67,7 @@ _CLF_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Run directory of
                                    "(config.model.name='classifier') for classifier guidance.")
 _CLF_SCALE = flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale (default 1.0).")
 _MODE = flags.DEFINE_enum("mode", "sample", ["sample", "likelihood", "fid"], "Draw samples, evaluate bits/dim, "
-                          "or the FID of --num_samples samples (jaxdiff.fid).")
+                          "or the FID and Inception Score of --num_samples samples (jaxdiff.fid).")
 _INCEPTION = flags.DEFINE_string("inception", None, "--mode=fid: pytorch-fid's Inception weights, "
                                  "pt_inception-2015-12-05-6726825d.pth (read without torch).")
 _FID_REF = flags.DEFINE_string("fid_ref", None, "--mode=fid: the data's statistics (.npz with mu, sigma) from an "

@@ -9,10 +9,13 @@ and weights, read without torch). The samples are drawn as `--mode sample` draws
 (`generate.generate`, which also writes them to `<workdir>/samples`) and quantized to uint8
 as saved; the data are the training split's (`config.data.split`, the convention of the DDPM
 and score_sde papers; `num_ref` caps it) read undequantized, so both are 8-bit images seen
-the same way. The data's statistics are written to `<out_dir>/fid_stats_<dataset>_<n>.npz`
-(`mu`, `sigma`: pytorch-fid's format); pass that file (or pytorch-fid's own precomputed
-statistics) as `ref` to skip the data next time. Every step that touches devices is one
-jitted, batch-sharded call over the mesh, on one host or many.
+the same way. The Inception Score (Salimans et al. 2016) of the same samples comes with it,
+from the same network's class logits (`inception.inception_score`, 10 splits, the bias-free
+logits of the original code). The data's statistics are written to
+`<out_dir>/fid_stats_<dataset>_<split>_<n>.npz` (`mu`, `sigma`: pytorch-fid's format); pass
+that file (or pytorch-fid's own precomputed statistics) as `ref` to skip the data next time.
+Every step that touches devices is one jitted, batch-sharded call over the mesh, on one host
+or many.
 """
 
 from __future__ import annotations
@@ -46,25 +49,29 @@ def load_inception(path: str, mesh) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def make_feature_fn(mesh):
-  """Jitted `fn(params, images) -> [B, 2048]` for uint8 images `[B, H, W, C]` sharded over the batch."""
-  return jax.jit(lambda p, x: inception.fid_features(p, x.astype(jnp.float32) / 255.0),
-                 out_shardings=sharding.batch_sharding(mesh, 2))
+  """Jitted `fn(params, images) -> (features [B, 2048], logits [B, 1008])` for uint8 images
+  `[B, H, W, C]` sharded over the batch."""
+  out = sharding.batch_sharding(mesh, 2)
+  return jax.jit(lambda p, x: inception.features_and_logits(p, x.astype(jnp.float32) / 255.0),
+                 out_shardings=(out, out))
 
 
-def image_features(params: Any, images: np.ndarray, mesh, *, batch_size: int = 100) -> np.ndarray:
-  """FID features `[N, 2048]` of uint8 `images` `[N, H, W, C]` that every process holds."""
+def image_features(params: Any, images: np.ndarray, mesh, *, batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
+  """(FID features `[N, 2048]`, class logits `[N, 1008]`) of uint8 `images` `[N, H, W, C]` that
+  every process holds."""
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
     raise InputError(f"image_features takes uint8 images [N, H, W, C]; got {images.dtype} {images.shape}.")
   n_shards = sharding.num_data_shards(mesh)
   bs = int(math.ceil(min(batch_size, len(images)) / n_shards) * n_shards)
-  fn, out = make_feature_fn(mesh), []
+  fn, feats, logits = make_feature_fn(mesh), [], []
   for start in range(0, len(images), bs):
     chunk = images[start:start + bs]
     padded = np.concatenate([chunk, np.zeros((bs - len(chunk),) + chunk.shape[1:], np.uint8)])
-    x = sharding.put_host_tree(padded, sharding.batch_sharding(mesh, 4))
-    out.append(sharding.to_host(fn(params, x))[:len(chunk)])
-  return np.concatenate(out)
+    f, z = fn(params, sharding.put_host_tree(padded, sharding.batch_sharding(mesh, 4)))
+    feats.append(sharding.to_host(f)[:len(chunk)])
+    logits.append(sharding.to_host(z)[:len(chunk)])
+  return np.concatenate(feats), np.concatenate(logits)
 
 
 def dataset_features(config: ml_collections.ConfigDict, exp, params: Any, mesh, *, split: str | None = None,
@@ -77,7 +84,7 @@ def dataset_features(config: ml_collections.ConfigDict, exp, params: Any, mesh, 
                                                     num_examples=num_examples, batch_size=batch_size)
   fn, out, t0 = make_feature_fn(mesh), [], time.time()
   for b, arrays in enumerate(batches):
-    feats, valid = sharding.to_host(fn(params, arrays["x"])), sharding.to_host(arrays["valid"])
+    feats, valid = sharding.to_host(fn(params, arrays["x"])[0]), sharding.to_host(arrays["valid"])
     out.append(feats[valid])
     if b in (0, n_batches - 1) or b % 50 == 0:
       log.info("FID reference features: %d/%d images (%.1fs).", sum(map(len, out)), n, time.time() - t0)
@@ -134,7 +141,9 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
 
   Returns:
     The summary written to `<out_dir>/fid_<method>_<nfe>nfe_step<step>_seed<seed>.json`: `fid`,
-    the sampler, NFE, sample count, the reference (file or split and count) and timings.
+    the Inception Score of the same samples (`inception_score`, `inception_score_std` over
+    `is_splits` = 10 parts, `inception.inception_score`), the sampler, NFE, sample count, the
+    reference (file or split and count) and timings.
   """
   from jaxdiff import generate, train, viz
 
@@ -172,11 +181,15 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   drawn = generate.generate(config, workdir, num_samples=num_samples, keep_samples=True, **sample_kw)
   t1 = time.time()
   images = viz.to_uint8(drawn.pop("samples"), exp.centered)
-  mu, sigma = statistics(image_features(params, images, mesh, batch_size=feature_batch))
+  feats, logits = image_features(params, images, mesh, batch_size=feature_batch)
+  mu, sigma = statistics(feats)
   from jaxdiff import evaluate
 
   value = evaluate.frechet_distance_from_statistics(mu, sigma, mu_ref, sigma_ref)
-  result = {"fid": value, "num_samples": num_samples, "method": drawn["method"], "nfe": drawn["nfe"],
+  splits = min(10, num_samples)
+  is_mean, is_std = inception.inception_score(logits, splits)
+  result = {"fid": value, "inception_score": is_mean, "inception_score_std": is_std, "is_splits": splits,
+            "num_samples": num_samples, "method": drawn["method"], "nfe": drawn["nfe"],
             "checkpoint_step": drawn["checkpoint_step"], "guidance_scale": drawn["guidance_scale"],
             "classifier_scale": drawn["classifier_scale"], "seed": int(sample_kw.get("seed", 0)),
             "samples": drawn["paths"].get("npz"), **ref_info, "inception": os.path.abspath(inception_path),
@@ -188,6 +201,7 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
   result["path"] = path
-  log.info("Wrote %s: FID %.3f of %d samples (%s, %d NFE, step %d) against %s.", path, value, num_samples,
-           drawn["method"], drawn["nfe"], drawn["checkpoint_step"], result["ref"])
+  log.info("Wrote %s: FID %.3f, Inception Score %.2f +- %.2f, of %d samples (%s, %d NFE, step %d) against %s.",
+           path, value, is_mean, is_std, num_samples, drawn["method"], drawn["nfe"], drawn["checkpoint_step"],
+           result["ref"])
   return result

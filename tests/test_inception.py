@@ -37,6 +37,10 @@ def test_features_match_pytorch_fid(tmp_path):
   assert fx.shape == (2, inception.FEATURES) and np.mean(io["fx"] > 0) > 0.5  # not a dead network
   for got, want in ((fx, io["fx"]), (fg, io["fg"])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # measured: 6e-7 of the max
+  f2, logits = jax.jit(inception.features_and_logits)(params, io["x"])  # torch's fc without its bias
+  want = io["fx"].astype(np.float64) @ state["fc.weight"].T.astype(np.float64)
+  np.testing.assert_array_equal(np.asarray(f2), fx)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   np.savez(tmp_path / "w.npz", **state)
   again = inception.load_fid_inception(tmp_path / "w.npz")
   assert jax.tree.all(jax.tree.map(np.array_equal, again, params))
@@ -48,10 +52,31 @@ def test_features_match_pytorch_fid(tmp_path):
     inception.convert_fid_inception_state_dict(bad)
   with pytest.raises(InputError, match=r"lacks 1 layer\(s\), e.g. \['Mixed_7c/branch_pool'\]"):
     inception.convert_fid_inception_state_dict({k: v for k, v in state.items() if "Mixed_7c.branch_pool" not in k})
+  with pytest.raises(InputError, match=r"has no classifier \(fc.weight\)"):
+    inception.convert_fid_inception_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
   with pytest.raises(InputError, match=r"FID features take images \[B, H, W, 1 or 3\]"):
     inception.fid_features(params, io["x"][..., :2])
   with pytest.raises(InputError, match="pt_inception-2015-12-05-6726825d.pth and pass its path"):
     inception.load_fid_inception(tmp_path / "missing.pth")
+
+
+def test_inception_score_closed_forms():
+  """Confident predictions spread evenly over K classes score K; one class for all, or no
+  confidence, scores 1; each split is scored on its own."""
+  k, n = 7, 700
+  confident = np.zeros((n, inception.CLASSES))
+  confident[np.arange(n), np.arange(n) % k] = 60.0  # p(y|x) one-hot to 1e-23
+  mean, std = inception.inception_score(confident, splits=10)
+  assert abs(mean - k) < 1e-9 and std < 1e-9
+  assert abs(inception.inception_score(np.zeros((n, 1008)))[0] - 1.0) < 1e-12
+  same = np.zeros((n, 1008))
+  same[:, 3] = 60.0
+  assert abs(inception.inception_score(same)[0] - 1.0) < 1e-9
+  halves = np.concatenate([confident[:350], same[:350]])  # split 1..5: 7 classes, 6..10: one
+  mean, std = inception.inception_score(halves, splits=10)
+  assert abs(mean - 4.0) < 1e-6 and abs(std - 3.0) < 1e-6
+  with pytest.raises(InputError, match="N >= splits=10"):
+    inception.inception_score(confident[:5])
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
@@ -93,6 +118,7 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
     saved = json.load(f)
   assert os.path.basename(first["path"]) == "fid_ddim_2nfe_step2_seed0.json"
   assert saved["fid"] == first["fid"] > 0 and saved["num_samples"] == 8 and saved["ref_n"] == 8
+  assert 1.0 <= saved["inception_score"] <= inception.CLASSES and saved["is_splits"] == 8
   mu, sigma = fid.load_statistics(saved["ref"])
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
   again = fid.evaluate_fid(config, workdir, ref=saved["ref"], **kw)

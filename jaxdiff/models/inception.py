@@ -21,6 +21,7 @@ features for seeded weights (the fixture's README says how it was made).
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import struct
@@ -35,6 +36,7 @@ import numpy as np
 from jaxdiff.errors import InputError
 
 FEATURES = 2048
+CLASSES = 1008  # the 2015 graph's softmax (ImageNet's 1000 and 8 unused), what the Inception Score reads
 RESOLUTION = 299
 BN_EPS = 1e-3  # torchvision's BasicConv2d
 
@@ -132,12 +134,15 @@ class _MixedE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool) and 7c (FI
 
 
 class FIDInception(nn.Module):
-  """pytorch-fid's FID Inception-v3 up to its 2048-D pool features; input `[B, 299, 299, 3]`
-  in [-1, 1] (`preprocess`). Submodules carry torchvision's names (`Mixed_6b/branch7x7_1`)."""
+  """pytorch-fid's FID Inception-v3: its 2048-D pool features, and with `logits=True` also the
+  1008 class logits without the classifier's bias (what Salimans et al.'s Inception Score code
+  multiplies the pool features with; torch-fidelity's `logits_unbiased`). Input: `[B, 299, 299,
+  3]` in [-1, 1] (`preprocess`). Submodules carry torchvision's names (`Mixed_6b/branch7x7_1`,
+  `fc`)."""
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, logits: bool = False):
     c = lambda name, f, k, s=1, p=(0, 0): _Conv(f, k, s, p, dtype=self.dtype, name=name)  # noqa: E731
     x = c("Conv2d_2a_3x3", 32, (3, 3))(c("Conv2d_1a_3x3", 32, (3, 3), 2)(x.astype(self.dtype)))
     x = _max_pool(c("Conv2d_2b_3x3", 64, (3, 3), 1, (1, 1))(x))
@@ -150,7 +155,10 @@ class FIDInception(nn.Module):
     x = _MixedD(self.dtype, name="Mixed_7a")(x)
     x = _MixedE(False, self.dtype, name="Mixed_7b")(x)
     x = _MixedE(True, self.dtype, name="Mixed_7c")(x)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    feats = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if logits:
+      return feats, nn.Dense(CLASSES, use_bias=False, name="fc")(feats)  # the IS code's logits: no bias
+    return feats
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -169,24 +177,47 @@ def fid_features(params: Any, images: jax.Array, *, dtype: Any = jnp.float32) ->
   return FIDInception(dtype=dtype).apply({"params": params}, preprocess(images))
 
 
+def features_and_logits(params: Any, images: jax.Array, *, dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """`fid_features` and the 1008 class logits `[B, 1008]` (bias-free, for `inception_score`) in one pass."""
+  return FIDInception(dtype=dtype).apply({"params": params}, preprocess(images), logits=True)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+  """The Inception Score (Salimans et al. 2016) of class logits `[N, 1008]`: the mean and standard
+  deviation over `splits` equal parts of `exp(E_x KL(p(y|x) || p(y)))`, as the papers compute it
+  (10 splits of 50,000 samples). Float64, from log-softmax (no log of a rounded 0)."""
+  z = np.asarray(logits, np.float64)
+  if z.ndim != 2 or len(z) < splits or splits < 1:
+    raise InputError(f"inception_score needs logits [N, classes] with N >= splits={splits}; got {z.shape}.")
+  logp = z - z.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  scores = []
+  for part in np.array_split(logp, splits):
+    log_marginal = np.log(np.exp(part).mean(0))
+    scores.append(np.exp(np.mean(np.sum(np.exp(part) * (part - log_marginal), axis=1))))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
 def abstract_params() -> Any:
   """The parameter shapes of `FIDInception` (`jax.ShapeDtypeStruct`s; nothing is computed)."""
   x = jax.ShapeDtypeStruct((1, RESOLUTION, RESOLUTION, 3), jnp.float32)
-  return jax.eval_shape(FIDInception().init, jax.random.key(0), x)["params"]
+  return jax.eval_shape(functools.partial(FIDInception().init, logits=True), jax.random.key(0), x)["params"]
 
 
 def convert_fid_inception_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """pytorch-fid's Inception state dict (name -> array) -> `FIDInception` params (numpy, fp32).
 
   Each `<layer>.conv.weight` [O, I, kh, kw] with its `<layer>.bn.*` becomes `<layer>/conv` with
-  kernel `w * g / sqrt(v + 1e-3)` (HWIO) and bias `b - m * g / sqrt(v + 1e-3)`. The classifier
-  (`fc.*`, `AuxLogits.*`) and `num_batches_tracked` are not used. A missing layer, a leftover
-  one or a shape that differs from the network's is an InputError naming it.
+  kernel `w * g / sqrt(v + 1e-3)` (HWIO) and bias `b - m * g / sqrt(v + 1e-3)`; the classifier
+  `fc` becomes `fc` (kernel [2048, 1008]; its bias is not used, see `FIDInception`).
+  `AuxLogits.*` and `num_batches_tracked` are not used. A missing layer, a leftover one or a
+  shape that differs from the network's is an InputError naming it.
   """
   sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in state_dict.items()}
   want = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
           for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params())}
-  layers = sorted({k[:-len(".conv.weight")] for k in sd if k.endswith(".conv.weight")})
+  layers = sorted({k[:-len(".conv.weight")] for k in sd
+                   if k.endswith(".conv.weight") and not k.startswith("AuxLogits.")})
   params: dict[str, Any] = {}
   for layer in layers:
     try:
@@ -206,7 +237,15 @@ def convert_fid_inception_state_dict(state_dict: Mapping[str, np.ndarray]) -> di
     for part in name.split("/"):
       node = node.setdefault(part, {})
     node.update(kernel=kernel, bias=bias)
-  missing = sorted({n.rsplit("/conv/", 1)[0] for n in want} - {lay.replace(".", "/") for lay in layers})
+  if "fc.weight" not in sd:
+    raise InputError("FID Inception state dict has no classifier (fc.weight); pytorch-fid's "
+                     "pt_inception-2015-12-05-6726825d.pth has it (the Inception Score reads it).")
+  params["fc"] = {"kernel": np.asarray(sd["fc.weight"], np.float32).T}
+  if params["fc"]["kernel"].shape != want["fc/kernel"]:
+    raise InputError(f"FID Inception state dict: fc.weight has shape {sd['fc.weight'].shape}, not "
+                     f"({CLASSES}, {FEATURES}).")
+  missing = sorted({n.rsplit("/conv/", 1)[0] for n in want if "/conv/" in n}
+                   - {lay.replace(".", "/") for lay in layers})
   if missing:
     raise InputError(f"FID Inception state dict lacks {len(missing)} layer(s), e.g. {missing[:3]}; it is not "
                      f"pytorch-fid's Inception (pt_inception-2015-12-05-6726825d.pth).")
