@@ -198,6 +198,18 @@ def pixels_from_scaled(x: np.ndarray, centered: bool) -> np.ndarray:
   return k.astype(np.uint8)
 
 
+def write_result(path: str, result: dict[str, Any]) -> str:
+  """Writes an evaluation's summary as JSON, from the main process only, atomically (a reader never
+  sees half of it); returns `path`."""
+  if sharding.is_main_process():
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+  return path
+
+
 def _fmt_time(s: float) -> str:
   s = int(max(s, 0))
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -358,12 +370,8 @@ def evaluate_likelihood(config: ml_collections.ConfigDict, workdir: str, *, step
                   solver=solver, max_steps=max_steps)
   else:
     result.update(vlb_timesteps=vlb_timesteps, vlb_variance=vlb_variance, clip_denoised=clip_denoised)
-  out_dir = out_dir or os.path.join(workdir, "eval")
-  path = os.path.join(out_dir, f"likelihood_{method}_step{step}.json")
-  if sharding.is_main_process():
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+  path = write_result(os.path.join(out_dir or os.path.join(workdir, "eval"), f"likelihood_{method}_step{step}.json"),
+                      result)
   result["path"] = path
   log.info("Wrote %s: %.4f +- %.4f bits/dim (%s) over %d examples, %.0f NFE/batch, %.1fs.",
            path, mean, se, method, n, result["nfe_mean"], wall)

@@ -21,7 +21,6 @@ or many.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -194,12 +193,8 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
             "classifier_scale": drawn["classifier_scale"], "seed": int(sample_kw.get("seed", 0)),
             "samples": drawn["paths"].get("npz"), **ref_info, "inception": os.path.abspath(inception_path),
             "ref_s": ref_s, "sample_s": drawn["wall_s"], "features_s": time.time() - t1}
-  path = os.path.join(out_dir, f"fid_{drawn['method']}_{drawn['nfe']}nfe_step{drawn['checkpoint_step']}_seed"
-                               f"{result['seed']}.json")
-  if sharding.is_main_process():
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+  path = evaluate.write_result(os.path.join(out_dir, f"fid_{drawn['method']}_{drawn['nfe']}nfe_step"
+                                                    f"{drawn['checkpoint_step']}_seed{result['seed']}.json"), result)
   result["path"] = path
   log.info("Wrote %s: FID %.3f, Inception Score %.2f +- %.2f, of %d samples (%s, %d NFE, step %d) against %s.",
            path, value, is_mean, is_std, num_samples, drawn["method"], drawn["nfe"], drawn["checkpoint_step"],
