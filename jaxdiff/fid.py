@@ -144,7 +144,7 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
     `is_splits` = 10 parts, `inception.inception_score`), the sampler, NFE, sample count, the
     reference (file or split and count) and timings.
   """
-  from jaxdiff import generate, train, viz
+  from jaxdiff import evaluate, generate, train, viz
 
   exp = train.build_experiment(config)
   if not exp.data_spec.is_image:
@@ -182,8 +182,6 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   images = viz.to_uint8(drawn.pop("samples"), exp.centered)
   feats, logits = image_features(params, images, mesh, batch_size=feature_batch)
   mu, sigma = statistics(feats)
-  from jaxdiff import evaluate
-
   value = evaluate.frechet_distance_from_statistics(mu, sigma, mu_ref, sigma_ref)
   splits = min(10, num_samples)
   is_mean, is_std = inception.inception_score(logits, splits)
