@@ -207,8 +207,7 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
         inpaint_resample: tuple[int, int] = (1, 1), inpaint_obs_noise: float = 0.0) -> dict:
   """The evaluation as a dict (what the script prints)."""
   mesh = sharding.create_mesh({"data": -1})
-  n_shards = sharding.num_data_shards(mesh)
-  batch_size = int(math.ceil(min(batch_size, num_samples) / n_shards) * n_shards)
+  batch_size = sharding.round_up_batch(min(batch_size, num_samples), mesh)
   config, exp, params = load(workdir, mesh)
   clf_config, clf_exp, clf_params = load(classifier_workdir, mesh)
   k = exp.num_classes

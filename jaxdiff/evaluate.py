@@ -236,8 +236,7 @@ def data_batches(config: ml_collections.ConfigDict, exp, mesh, *, split: str, nu
   d = config.data
   total = data_lib.dataset_size(d.dataset, split, d.data_dir or None, d.num_examples)
   n = min(num_examples, total) if num_examples else total
-  n_shards = sharding.num_data_shards(mesh)
-  bs = int(math.ceil(min(batch_size, n) / n_shards) * n_shards)
+  bs = sharding.round_up_batch(min(batch_size, n), mesh)
   sharding.check_batch_size(bs, mesh, name="batch_size")
   host, hosts = sharding.process_shard()
   local_bs = sharding.local_batch_size(bs)

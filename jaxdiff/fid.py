@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import re
 import time
@@ -61,8 +60,7 @@ def image_features(params: Any, images: np.ndarray, mesh, *, batch_size: int = 1
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
     raise InputError(f"image_features takes uint8 images [N, H, W, C]; got {images.dtype} {images.shape}.")
-  n_shards = sharding.num_data_shards(mesh)
-  bs = int(math.ceil(min(batch_size, len(images)) / n_shards) * n_shards)
+  bs = sharding.round_up_batch(min(batch_size, len(images)), mesh)
   fn, feats, logits = make_feature_fn(mesh), [], []
   for start in range(0, len(images), bs):
     chunk = images[start:start + bs]

@@ -357,9 +357,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
   decode = latent.sample_decoder(exp.latent, mesh)  # latent diffusion: the frozen autoencoder's decoder
 
-  n_shards = sharding.num_data_shards(mesh)
-  batch_size = batch_size or min(config.sampling.batch_size, num_samples)
-  batch_size = int(math.ceil(batch_size / n_shards) * n_shards)
+  batch_size = sharding.round_up_batch(batch_size or min(config.sampling.batch_size, num_samples), mesh)
   # compiled ahead of the first batch, so the compiler's freed heap is returned first (aot)
   fn = aot.AotJit(make_sampler(exp, config, batch_size=batch_size, mesh=mesh, method=method,
                                num_steps=num_steps, options=options, guidance_scale=guidance_scale,

@@ -75,6 +75,12 @@ def num_data_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in DATA_AXES)
 
 
+def round_up_batch(batch: int, mesh: Mesh) -> int:
+  """`batch` rounded up to a multiple of the data shards (the global batch a padded last batch fills)."""
+  n = num_data_shards(mesh)
+  return int(math.ceil(batch / n) * n)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Leading (batch) axis over all data-like axes; the rest replicated."""
   return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))

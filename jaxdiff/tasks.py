@@ -798,9 +798,7 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
   mesh = sharding.create_mesh(config.mesh.to_dict())
   step, params = evaluate.restore_ema_params(config, workdir, exp, mesh, step=step)
   vae_params = None if exp.latent is None else latent.load_params(exp.latent, mesh)
-  n_shards = sharding.num_data_shards(mesh)
-  bs = min(int(batch_size or config.sampling.batch_size), n)
-  bs = int(math.ceil(bs / n_shards) * n_shards)
+  bs = sharding.round_up_batch(min(int(batch_size or config.sampling.batch_size), n), mesh)
   fn = jax.jit(run, out_shardings=(sharding.batch_sharding(mesh, 4), sharding.replicated(mesh)))
 
   def put(a):  # every process holds the whole (small) input: each gives its devices' rows
