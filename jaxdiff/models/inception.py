@@ -29,6 +29,7 @@ import zipfile
 from typing import Any, Mapping
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,11 +215,10 @@ def convert_fid_inception_state_dict(state_dict: Mapping[str, np.ndarray]) -> di
   shape that differs from the network's is an InputError naming it.
   """
   sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in state_dict.items()}
-  want = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params())}
+  want = {name: leaf.shape for name, leaf in traverse_util.flatten_dict(abstract_params(), sep="/").items()}
   layers = sorted({k[:-len(".conv.weight")] for k in sd
                    if k.endswith(".conv.weight") and not k.startswith("AuxLogits.")})
-  params: dict[str, Any] = {}
+  flat: dict[str, np.ndarray] = {}
   for layer in layers:
     try:
       w, g, b, m, v = (sd[f"{layer}.{n}"].astype(np.float64) for n in
@@ -233,15 +233,12 @@ def convert_fid_inception_state_dict(state_dict: Mapping[str, np.ndarray]) -> di
           f"has kernel {kernel.shape} (HWIO), the network {want[name + '/kernel']}")
       raise InputError(f"FID Inception state dict: {layer!r} {what}; load pytorch-fid's "
                        f"pt_inception-2015-12-05 weights (FIDInception is that network).")
-    node = params
-    for part in name.split("/"):
-      node = node.setdefault(part, {})
-    node.update(kernel=kernel, bias=bias)
+    flat[name + "/kernel"], flat[name + "/bias"] = kernel, bias
   if "fc.weight" not in sd:
     raise InputError("FID Inception state dict has no classifier (fc.weight); pytorch-fid's "
                      "pt_inception-2015-12-05-6726825d.pth has it (the Inception Score reads it).")
-  params["fc"] = {"kernel": np.asarray(sd["fc.weight"], np.float32).T}
-  if params["fc"]["kernel"].shape != want["fc/kernel"]:
+  flat["fc/kernel"] = np.asarray(sd["fc.weight"], np.float32).T
+  if flat["fc/kernel"].shape != want["fc/kernel"]:
     raise InputError(f"FID Inception state dict: fc.weight has shape {sd['fc.weight'].shape}, not "
                      f"({CLASSES}, {FEATURES}).")
   missing = sorted({n.rsplit("/conv/", 1)[0] for n in want if "/conv/" in n}
@@ -249,7 +246,7 @@ def convert_fid_inception_state_dict(state_dict: Mapping[str, np.ndarray]) -> di
   if missing:
     raise InputError(f"FID Inception state dict lacks {len(missing)} layer(s), e.g. {missing[:3]}; it is not "
                      f"pytorch-fid's Inception (pt_inception-2015-12-05-6726825d.pth).")
-  return params
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def load_fid_inception(path: str | os.PathLike[str]) -> dict[str, Any]:
