@@ -153,20 +153,20 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   mesh = sharding.create_mesh(config.mesh.to_dict())
   out_dir = out_dir or os.path.join(workdir, "eval")
   params = load_inception(inception_path, mesh)
-  t0 = time.time()
+  t0, split = time.time(), split or config.data.split
   if ref:
     mu_ref, sigma_ref = load_statistics(ref)
     ref_info = {"ref": ref}
   else:
     feats = dataset_features(config, exp, params, mesh, split=split, num_examples=num_ref, batch_size=feature_batch)
     mu_ref, sigma_ref = statistics(feats)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"fid_stats_{config.data.dataset}_{split or config.data.split}")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"fid_stats_{config.data.dataset}_{split}")
     path = os.path.join(out_dir, f"{name}_{len(feats)}.npz")
     if sharding.is_main_process():
       os.makedirs(out_dir, exist_ok=True)
-      save_statistics(path, mu_ref, sigma_ref, dataset=config.data.dataset, split=split or config.data.split,
+      save_statistics(path, mu_ref, sigma_ref, dataset=config.data.dataset, split=split,
                       n=len(feats))
-    ref_info = {"ref": path, "ref_split": split or config.data.split, "ref_n": int(len(feats))}
+    ref_info = {"ref": path, "ref_split": split, "ref_n": int(len(feats))}
     log.info("Wrote the data's FID statistics to %s (%d images); pass --fid_ref=%s to reuse them.", path,
              len(feats), path)
   ref_s = time.time() - t0

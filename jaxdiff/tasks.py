@@ -68,6 +68,7 @@ Project = Callable[[Array, Array, Array], Array]
 
 TASKS = ("inpaint", "outpaint", "colorize", "sdedit", "superres")
 LATENT_TASKS = ("inpaint", "outpaint", "sdedit")  # the tasks a latent diffusion model runs (in its latents)
+CONDITIONED_TASKS = ("inpaint", "outpaint", "colorize")  # known values to condition on: conditioning=, resample=
 
 
 # --------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def _conditioned(process: Process, score_fn: ScoreFn, known: Array, mask: Array,
     if not isinstance(cg_steps, (int, np.integer)) or cg_steps < 1:
       raise InputError(f"cg_steps={cg_steps!r} must be an integer >= 1 (conjugate-gradient iterations of "
                        f"conditioning='tweedie'; e.g. 5).")
-    score_fn = tweedie_score_fn(process, score_fn, known, mask, cg_steps=int(cg_steps), obs_noise=float(obs_noise),
+    score_fn = tweedie_score_fn(process, score_fn, known, mask, cg_steps=int(cg_steps), obs_noise=obs_noise,
                                 to_space=to_space, from_space=from_space)
     project = None
   else:
@@ -679,12 +680,12 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     strength = check_strength(0.5 if strength is None else strength)
   elif strength is not None:
     raise InputError(f"--strength={strength} is only read by --task=sdedit (got --task={task}); drop it.")
-  if conditioning != "replace" and task not in ("inpaint", "outpaint", "colorize"):
+  if conditioning != "replace" and task not in CONDITIONED_TASKS:
     raise InputError(f"--conditioning={conditioning} applies to inpaint, outpaint and colorize, not --task={task}.")
   if obs_noise and conditioning != "tweedie":
     raise InputError(f"--obs_noise={obs_noise:g} (noisy known values) needs --conditioning=tweedie, not "
                      f"--conditioning={conditioning}.")
-  if (resample, jump_length) != (1, 1) and task not in ("inpaint", "outpaint", "colorize"):
+  if (resample, jump_length) != (1, 1) and task not in CONDITIONED_TASKS:
     raise InputError(f"--resample={resample} --jump_length={jump_length} (RePaint's resampling) applies to inpaint, "
                      f"outpaint and colorize, not --task={task}; drop them.")
 
