@@ -148,6 +148,7 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   if not exp.data_spec.is_image:
     raise InputError(f"--mode=fid scores images, but {workdir!r} models {config.data.dataset!r} vectors; use "
                      f"--mode=likelihood for it.")
+  generate.check_draws_samples(exp, workdir)  # before any data are read
   if num_samples < 2:
     raise InputError(f"--num_samples={num_samples} must be >= 2 for FID (50000 in the papers).")
   mesh = sharding.create_mesh(config.mesh.to_dict())

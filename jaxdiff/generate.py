@@ -289,6 +289,22 @@ def load_classifier(workdir: str, mesh, *, step: int | None = None):
   return exp, params
 
 
+def check_draws_samples(exp, workdir: str) -> None:
+  """An InputError unless the run in `workdir` (`exp`) draws samples unconditionally of inputs:
+  a classifier, an autoencoder or a super-resolution model does not."""
+  if exp.is_classifier:
+    raise InputError(f"--workdir={workdir!r} holds a noise-conditional classifier, which does not draw "
+                     f"samples; pass it as --classifier_workdir of a diffusion model's run.")
+  if exp.is_autoencoder:
+    raise InputError(f"--workdir={workdir!r} holds an autoencoder, which does not draw samples; train a latent "
+                     f"diffusion model in it with --config.latent.autoencoder=jaxdiff:{workdir} (e.g. "
+                     f"configs/mnist_latent.py).")
+  if exp.cond_resolution:
+    raise InputError(f"--workdir={workdir!r} holds a super-resolution model (config.data.cond_resolution="
+                     f"{exp.cond_resolution}), which needs low-resolution inputs; use run_sample.py --task "
+                     f"superres --input=PATH.")
+
+
 def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
              method: str | None = None, num_steps: int | None = None, num_samples: int = 64,
              seed: int = 0, batch_size: int | None = None, options: dict | None = None,
@@ -318,17 +334,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
                              what="config or flag")
   aot.use_compilation_cache(config.get("compilation_cache_dir", ""))  # the training run's cache
   exp = train.build_experiment(config)
-  if exp.is_classifier:
-    raise InputError(f"--workdir={workdir!r} holds a noise-conditional classifier, which does not draw "
-                     f"samples; pass it as --classifier_workdir of a diffusion model's run.")
-  if exp.is_autoencoder:
-    raise InputError(f"--workdir={workdir!r} holds an autoencoder, which does not draw samples; train a latent "
-                     f"diffusion model in it with --config.latent.autoencoder=jaxdiff:{workdir} (e.g. "
-                     f"configs/mnist_latent.py).")
-  if exp.cond_resolution:
-    raise InputError(f"--workdir={workdir!r} holds a super-resolution model (config.data.cond_resolution="
-                     f"{exp.cond_resolution}), which needs low-resolution inputs; use run_sample.py --task "
-                     f"superres --input=PATH.")
+  check_draws_samples(exp, workdir)
   if num_samples < 1:
     raise InputError(f"--num_samples={num_samples} must be >= 1.")
   k = exp.num_classes

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from jaxdiff import configs as config_lib
-from jaxdiff import generate, losses, processes, train
+from jaxdiff import fid, generate, losses, processes, train
 from jaxdiff.errors import ConfigError, InputError
 from jaxdiff.models import MLP, NoiseClassifier, UNet
 
@@ -231,6 +231,8 @@ def test_generate_bad_inputs(runs):
       generate.generate(config, workdir, num_samples=8, **kw)
   with pytest.raises(InputError, match="holds a noise-conditional classifier, which does not draw samples"):
     generate.generate(clf_config, clf_dir)
+  with pytest.raises(InputError, match="holds a noise-conditional classifier, which does not draw samples"):
+    fid.evaluate_fid(clf_config, clf_dir, inception_path="not_read.pth")  # refused before any weights or data
 
 
 def test_run_sample_cli_with_labels_and_guidance(runs, tmp_path):
