@@ -11,7 +11,8 @@ as saved; the data are the training split's (`config.data.split`, the convention
 and score_sde papers; `num_ref` caps it) read undequantized, so both are 8-bit images seen
 the same way. The Inception Score (Salimans et al. 2016) of the same samples comes with it,
 from the same network's class logits (`inception.inception_score`, 10 splits, the bias-free
-logits of the original code). The data's statistics are written to
+logits of the original code); `metrics` adds KID (`kernel_inception_distance`) and improved
+precision, recall, density and coverage (`precision_recall`). The data's statistics are written to
 `<out_dir>/fid_stats_<dataset>_<split>_<n>.npz` (`mu`, `sigma`: pytorch-fid's format); pass
 that file (or pytorch-fid's own precomputed statistics) as `ref` to skip the data next time.
 Every step that touches devices is one jitted, batch-sharded call over the mesh, on one host
@@ -25,7 +26,7 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ from jaxdiff.errors import InputError
 from jaxdiff.models import inception
 
 log = logging.getLogger(__name__)
+
+METRICS = ("kid", "prdc")  # evaluate_fid's optional metrics, besides FID and the Inception Score
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's and clean-fid's
 
 
 def load_inception(path: str, mesh) -> Any:
@@ -96,6 +100,112 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return f.mean(0), np.cov(f, rowvar=False)
 
 
+def _sq_dists(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Squared Euclidean distances `[len(a), len(b)]` (float32 products at full precision: no TF32)."""
+  ab = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * ab, 0.0)
+
+
+def _row_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """`x` `[n, d]` zero-padded to `[ceil(n / block), block, d]` and its validity mask."""
+  n = x.shape[0]
+  pad = -n % block
+  valid = jnp.arange(n + pad) < n
+  return jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, block, x.shape[1]), valid.reshape(-1, block)
+
+
+def _kth_neighbour_sq(x: jax.Array, ks: tuple[int, ...], block: int) -> jax.Array:
+  """Squared distances `[len(ks), n]` from each row of `x` to its k-th nearest other row, for each k
+  in `ks` (a duplicate row counts, at distance 0)."""
+  queries, _ = _row_blocks(x, block)
+  # a row's k + 1 smallest distances include its own, 0
+  out = jax.lax.map(lambda q: -jax.lax.top_k(-_sq_dists(q, x), max(ks) + 1)[0][:, jnp.array(ks)], queries)
+  return out.reshape(-1, len(ks))[:x.shape[0]].T
+
+
+@functools.partial(jax.jit, static_argnames=("k", "dc_k", "block"))
+def _prdc(real: jax.Array, fake: jax.Array, k: int, dc_k: int, block: int) -> dict[str, jax.Array]:
+  center = jnp.mean(real, 0)  # distances do not move; smaller norms, less cancellation in _sq_dists
+  real, fake = real - center, fake - center
+  radius_real, radius_real_dc = _kth_neighbour_sq(real, (k, dc_k), block)
+  fakes, valid = _row_blocks(fake, block)
+  radii = jnp.pad(_kth_neighbour_sq(fake, (k,), block)[0], (0, valid.size - fake.shape[0])).reshape(valid.shape)
+
+  def body(carry, xs):
+    recalled, nearest = carry
+    f, ok, r = xs
+    d2 = _sq_dists(f, real)  # [block, N]
+    in_manifold = jnp.any(d2 <= radius_real[None, :], 1) & ok  # fake j inside some real ball
+    counts = jnp.sum(d2 <= radius_real_dc[None, :], 1) * ok  # real balls (dc_k) holding fake j
+    recalled = recalled | jnp.any((d2 <= r[:, None]) & ok[:, None], 0)  # real i inside some fake ball
+    nearest = jnp.minimum(nearest, jnp.min(jnp.where(ok[:, None], d2, jnp.inf), 0))
+    return (recalled, nearest), (in_manifold, counts)
+
+  init = (jnp.zeros(real.shape[0], bool), jnp.full(real.shape[0], jnp.inf, real.dtype))
+  (recalled, nearest), (in_manifold, counts) = jax.lax.scan(body, init, (fakes, valid, radii))
+  return {"precision": jnp.sum(in_manifold), "recall": jnp.sum(recalled), "density": jnp.sum(counts),
+          "coverage": jnp.sum(nearest <= radius_real_dc)}  # counts; divided on the host
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int = 3, dc_k: int = 5,
+                     block: int = 1024) -> dict[str, float]:
+  """Improved precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al.
+  2020) of `fake` features `[M, d]` against `real` ones `[N, d]`.
+
+  A point's ball reaches its k-th nearest neighbour in its own set. precision: the fraction of
+  fakes inside some real ball; recall: the fraction of reals inside some fake ball (k = 3,
+  Kynkaanniemi et al.'s and the ADM evaluator's). density: the fakes' mean count of real balls
+  holding them, over dc_k (about 1 when the distributions match, above 1 where fakes crowd
+  into dense regions); coverage: the fraction of real balls holding a fake (dc_k = 5, Naeem et
+  al.'s). One jitted call on the default device, `block` rows at a time ([block, N] distances
+  in memory); the work is three distance products, N x N, M x M and M x N, each of d.
+  """
+  real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise InputError(f"precision_recall takes features [N, d] and [M, d]; got {real.shape} and {fake.shape}.")
+  for name, v in (("k", k), ("dc_k", dc_k)):
+    if not 1 <= v < min(len(real), len(fake)):
+      raise InputError(f"precision_recall's {name}={v} must be >= 1 and below both set sizes ({len(real)} real, "
+                       f"{len(fake)} fake): each ball reaches the {name}-th nearest other point.")
+  out = _prdc(jnp.asarray(real), jnp.asarray(fake), k=k, dc_k=dc_k, block=min(block, max(len(real), len(fake))))
+  n, m = len(real), len(fake)
+  return {"precision": int(out["precision"]) / m, "recall": int(out["recall"]) / n,
+          "density": int(out["density"]) / (dc_k * m), "coverage": int(out["coverage"]) / n}
+
+
+@jax.jit
+def _mmd_row_sums(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  d = x.shape[1]
+  kernel = lambda a, b: (jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST) / d + 1.0) ** 3
+  kxx, kyy = kernel(x, x), kernel(y, y)
+  return (jnp.sum(kxx, 1) - jnp.diagonal(kxx), jnp.sum(kyy, 1) - jnp.diagonal(kyy), jnp.sum(kernel(x, y), 1))
+
+
+def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, *, subsets: int = KID_SUBSETS,
+                              subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
+  """KID (Binkowski et al. 2018): the unbiased MMD^2 between `real` and `fake` features under the
+  kernel `(x . y / d + 1)^3`, averaged over `subsets` random subsets of `min(subset_size, N, M)`
+  points of each (drawn without replacement); returns (mean, std over subsets), the
+  convention of torch-fidelity and clean-fid (100 subsets of 1000). Unlike FID it has no bias
+  at small sample counts: its expectation is the population MMD^2 (0 for equal distributions).
+  """
+  real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise InputError(f"kernel_inception_distance takes features [N, d] and [M, d]; got {real.shape} and "
+                     f"{fake.shape}.")
+  m = min(subset_size, len(real), len(fake))
+  if m < 2 or subsets < 1:
+    raise InputError(f"kernel_inception_distance needs subsets >= 1 of >= 2 points; got subsets={subsets}, "
+                     f"subset_size={subset_size} with {len(real)} real and {len(fake)} fake features.")
+  rng, values = np.random.default_rng(seed), []
+  for _ in range(subsets):
+    x = real[rng.choice(len(real), m, replace=False)]
+    y = fake[rng.choice(len(fake), m, replace=False)]
+    sxx, syy, sxy = (np.sum(np.asarray(v, np.float64)) for v in _mmd_row_sums(x, y))
+    values.append((sxx + syy) / (m * (m - 1)) - 2.0 * sxy / (m * m))
+  return float(np.mean(values)), float(np.std(values))
+
+
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, **meta) -> str:
   """Writes `mu`, `sigma` (pytorch-fid's keys) and `meta` to `path` atomically; returns the path."""
   tmp = f"{path}.tmp-{os.getpid()}.npz"
@@ -104,8 +214,10 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, **meta) -> str
   return path
 
 
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) from an .npz with those keys (this module's, or pytorch-fid's precomputed ones)."""
+def load_statistics(path: str, *, features: bool = False):
+  """(mu, sigma) from an .npz with those keys (this module's, or pytorch-fid's precomputed ones);
+  with `features`, (mu, sigma, features `[N, 2048]`), for which the file must hold `features`
+  (this module writes them when KID or precision/recall are asked for)."""
   if not os.path.isfile(path):
     raise InputError(f"--fid_ref={path!r} is not a file; give an .npz with 'mu' and 'sigma' (written by a "
                      f"previous --mode fid run as fid_stats_*.npz, or pytorch-fid's), or leave it out to "
@@ -114,15 +226,23 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if "mu" not in f or "sigma" not in f:
       raise InputError(f"--fid_ref={path!r} has keys {sorted(f.keys())}; it needs 'mu' and 'sigma'.")
     mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+    if features and "features" not in f:
+      raise InputError(f"--fid_ref={path!r} holds only the data's mean and covariance; KID and precision/recall "
+                       f"need its features: leave --fid_ref out once with --fid_metrics set, and the run saves "
+                       f"them (fid_stats_*_feats.npz) for later runs.")
+    feats = np.asarray(f["features"], np.float32) if features else None
+  if features and (feats.ndim != 2 or feats.shape[1] != inception.FEATURES):
+    raise InputError(f"--fid_ref={path!r} holds features of shape {feats.shape}, not [N, {inception.FEATURES}].")
   if mu.shape != (inception.FEATURES,) or sigma.shape != (inception.FEATURES,) * 2:
     raise InputError(f"--fid_ref={path!r} holds statistics of shapes {mu.shape} and {sigma.shape}, not of "
                      f"{inception.FEATURES}-D Inception pool features.")
-  return mu, sigma
+  return (mu, sigma, feats) if features else (mu, sigma)
 
 
 def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_path: str, ref: str | None = None,
                  split: str | None = None, num_ref: int | None = None, num_samples: int = 10_000,
-                 feature_batch: int = 100, out_dir: str | None = None, **sample_kw) -> dict[str, Any]:
+                 feature_batch: int = 100, metrics: Sequence[str] = (), out_dir: str | None = None,
+                 **sample_kw) -> dict[str, Any]:
   """FID of `num_samples` samples of the run in `workdir` against the data (or `ref` statistics).
 
   Args:
@@ -132,6 +252,10 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
       `config.data.split`), its first `num_ref` images (None: all), and written to out_dir.
     num_samples: samples to draw (50,000 in the papers; FID is biased upwards at small N).
     feature_batch: images per Inception call (global, over all devices).
+    metrics: more metrics of the same features (METRICS): "kid" (`kernel_inception_distance`),
+      "prdc" (`precision_recall`: precision, recall, density, coverage). They need the data's
+      features, not only their statistics: the file written then is `..._feats.npz` and holds
+      them, and a `ref` must be such a file.
     out_dir: where the JSON and the statistics go (default `<workdir>/eval`).
     **sample_kw: `generate.generate`'s sampling arguments (step, method, num_steps, seed,
       batch_size, options, labels, guidance_scale, classifier_workdir, classifier_scale).
@@ -144,6 +268,11 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   """
   from jaxdiff import evaluate, generate, train, viz
 
+  metrics = tuple(metrics)
+  unknown = sorted(set(metrics) - set(METRICS))
+  if unknown:
+    raise InputError(f"--fid_metrics={','.join(metrics)} names {unknown}; the metrics besides FID and the Inception "
+                     f"Score are {list(METRICS)}.")
   exp = train.build_experiment(config)
   if not exp.data_spec.is_image:
     raise InputError(f"--mode=fid scores images, but {workdir!r} models {config.data.dataset!r} vectors; use "
@@ -156,20 +285,21 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   params = load_inception(inception_path, mesh)
   t0, split = time.time(), split or config.data.split
   if ref:
-    mu_ref, sigma_ref = load_statistics(ref)
-    ref_info = {"ref": ref}
+    mu_ref, sigma_ref, *rest = load_statistics(ref, features=bool(metrics))
+    ref_feats, ref_info = (rest or [None])[0], {"ref": ref}
   else:
-    feats = dataset_features(config, exp, params, mesh, split=split, num_examples=num_ref, batch_size=feature_batch)
-    mu_ref, sigma_ref = statistics(feats)
+    ref_feats = dataset_features(config, exp, params, mesh, split=split, num_examples=num_ref,
+                                 batch_size=feature_batch)
+    mu_ref, sigma_ref = statistics(ref_feats)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"fid_stats_{config.data.dataset}_{split}")
-    path = os.path.join(out_dir, f"{name}_{len(feats)}.npz")
+    path = os.path.join(out_dir, f"{name}_{len(ref_feats)}{'_feats' if metrics else ''}.npz")
     if sharding.is_main_process():
       os.makedirs(out_dir, exist_ok=True)
-      save_statistics(path, mu_ref, sigma_ref, dataset=config.data.dataset, split=split,
-                      n=len(feats))
-    ref_info = {"ref": path, "ref_split": split, "ref_n": int(len(feats))}
-    log.info("Wrote the data's FID statistics to %s (%d images); pass --fid_ref=%s to reuse them.", path,
-             len(feats), path)
+      save_statistics(path, mu_ref, sigma_ref, dataset=config.data.dataset, split=split, n=len(ref_feats),
+                      **({"features": ref_feats} if metrics else {}))
+    ref_info = {"ref": path, "ref_split": split, "ref_n": int(len(ref_feats))}
+    log.info("Wrote the data's FID statistics%s to %s (%d images); pass --fid_ref=%s to reuse them.",
+             " and features" if metrics else "", path, len(ref_feats), path)
   ref_s = time.time() - t0
 
   if num_samples < inception.FEATURES:
@@ -184,16 +314,26 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   value = evaluate.frechet_distance_from_statistics(mu, sigma, mu_ref, sigma_ref)
   splits = min(10, num_samples)
   is_mean, is_std = inception.inception_score(logits, splits)
+  extra, t2 = {}, time.time()
+  if "kid" in metrics:
+    kid, kid_std = kernel_inception_distance(ref_feats, feats, seed=int(sample_kw.get("seed", 0)))
+    extra.update(kid=kid, kid_std=kid_std, kid_subsets=KID_SUBSETS,
+                 kid_subset_size=min(KID_SUBSET_SIZE, len(ref_feats), len(feats)))
+  if "prdc" in metrics:
+    extra.update(precision_recall(ref_feats, feats), prdc_k=3, prdc_dc_k=5)
   result = {"fid": value, "inception_score": is_mean, "inception_score_std": is_std, "is_splits": splits,
             "num_samples": num_samples, "method": drawn["method"], "nfe": drawn["nfe"],
             "checkpoint_step": drawn["checkpoint_step"], "guidance_scale": drawn["guidance_scale"],
             "classifier_scale": drawn["classifier_scale"], "seed": int(sample_kw.get("seed", 0)),
             "samples": drawn["paths"].get("npz"), **ref_info, "inception": os.path.abspath(inception_path),
-            "ref_s": ref_s, "sample_s": drawn["wall_s"], "features_s": time.time() - t1}
+            **extra, "ref_s": ref_s, "sample_s": drawn["wall_s"], "features_s": t2 - t1,
+            "metrics_s": time.time() - t2}
   path = evaluate.write_result(os.path.join(out_dir, f"fid_{drawn['method']}_{drawn['nfe']}nfe_step"
                                                     f"{drawn['checkpoint_step']}_seed{result['seed']}.json"), result)
   result["path"] = path
   log.info("Wrote %s: FID %.3f, Inception Score %.2f +- %.2f, of %d samples (%s, %d NFE, step %d) against %s.",
            path, value, is_mean, is_std, num_samples, drawn["method"], drawn["nfe"], drawn["checkpoint_step"],
            result["ref"])
+  if extra:
+    log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
   return result

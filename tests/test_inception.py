@@ -113,16 +113,26 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
   config, workdir = tiny_run
   kw = dict(inception_path=str(tmp_path / "inception.npz"), num_samples=8, method="ddim", num_steps=2,
             feature_batch=8, out_dir=str(tmp_path / "eval"))
-  first = fid.evaluate_fid(config, workdir, num_ref=8, **kw)
+  first = fid.evaluate_fid(config, workdir, num_ref=8, metrics=["kid", "prdc"], **kw)
   with open(first["path"]) as f:
     saved = json.load(f)
   assert os.path.basename(first["path"]) == "fid_ddim_2nfe_step2_seed0.json"
   assert saved["fid"] == first["fid"] > 0 and saved["num_samples"] == 8 and saved["ref_n"] == 8
   assert 1.0 <= saved["inception_score"] <= inception.CLASSES and saved["is_splits"] == 8
-  mu, sigma = fid.load_statistics(saved["ref"])
-  assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
-  again = fid.evaluate_fid(config, workdir, ref=saved["ref"], **kw)
-  assert again["fid"] == first["fid"] and again["ref"] == saved["ref"]
+  assert saved["kid_subset_size"] == 8 and np.isfinite(saved["kid"]) and saved["kid_std"] >= 0
+  assert all(0 <= saved[k] <= 1 for k in ("precision", "recall", "coverage")) and saved["density"] >= 0
+  assert saved["ref"].endswith("fid_stats_shapes_train_8_feats.npz"), saved["ref"]
+  mu, sigma, feats = fid.load_statistics(saved["ref"], features=True)
+  assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and feats.shape == (8, 2048)
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6, atol=1e-9)
+  again = fid.evaluate_fid(config, workdir, ref=saved["ref"], metrics=["prdc"], **kw)
+  assert all(again[k] == first[k] for k in ("fid", "precision", "recall", "density", "coverage"))
+  assert again["ref"] == saved["ref"] and "kid" not in again
+  plain = fid.save_statistics(str(tmp_path / "plain.npz"), mu, sigma)  # pytorch-fid's: no features
+  with pytest.raises(InputError, match=r"holds only the data's mean and covariance; KID and precision/recall"):
+    fid.evaluate_fid(config, workdir, ref=plain, metrics=["kid"], **kw)
+  with pytest.raises(InputError, match=r"--fid_metrics=kid,fd names \['fd'\]; the metrics besides"):
+    fid.evaluate_fid(config, workdir, metrics=["kid", "fd"], **kw)
 
   self_fid = evaluate.frechet_distance_from_statistics(mu, sigma, mu, sigma)
   assert abs(self_fid) < 1e-5 * np.trace(sigma), (self_fid, np.trace(sigma))  # rank 7 of 2048: rounding only
@@ -131,3 +141,77 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
     fid.load_statistics(str(tmp_path / "bad.npz"))
   with pytest.raises(InputError, match=r"--fid_ref='nope.npz' is not a file"):
     fid.evaluate_fid(config, workdir, ref="nope.npz", **kw)
+
+
+def _gaussian_kernel_mean(mx, sx, my, sy):
+  """E[(x . y / d + 1)^3] for independent x ~ N(mx, sx), y ~ N(my, sy): s = x . y has E s = mx . my,
+  E s^2 = tr((sx + mx mx^T)(sy + my my^T)) and, given y, s ~ N(mx . y, y^T sx y), so E s^3 =
+  m^3 + 3 m (mx^T sy mx + my^T sx my + tr(sx sy)) + 6 mx^T sy sx my with m = mx . my."""
+  d, m = len(mx), mx @ my
+  s2 = np.trace((sx + np.outer(mx, mx)) @ (sy + np.outer(my, my)))
+  s3 = m ** 3 + 3 * m * (mx @ sy @ mx + my @ sx @ my + np.trace(sx @ sy)) + 6 * mx @ sy @ sx @ my
+  return 1 + 3 * m / d + 3 * s2 / d ** 2 + s3 / d ** 3
+
+
+def test_kid_is_the_unbiased_mmd_of_its_kernel():
+  """KID's subset estimate is unbiased: averaged over independent draws it equals the closed-form
+  MMD^2 of two 4-D Gaussians under (x . y / d + 1)^3, and 0 for equal ones (with the kernel's
+  diagonal left in, the estimate would be ~3.0 here, not 1.02)."""
+  from jaxdiff import fid
+
+  rng, d, m, reps = np.random.default_rng(0), 4, 10, 1000
+  gauss = []
+  for _ in range(2):
+    a = rng.normal(size=(d, d)) * 0.5
+    gauss.append((rng.normal(size=d) * 0.3, a @ a.T + 0.2 * np.eye(d)))
+  (mx, sx), (my, sy) = gauss
+  exact = (_gaussian_kernel_mean(mx, sx, mx, sx) + _gaussian_kernel_mean(my, sy, my, sy)
+           - 2 * _gaussian_kernel_mean(mx, sx, my, sy))
+  for (ma, sa), want in (((my, sy), exact), ((mx, sx), 0.0)):
+    draws = [fid.kernel_inception_distance(rng.multivariate_normal(mx, sx, m), rng.multivariate_normal(ma, sa, m),
+                                           subsets=1, subset_size=m, seed=r)[0] for r in range(reps)]
+    se = np.std(draws) / np.sqrt(reps)
+    assert abs(np.mean(draws) - want) < 4 * se, (np.mean(draws), want, se)
+  assert exact > 15 * se
+  # constant sets: k = (3/3 + 1)^3 = 8 within the first, (12/3 + 1)^3 = 125 within the second, 27 across
+  mean, std = fid.kernel_inception_distance(np.ones((30, 3)), np.ones((40, 3)) * 2, subsets=7)
+  assert np.isclose(mean, 8 + 125 - 2 * 27, rtol=1e-6) and std < 1e-4, (mean, std)
+  with pytest.raises(InputError, match=r"subsets=1, subset_size=1000 with 1 real"):
+    fid.kernel_inception_distance(np.ones((1, 3)), np.ones((5, 3)), subsets=1)
+
+
+def _prdc_by_brute_force(real, fake, k, dc_k):
+  dist = lambda a, b: np.sqrt(np.sum((a[:, None].astype(np.float64) - b[None]) ** 2, -1))
+  within = np.sort(dist(real, real), 1)  # column 0: the point itself
+  radius_fake = np.sort(dist(fake, fake), 1)[:, k]
+  cross = dist(fake, real)  # [M, N]
+  return {"precision": np.mean(np.any(cross <= within[None, :, k], 1)),
+          "recall": np.mean(np.any(cross <= radius_fake[:, None], 0)),
+          "density": np.sum(cross <= within[None, :, dc_k]) / (dc_k * len(fake)),
+          "coverage": np.mean(np.min(cross, 0) <= within[:, dc_k])}
+
+
+def test_precision_recall_density_coverage():
+  """precision_recall equals a brute-force reading of the definitions (blocks padded at the end),
+  and reads mode dropping as such: fakes from 2 of the data's 4 clusters keep precision and
+  density, and halve recall and coverage."""
+  from jaxdiff import fid
+
+  rng = np.random.default_rng(0)
+  real, fake = rng.normal(size=(300, 8)), rng.normal(size=(211, 8)) * 1.3 + 0.2
+  got, want = fid.precision_recall(real, fake, block=64), _prdc_by_brute_force(real, fake, 3, 5)
+  for name in want:
+    assert abs(got[name] - want[name]) <= 1.01 / 211, (name, got[name], want[name])
+
+  centers = np.eye(8)[:4] * 20.0
+  data = lambda clusters, n: (centers[clusters][:, None] + rng.normal(size=(len(clusters), n, 8))).reshape(-1, 8)
+  real = data([0, 1, 2, 3], 300)
+  matched, dropped = (fid.precision_recall(real, data(c, 300)) for c in ([0, 1, 2, 3], [0, 1]))
+  assert 0.6 < matched["precision"] and 0.6 < matched["recall"] and 0.8 < matched["density"] < 1.2
+  assert abs(dropped["precision"] - matched["precision"]) < 0.05 and dropped["recall"] <= 0.5
+  assert abs(dropped["density"] - matched["density"]) < 0.1 and dropped["coverage"] <= 0.5
+  assert abs(dropped["recall"] - matched["recall"] / 2) < 0.05
+  with pytest.raises(InputError, match=r"k=300 must be >= 1 and below both set sizes \(1200 real, 300 fake\)"):
+    fid.precision_recall(real, real[:300], k=300)
+  with pytest.raises(InputError, match=r"takes features \[N, d\] and \[M, d\]; got \(1200, 8\) and \(5, 7\)"):
+    fid.precision_recall(real, real[:5, :7])
