@@ -14,7 +14,7 @@ and their Inception Score to <workdir>/eval/fid_<method>_<nfe>nfe_step<step>_see
 Inception weights, read without torch; the data's statistics are saved for --fid_ref):
 
   python run_sample.py --workdir runs/cifar10 --mode fid --num_samples 50000 --sampler ddim --steps 100 \
-      --inception pt_inception-2015-12-05-6726825d.pth [--fid_metrics kid,prdc]
+      --inception pt_inception-2015-12-05-6726825d.pth [--fid_metrics kid,prdc] [--fid_steps all]
 
 Class-conditional models (configs/mnist_cond.py) draw the --labels given (cycled over
 --num_samples; default every class in turn, 'null' = unconditional) with classifier-free
@@ -77,6 +77,9 @@ _FID_SPLIT = flags.DEFINE_string("fid_split", None, "--mode=fid: the data split 
 _FID_METRICS = flags.DEFINE_list("fid_metrics", [], "--mode=fid: metrics besides FID and the Inception Score: "
                                 "kid (Kernel Inception Distance), prdc (precision, recall, density, coverage). "
                                 "They need the data's features: saved as fid_stats_*_feats.npz for --fid_ref.")
+_FID_STEPS = flags.DEFINE_list("fid_steps", None, "--mode=fid: score each of these checkpoint steps ('all': every "
+                              "one the run kept) with the same samples' seed and reference, and write the curve "
+                              "(fid_curve_*.json); instead of --step.")
 _LMETHOD = flags.DEFINE_enum("likelihood_method", "ode", ["ode", "vlb"],
                              "Probability-flow ODE, or the DDPM variational bound.")
 _NUM_EX = flags.DEFINE_integer("num_examples", None, "Test examples to evaluate (default: the whole split).")
@@ -129,13 +132,18 @@ def main(argv):
         raise errors.InputError("--mode=fid needs --inception=PATH, pytorch-fid's weights: download https://github."
                                 "com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-"
                                 "6726825d.pth")
-      fid.evaluate_fid(config, _WORKDIR.value, inception_path=_INCEPTION.value, ref=_FID_REF.value,
-                       split=_FID_SPLIT.value, num_ref=_NUM_EX.value, num_samples=_NUM.value, out_dir=_OUT.value,
-                       metrics=_FID_METRICS.value,
-                       step=_STEP.value, method=_SAMPLER.value, num_steps=_STEPS.value, seed=_SEED.value,
-                       batch_size=_BATCH.value, options=cli.parse_options(_OPTS.value), labels=_LABELS.value,
-                       guidance_scale=_GUIDANCE.value, classifier_workdir=_CLF_WORKDIR.value,
-                       classifier_scale=_CLF_SCALE.value)
+      kw = dict(inception_path=_INCEPTION.value, ref=_FID_REF.value, split=_FID_SPLIT.value, num_ref=_NUM_EX.value,
+                num_samples=_NUM.value, out_dir=_OUT.value, metrics=_FID_METRICS.value, method=_SAMPLER.value,
+                num_steps=_STEPS.value, seed=_SEED.value, batch_size=_BATCH.value,
+                options=cli.parse_options(_OPTS.value), labels=_LABELS.value, guidance_scale=_GUIDANCE.value,
+                classifier_workdir=_CLF_WORKDIR.value, classifier_scale=_CLF_SCALE.value)
+      if _FID_STEPS.value is None:
+        fid.evaluate_fid(config, _WORKDIR.value, step=_STEP.value, **kw)
+        return
+      if _STEP.value is not None:
+        raise errors.InputError(f"--step={_STEP.value} and --fid_steps={','.join(_FID_STEPS.value)} both pick "
+                                f"checkpoints; give one.")
+      fid.evaluate_fid_steps(config, _WORKDIR.value, steps=_FID_STEPS.value, **kw)
       return
     if _TASK.value is not None:
       if _CLF_WORKDIR.value or _CLF_SCALE.value is not None:

@@ -337,3 +337,59 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   if extra:
     log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
   return result
+
+
+def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[int] | str = "all",
+                       ref: str | None = None, out_dir: str | None = None, **kw) -> dict[str, Any]:
+  """`evaluate_fid` of each of a run's checkpoints (score_sde's evaluation over checkpoints): the
+  sample-quality curve of a training run, with the same sampler, seed and reference for every step.
+
+  Args:
+    steps: "all" (every checkpoint the run kept) or the steps to score (ints or digit strings),
+      each one it kept.
+    ref, out_dir, **kw: as `evaluate_fid`'s (not `step`). Without `ref` the data's statistics
+      are computed for the first step and reused for the rest.
+
+  Returns the curve written to `<out_dir>/fid_curve_<method>_<nfe>nfe_seed<seed>.json`: `steps`,
+  one list per metric (`fid`, `inception_score`, and `kid`, `precision`, ... as asked), and
+  each step's own result (`evaluate_fid`'s, also written per step).
+  """
+  from jaxdiff import checkpoint as ckpt_lib
+  from jaxdiff import evaluate
+
+  if "step" in kw:
+    raise InputError("evaluate_fid_steps takes steps=, not step=; give --fid_steps or --step, not both.")
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), async_save=False)
+  try:
+    kept = sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+  if not kept:
+    raise InputError(f"--workdir={workdir!r} has no checkpoints in {ckpt.directory} to score.")
+  given = [str(s) for s in ([steps] if isinstance(steps, str) else steps)]
+  if given == ["all"]:
+    steps = kept
+  elif all(s.isdigit() for s in given):
+    steps = [int(s) for s in given]
+  else:
+    raise InputError(f"--fid_steps={','.join(given)} must be 'all' or checkpoint steps (this run kept {kept}).")
+  missing = sorted(set(steps) - set(kept))
+  if missing or not steps:
+    raise InputError(f"--fid_steps={','.join(map(str, steps))} names steps {missing} the run did not keep; "
+                     f"its checkpoints are at steps {kept} (or give --fid_steps=all).")
+  rows = []
+  for s in steps:
+    rows.append(evaluate_fid(config, workdir, step=s, ref=ref, out_dir=out_dir, **kw))
+    ref = ref or rows[0]["ref"]  # the data's statistics (and features) written by the first step
+  names = ["fid", "inception_score"] + [k for k in ("kid", "precision", "recall", "density", "coverage")
+                                         if k in rows[0]]
+  first = rows[0]
+  curve = {"steps": steps, **{k: [r[k] for r in rows] for k in names}, "method": first["method"],
+           "nfe": first["nfe"], "num_samples": first["num_samples"], "seed": first["seed"], "ref": first["ref"],
+           "results": [r["path"] for r in rows]}
+  out_dir = os.path.dirname(first["path"])
+  curve["path"] = evaluate.write_result(os.path.join(
+      out_dir, f"fid_curve_{first['method']}_{first['nfe']}nfe_seed{first['seed']}.json"), curve)
+  log.info("FID by step (%s, %d NFE, %d samples): %s; written to %s.", first["method"], first["nfe"],
+           first["num_samples"], ", ".join(f"{s}: {v:.3f}" for s, v in zip(steps, curve["fid"])), curve["path"])
+  return curve

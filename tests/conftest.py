@@ -45,12 +45,12 @@ def tfds_dir():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-  """(config, workdir) of configs/tiny.py trained for 2 steps (its step-2 checkpoint), shared by the
-  evaluation tests (likelihood, FID) that run in one worker."""
+  """(config, workdir) of configs/tiny.py trained for 2 steps (checkpoints at steps 1 and 2), shared
+  by the evaluation tests (likelihood, FID) that run in one worker."""
   from jaxdiff import train
 
   config = load_config("tiny")
-  config.training.update(num_steps=2, num_final_samples=0)
+  config.training.update(num_steps=2, checkpoint_every=1, num_final_samples=0)
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   train.train_and_evaluate(config, workdir)
   return config, workdir

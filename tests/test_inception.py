@@ -104,7 +104,8 @@ def test_torch_files_are_read_without_torch(fmt, tmp_path):
 
 def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
   """run_sample.py --mode fid's library side on configs/tiny.py (seeded Inception weights): the data's
-  statistics are written and, passed back as the reference, give the same FID; bad references are
+  statistics and features are written and, passed back as the reference, give the same FID and
+  precision/recall, for each checkpoint in turn (--fid_steps); bad references and steps are
   one-line errors."""
   from jaxdiff import evaluate, fid
 
@@ -125,9 +126,19 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
   mu, sigma, feats = fid.load_statistics(saved["ref"], features=True)
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and feats.shape == (8, 2048)
   np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6, atol=1e-9)
-  again = fid.evaluate_fid(config, workdir, ref=saved["ref"], metrics=["prdc"], **kw)
-  assert all(again[k] == first[k] for k in ("fid", "precision", "recall", "density", "coverage"))
-  assert again["ref"] == saved["ref"] and "kid" not in again
+  # every checkpoint (steps 1, 2) against the saved features: step 2's numbers again, step 1's its own
+  curve = fid.evaluate_fid_steps(config, workdir, steps="all", ref=saved["ref"], metrics=["prdc"], **kw)
+  assert curve["steps"] == [1, 2] and "kid" not in curve and curve["ref"] == saved["ref"]
+  assert all(curve[k][1] == first[k] for k in ("fid", "inception_score", "precision", "recall", "density"))
+  assert curve["fid"][0] != curve["fid"][1]
+  assert os.path.basename(curve["results"][0]) == "fid_ddim_2nfe_step1_seed0.json"
+  with open(curve["path"]) as f:
+    assert json.load(f)["coverage"] == curve["coverage"] and curve["path"].endswith("fid_curve_ddim_2nfe_seed0.json")
+  with pytest.raises(InputError, match=r"--fid_steps=2,3 names steps \[3\] the run did not keep; its checkpoints "
+                                       r"are at steps \[1, 2\]"):
+    fid.evaluate_fid_steps(config, workdir, steps=["2", "3"], **kw)
+  with pytest.raises(InputError, match=r"--fid_steps=last must be 'all' or checkpoint steps"):
+    fid.evaluate_fid_steps(config, workdir, steps=["last"], **kw)
   plain = fid.save_statistics(str(tmp_path / "plain.npz"), mu, sigma)  # pytorch-fid's: no features
   with pytest.raises(InputError, match=r"holds only the data's mean and covariance; KID and precision/recall"):
     fid.evaluate_fid(config, workdir, ref=plain, metrics=["kid"], **kw)

@@ -78,6 +78,8 @@ def test_one_line_errors(trained, tmp_path):
         trained], "does not take classifier guidance"),
       (["run_sample.py", "--workdir", trained, "--mode", "fid", "--inception", "nope.pth"],
        "FID Inception weights 'nope.pth' are not a file; download pytorch-fid's"),
+      (["run_sample.py", "--workdir", trained, "--mode", "fid", "--inception", "w.pth", "--step", "2",
+        "--fid_steps", "all"], "--step=2 and --fid_steps=all both pick checkpoints; give one."),
   ]
   for argv, needle in cases:
     proc = run(*argv, check=False)
