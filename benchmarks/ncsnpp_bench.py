@@ -171,8 +171,8 @@ def main(argv=None) -> int:
             "--warmup", str(args.warmup), "--steps", str(args.steps)]
   impls = [("jaxdiff", sys.executable)] + ([("score_sde", args.ref_python)] if args.ref_python else [])
   modes = args.modes.split(",")
-  records = run_rounds(os.path.abspath(__file__), impls, common, modes, args.rounds, ROOT,
-                       extra=lambda impl: ["--score_sde_pytorch", args.score_sde_pytorch] if impl == "score_sde" else [])
+  extra = lambda impl: ["--score_sde_pytorch", args.score_sde_pytorch] if impl == "score_sde" else []  # noqa: E731
+  records = run_rounds(os.path.abspath(__file__), impls, common, modes, args.rounds, ROOT, extra=extra)
   if len(impls) == 2:
     print_ratios(records, modes, "score_sde", "score_sde_pytorch", f"{args.net} ch={args.ch} {{mode}} B={args.batch}")
   return 0

@@ -738,8 +738,9 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     pixels = match_channels(pixels, channels, convert=convert_channels, name=name, what="this model")
   else:
     if (h, w) != (res, res):
+      hint = " (or use --task=outpaint for smaller images)" if h <= res and w <= res else ""
       raise InputError(f"{name} is {h}x{w} but the model makes {res}x{res} images; resize or crop the input "
-                       f"to {res}x{res}{' (or use --task=outpaint for smaller images)' if h <= res and w <= res else ''}.")
+                       f"to {res}x{res}{hint}.")
     if task == "colorize":
       if pixels.shape[-1] == 3 and not _is_gray(pixels):
         if not convert_channels:
@@ -802,10 +803,6 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
   bs = sharding.round_up_batch(min(int(batch_size or config.sampling.batch_size), n), mesh)
   fn = jax.jit(run, out_shardings=(sharding.batch_sharding(mesh, 4), sharding.replicated(mesh)))
 
-  def put(a):  # every process holds the whole (small) input: each gives its devices' rows
-    sh = sharding.batch_sharding(mesh, a.ndim)
-    return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
-
   key = jax.random.key(seed)
   outs, t0 = [], time.time()
   for b in range(int(math.ceil(n / bs))):
@@ -813,7 +810,9 @@ def run_task(config, workdir: str, *, task: str, input_path: str, mask_path: str
     m = chunk["image"].shape[0]
     if m < bs:  # pad the last chunk with copies of its last image; dropped below
       chunk = {k: np.concatenate([v, np.repeat(v[-1:], bs - m, axis=0)]) for k, v in chunk.items()}
-    x, nfe = fn(params, jax.random.fold_in(key, b), {k: put(v) for k, v in chunk.items()}, vae_params)
+    # every process holds the whole (small) input: each gives its devices' rows
+    chunk = sharding.put_host_tree(chunk, {k: sharding.batch_sharding(mesh, v.ndim) for k, v in chunk.items()})
+    x, nfe = fn(params, jax.random.fold_in(key, b), chunk, vae_params)
     outs.append(sharding.to_host(x)[:m])
     log.info("%s: %d/%d images (%s, %d NFE) in %.1fs", task, min((b + 1) * bs, n), n, method, int(nfe),
              time.time() - t0)

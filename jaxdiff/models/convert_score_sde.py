@@ -10,9 +10,9 @@ score_sde (JAX / flax), a `checkpoints/checkpoint_<n>` file (or that directory: 
 `load_score_sde_checkpoint` reads the EMA weights (`params_ema`, what score_sde samples with;
 `ema=False`: the training weights). Its `ddpm` network (score_sde's DDPM / "DDPM cont."
 checkpoints) loads the same way into `UNet(**unet_kwargs_from_score_sde(config.model,
-config.data))`: the DDPM U-Net with attention once per level going up. score_sde's linen modules are named per class in call
-order (`Conv_0`, `ResnetBlockBigGANpp_3`, `AttnBlockpp_1`, ...); `NCSNpp` calls the same
-layers in the same order, so each name is paired with one `NCSNpp` submodule.
+config.data))`: the DDPM U-Net with attention once per level going up. score_sde's linen
+modules are named per class in call order (`Conv_0`, `ResnetBlockBigGANpp_3`, `AttnBlockpp_1`,
+...); `NCSNpp` calls the same layers in the same order, so each name is paired with one `NCSNpp` submodule.
 
 score_sde_pytorch:
 

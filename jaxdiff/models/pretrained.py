@@ -21,7 +21,8 @@ The config's network must be the checkpoint's: the same sizes (`config.model`, e
 mismatch is a ConfigError naming the first differing arrays (and, for diffusers, the
 config keys to set; for a jaxdiff run, the differing config.model and config.loss.prediction
 keys: only the compute dtype and dropout may differ). score_sde's networks predict eps
-(`config.loss.prediction='eps'`); a VE checkpoint's output (-eps, score_sde's `scale_by_sigma`) is negated on the way in.
+(`config.loss.prediction='eps'`); a VE checkpoint's output (-eps, score_sde's
+`scale_by_sigma`) is negated on the way in.
 
 With `config.training.num_steps=0` the run only imports: it writes the step-0 checkpoint
 (and, if `num_final_samples` > 0, a sample grid) without reading any data, and
