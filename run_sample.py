@@ -120,6 +120,11 @@ def main(argv):
   cli.setup_logging()
   with errors.one_line_errors():
     cli.initialize_distributed_from_flags()
+    fid_only = [f"--{f.name}" for f in (_INCEPTION, _FID_REF, _FID_SPLIT, _FID_METRICS, _FID_STEPS) if f.present]
+    if fid_only and _MODE.value != "fid":
+      one = len(fid_only) == 1
+      raise errors.InputError(f"{', '.join(fid_only)} {'is' if one else 'are'} for --mode=fid only (here "
+                              f"--mode={_MODE.value}); add --mode=fid or drop {'it' if one else 'them'}.")
     config = _CONFIG.value or generate.load_config(_WORKDIR.value)
     if _MODE.value == "likelihood":
       evaluate.evaluate_likelihood(config, _WORKDIR.value, step=_STEP.value, num_examples=_NUM_EX.value,

@@ -80,6 +80,7 @@ def test_one_line_errors(trained, tmp_path):
        "FID Inception weights 'nope.pth' are not a file; download pytorch-fid's"),
       (["run_sample.py", "--workdir", trained, "--mode", "fid", "--inception", "w.pth", "--step", "2",
         "--fid_steps", "all"], "--step=2 and --fid_steps=all both pick checkpoints; give one."),
+      (["run_sample.py", "--workdir", trained, "--fid_metrics", "kid"], "--fid_metrics is for --mode=fid only"),
   ]
   for argv, needle in cases:
     proc = run(*argv, check=False)
