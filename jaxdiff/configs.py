@@ -93,9 +93,15 @@ def base_config() -> ml_collections.ConfigDict:
       # method='consistency' (solver: also reflow's)
       num_scales=18,             # N: the Karras grid's times the teacher steps between (CIFAR-10: 18)
       solver="heun",             # the teacher's ODE step: heun (2 NFE) | ddim (1); reflow: also dpm_solver++
-      metric="l2",               # l2 | pseudo_huber (Song & Dhariwal 2024)
+      metric="l2",               # l2 | pseudo_huber (Song & Dhariwal 2024) | lpips (Song et al.'s best; config.lpips)
       target_decay=0.95,         # EMA rate of the target network (0: the student, without gradient)
       sigma_data=0.5,            # c_skip's data standard deviation (images in [-1, 1]: 0.5)
+  ))
+
+  c.lpips = ml_collections.ConfigDict(dict(  # a consistency loss with metric='lpips' (jaxdiff.models.lpips)
+      weights="",                # comma-separated: torchvision's vgg16-397923af.pth and the lpips package's
+                                 # weights/v0.1/vgg.pth (or one state dict of lpips.LPIPS(net='vgg'); .npz too)
+      resolution=224,            # images are resized to this side first (consistency models: 224); 0: as they are
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
@@ -112,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
                                  # t_sampling: process (intervals uniform) | lognormal (iCT; a config may add
                                  # p_mean, p_std: default -1.1, 2.0), and the four keys below
       scales=(10, 1280),         # consistency: the grid's intervals, s0 doubling to s1 over training ((N, N): fixed)
-      metric="pseudo_huber",     # consistency: l2 | pseudo_huber
+      metric="pseudo_huber",     # consistency: l2 | pseudo_huber | lpips (config.lpips)
       sigma_data=0.5,            # consistency: c_skip's data standard deviation (images in [-1, 1]: 0.5)
       target_decay=0.0,          # consistency: EMA rate of the target network (0: the student without gradient)
       # model.name='autoencoder': mean reconstruction error + kl_weight * KL(q(z|x) || N(0, I)) / pixels
@@ -286,6 +292,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from jaxdiff import distill
 
   distill.validate(config)
+  _validate_lpips(config)
+
+
+def _validate_lpips(config: ml_collections.ConfigDict) -> None:
+  """An LPIPS consistency loss: the weights given, pixel images it can read."""
+  from jaxdiff import train  # train imports this module
+
+  key = train.lpips_key(config)
+  if not key:
+    return
+  weights, res = str(config.lpips.weights or ""), int(config.lpips.resolution)
+  if not weights.strip(" ,"):
+    raise ConfigError(f"{key}='lpips' needs the LPIPS weights: set --config.lpips.weights=vgg16-397923af.pth,vgg.pth "
+                      f"(torchvision's VGG-16, https://download.pytorch.org/models/vgg16-397923af.pth, and the lpips "
+                      f"package's lpips/weights/v0.1/vgg.pth), or use {key}=pseudo_huber.")
+  if config.data.dataset == "gmm2d" or str(config.latent.autoencoder or ""):
+    what = "vectors" if config.data.dataset == "gmm2d" else "latents (config.latent.autoencoder)"
+    raise ConfigError(f"{key}='lpips' compares images through VGG-16, but this model's outputs are {what}; use "
+                      f"{key}=pseudo_huber.")
+  if res < 0 or (res == 0 and config.data.resolution < 16) or 0 < res < 16:
+    raise ConfigError(f"config.lpips.resolution={res} with {config.data.resolution}x{config.data.resolution} images: "
+                      f"VGG-16 pools four times, so LPIPS needs a side >= 16; use 224 (consistency models) or 0 "
+                      f"(the images' own size) for images of at least 16.")
 
 
 OBJECTIVES = ("denoising", "consistency")

@@ -354,7 +354,7 @@ def make_distillation_loss(
 
 
 CONSISTENCY_SOLVERS = ("heun", "ddim")
-CONSISTENCY_METRICS = ("l2", "pseudo_huber")
+CONSISTENCY_METRICS = ("l2", "pseudo_huber", "lpips")
 
 
 def teacher_ode_step(process: Process, x0_fn: Callable[[Array, Array], Array], z: Array, t: Array, s: Array,
@@ -396,8 +396,11 @@ def make_consistency_loss(
     rho: float = 7.0,
     reduce: str = "mean",
     clip: tuple[float, float] | None = None,
+    lpips_resolution: int = 224,
+    data_range: tuple[float, float] | None = None,
 ) -> Callable[..., tuple[Array, dict[str, Any]]]:
-  """Builds consistency distillation's `loss_fn(net, target, teacher, x0, key) -> (loss, aux)`.
+  """Builds consistency distillation's `loss_fn(net, target, teacher, x0, key, metric_params=None)
+  -> (loss, aux)`.
 
   Song et al. (2023), Algorithm 2. For each example an interval `t_{n+1} -> t_n` of
   `consistency_grid(process, num_scales, rho)` is drawn uniformly, `z = alpha x0 + sigma eps`
@@ -409,20 +412,24 @@ def make_consistency_loss(
 
   `f = parameterization.consistency_x0(...)` of each network's denoised estimate (so
   f(x, t_min) = x / alpha exactly), `d` the squared error ('l2', reduced over data dimensions
-  by `reduce`) or the pseudo-Huber distance `sqrt(||a - b||^2 + c^2) - c`, c = 0.00054
-  sqrt(dim) ('pseudo_huber', Song & Dhariwal 2024). At the last interval the target is the
-  teacher's point itself (f at t_min is the identity), which anchors the chain to the data.
+  by `reduce`), the pseudo-Huber distance `sqrt(||a - b||^2 + c^2) - c`, c = 0.00054
+  sqrt(dim) ('pseudo_huber', Song & Dhariwal 2024) or LPIPS ('lpips', Song et al.'s best
+  CD metric: `models.lpips.lpips_distance` of the two images mapped from `data_range` to
+  [-1, 1] and resized to `lpips_resolution`, 0: their own size; its weights come as
+  `metric_params`). At the last interval the target is the teacher's point itself (f at t_min
+  is the identity), which anchors the chain to the data.
 
   Args:
     process: the diffusion process of the teacher (any Gaussian process).
     prediction: what the networks output (the teacher's parameterization).
     num_scales: N, the grid's points (Song et al.: 18 on CIFAR-10, 40 on ImageNet 64).
     solver: the teacher's step, 'heun' (2 evaluations) or 'ddim' (1).
-    metric: 'l2' or 'pseudo_huber'.
+    metric: 'l2', 'pseudo_huber' or 'lpips'.
     sigma_data: the data's standard deviation in the consistency function's c_skip.
     rho: the grid's spacing exponent.
     reduce: 'mean' or 'sum' over data dimensions ('l2' only).
     clip: `(lo, hi)` clips the teacher's x0 to the data range, as its sampler did (None: not).
+    lpips_resolution, data_range: LPIPS's input size and the images' range (None: [-1, 1]).
 
   `net`, `target` and `teacher` are `net(x, c) -> out` with parameters (and conditioning)
   bound: the student, its slowly moving copy (the student itself with target decay 0) and the
@@ -442,8 +449,9 @@ def make_consistency_loss(
 
   teacher_x0 = _teacher_denoiser(process, prediction, clip)
   f = _consistency_fn(process, prediction, sigma_data)
+  distance = _consistency_metric(metric, reduce, lpips_resolution, data_range, "config.distill.metric")
 
-  def loss_fn(net, target, teacher, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
+  def loss_fn(net, target, teacher, x0: Array, key: Array, metric_params: Any = None) -> tuple[Array, dict[str, Any]]:
     k_n, k_eps = jax.random.split(key)
     batch = x0.shape[0]
     n = jax.random.randint(k_n, (batch,), 0, grid.shape[0] - 1)
@@ -452,8 +460,7 @@ def make_consistency_loss(
     z_s = jax.lax.stop_gradient(teacher_ode_step(process, lambda z, tt: teacher_x0(teacher, z, tt), z_t, t, s,
                                                  solver))
     goal = jax.lax.stop_gradient(f(target, z_s, s))
-    diff = (f(net, z_t, t) - goal).astype(jnp.float32).reshape(batch, -1)
-    per_example = _consistency_distance(diff, metric, reduce)
+    per_example = distance(f(net, z_t, t), goal, metric_params)
     return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "s": s}
 
   return loss_fn
@@ -491,8 +498,10 @@ def make_consistency_training_loss(
     sigma_data: float = 0.5,
     rho: float = 7.0,
     reduce: str = "mean",
+    lpips_resolution: int = 224,
+    data_range: tuple[float, float] | None = None,
 ) -> Callable[..., tuple[Array, dict[str, Any]]]:
-  """Builds consistency training's `loss_fn(net, target, x0, key, step) -> (loss, aux)`.
+  """Builds consistency training's `loss_fn(net, target, x0, key, step, metric_params=None) -> (loss, aux)`.
 
   Consistency training (Song et al. 2023, Algorithm 3) learns a consistency model without a
   teacher: the teacher's ODE step between adjacent grid points is replaced by the same noise
@@ -509,7 +518,8 @@ def make_consistency_training_loss(
   erf((log l_n - p_mean) / (sqrt2 p_std)) - erf((log l_{n+1} - p_mean) / (sqrt2 p_std))
   ('lognormal'; 'process': uniformly, as Song et al.); lambda = 1 / (l_n - l_{n+1})
   ('inverse_gap'; 'none': 1); d the pseudo-Huber distance `sqrt(||a - b||^2 + c^2) - c`, c =
-  0.00054 sqrt(dim) ('pseudo_huber'; 'l2': the squared error reduced by `reduce`). The target
+  0.00054 sqrt(dim) ('pseudo_huber'; 'l2': the squared error reduced by `reduce`; 'lpips':
+  LPIPS, as `make_consistency_loss`, with the weights as `metric_params`). The target
   network is the student itself without gradient (iCT) or an EMA of it, and it should see the
   student's dropout mask (`train.consistency_training_step` does). Noise levels are
   `sigma / alpha`, so any Gaussian process works (EDM's are Song & Dhariwal's sigmas).
@@ -545,7 +555,9 @@ def make_consistency_training_loss(
   slots = jnp.arange(s1)  # interval n joins grid points n and n + 1; those at n >= N are masked out
   f = _consistency_fn(process, prediction, sigma_data)
 
-  def loss_fn(net, target, x0: Array, key: Array, step) -> tuple[Array, dict[str, Any]]:
+  distance = _consistency_metric(metric, reduce, lpips_resolution, data_range, "config.loss.metric")
+
+  def loss_fn(net, target, x0: Array, key: Array, step, metric_params: Any = None) -> tuple[Array, dict[str, Any]]:
     k_n, k_eps = jax.random.split(key)
     batch = x0.shape[0]
     big_n = consistency_training_scales(step, num_steps, (s0, s1))
@@ -560,8 +572,7 @@ def make_consistency_training_loss(
     (t, l_t), (s, l_s) = (samplers.karras_grid_points(process, i, big_n, rho) for i in (n, n + 1))
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     goal = jax.lax.stop_gradient(f(target, process.marginal(x0, s, eps), s))
-    diff = (f(net, process.marginal(x0, t, eps), t) - goal).astype(jnp.float32).reshape(batch, -1)
-    per_example = _consistency_distance(diff, metric, reduce)
+    per_example = distance(f(net, process.marginal(x0, t, eps), t), goal, metric_params)
     if weighting == "inverse_gap":
       per_example = per_example / (l_t - l_s)
     return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "s": s,
@@ -577,6 +588,28 @@ def _consistency_fn(process: Process, prediction: str, sigma_data: float):
     x0, _, _ = param_lib.predict(net, process, prediction, z, t)
     return param_lib.consistency_x0(process, x0, z, t, sigma_data)
   return f
+
+
+def _consistency_metric(metric: str, reduce: str, lpips_resolution: int, data_range: tuple[float, float] | None,
+                        key: str) -> Callable[[Array, Array, Any], Array]:
+  """`distance(a, b, metric_params) -> [B]` of a consistency loss: `_consistency_distance` of
+  `a - b`, or LPIPS (`metric='lpips'`) of the images mapped from `data_range` to [-1, 1]."""
+  if metric != "lpips":
+    return lambda a, b, _: _consistency_distance((a - b).astype(jnp.float32).reshape(a.shape[0], -1), metric, reduce)
+  from jaxdiff.models import lpips  # models do not import losses
+
+  lo, hi = data_range or (-1.0, 1.0)
+
+  def distance(a: Array, b: Array, params: Any) -> Array:
+    if params is None:
+      raise ConfigError(f"{key}='lpips' needs the LPIPS weights as the loss's metric_params (the training loop "
+                        f"passes those of config.lpips.weights).")
+    if a.ndim != 4:
+      raise ConfigError(f"{key}='lpips' compares images [B, H, W, C]; this model's outputs are {tuple(a.shape)}.")
+    to_unit = lambda v: 2.0 * (v.astype(jnp.float32) - lo) / (hi - lo) - 1.0  # noqa: E731
+    return lpips.lpips_distance(params, to_unit(a), to_unit(b), resolution=int(lpips_resolution) or None)
+
+  return distance
 
 
 def _consistency_distance(diff: Array, metric: str, reduce: str) -> Array:
@@ -608,13 +641,14 @@ def make_reflow_loss(
   to a sample x0_hat, and the student is trained with `make_denoising_loss(process,
   prediction, **denoising_kw)` on the coupled pair: `x_t = alpha_t x0_hat + sigma_t eps'`
   with `eps' = (x_T - alpha_T x0_hat) / sigma_T`, the noise whose path passes through the
-  teacher's start at T (eps' = eps up to alpha_T, which is ~0). On `RectifiedFlow` this is rectified flow's reflow: the student's paths
-  become straight lines from noise to the teacher's samples, on which Euler (`ddim`) is
-  exact in one step. On any process the pair makes x0 a function of x_t, so the student's
-  x0_hat is constant along each path and `ddim` (eta=0) follows it exactly in any number of
-  steps, one included. `x0` (the data batch) gives only the shape: reflow learns from the
-  teacher's samples, drawn afresh for each batch (Liu et al. draw a fixed set of pairs once).
-  `clip` clips the teacher's x0 estimates to the data range, as its sampler did.
+  teacher's start at T (eps' = eps up to alpha_T, which is ~0). On `RectifiedFlow` this is
+  rectified flow's reflow: the student's paths become straight lines from noise to the
+  teacher's samples, on which Euler (`ddim`) is exact in one step. On any process the pair
+  makes x0 a function of x_t, so the student's x0_hat is constant along each path and `ddim`
+  (eta=0) follows it exactly in any number of steps, one included. `x0` (the data batch)
+  gives only the shape: reflow learns from the teacher's samples, drawn afresh for each
+  batch (Liu et al. draw a fixed set of pairs once). `clip` clips the teacher's x0 estimates
+  to the data range, as its sampler did.
   """
   from jaxdiff import samplers  # samplers does not import losses
 

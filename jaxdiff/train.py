@@ -358,6 +358,12 @@ def _student_update(state: TrainState, batch: dict[str, Array], key: Array, loss
       "loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
 
+def _metric_kw(metric_params: Any) -> dict[str, Any]:
+  """A consistency loss's `metric_params` keyword, only when there are some (a loss_fn of your
+  own need not take it)."""
+  return {} if metric_params is None else {"metric_params": metric_params}
+
+
 def _move_target(new: TrainState, old: TrainState, target_decay: float) -> TrainState:
   """The target network's EMA step towards the updated student: theta^- <- decay theta^- + (1 - decay) theta."""
   return new.replace(target_params=optax.incremental_update(new.params, old.target_params,
@@ -367,7 +373,7 @@ def _move_target(new: TrainState, old: TrainState, target_decay: float) -> Train
 def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                            loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
                            target_decay: float = 0.0, label_dropout: float = 0.0, cond_resolution: int = 0,
-                           microbatches: int = 1) -> tuple[DistillState, dict[str, Array]]:
+                           microbatches: int = 1, metric_params: Any = None) -> tuple[DistillState, dict[str, Array]]:
   """One update of a consistency-distillation student. Pure: `(state, batch, key) -> (state, metrics)`.
 
   `loss_fn = losses.make_consistency_loss(...)` sees the student (with dropout), the target
@@ -375,6 +381,7 @@ def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Ar
   student at rate `1 - target_decay`; the student's own parameters with a `DistillState` and
   `target_decay=0`) and the fixed teacher `state.teacher_params`; the last two without dropout,
   all three with the student's conditioning (labels, with the same ones dropped; low-res images).
+  `metric_params`: the loss's frozen metric network (LPIPS weights, `frozen_inputs`).
   """
   has_target = isinstance(state, ConsistencyState)
   if not isinstance(state, DistillState) or has_target != bool(target_decay):
@@ -384,7 +391,8 @@ def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Ar
                       f"parameters; it got a {type(state).__name__}.")
 
   def loss_call(net, bind, params, x, k):
-    return loss_fn(net, bind(state.target_params if has_target else params), bind(state.teacher_params), x, k)
+    return loss_fn(net, bind(state.target_params if has_target else params), bind(state.teacher_params), x, k,
+                   **_metric_kw(metric_params))
 
   new, metrics = _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer,
                                  ema_decay=ema_decay, label_dropout=label_dropout, cond_resolution=cond_resolution,
@@ -395,7 +403,7 @@ def consistency_train_step(state: DistillState, batch: dict[str, Array], key: Ar
 def consistency_training_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                               loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
                               target_decay: float = 0.0, label_dropout: float = 0.0, cond_resolution: int = 0,
-                              microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
+                              microbatches: int = 1, metric_params: Any = None) -> tuple[TrainState, dict[str, Array]]:
   """One update of consistency training (no teacher). Pure: `(state, batch, key) -> (state, metrics)`.
 
   `loss_fn = losses.make_consistency_training_loss(...)` sees the student and the target network
@@ -404,6 +412,7 @@ def consistency_training_step(state: TrainState, batch: dict[str, Array], key: A
   both with the same conditioning and the same dropout mask (a dropout key shared by the two, as
   Song et al.'s and Song & Dhariwal's training do: the two evaluations differ only in their
   input), and `state.step`, which sets the grid's size. Metrics add `num_scales`.
+  `metric_params`: the loss's frozen metric network (LPIPS weights, `frozen_inputs`).
   """
   has_target = isinstance(state, TargetState)
   if has_target != bool(target_decay) or isinstance(state, DistillState):
@@ -412,7 +421,8 @@ def consistency_training_step(state: TrainState, batch: dict[str, Array], key: A
                       f"{type(state).__name__}.")
 
   def loss_call(net, bind, params, x, k):
-    return loss_fn(net, bind(state.target_params if has_target else params, same_dropout=True), x, k, state.step)
+    return loss_fn(net, bind(state.target_params if has_target else params, same_dropout=True), x, k, state.step,
+                   **_metric_kw(metric_params))
 
   new, metrics = _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer,
                                  ema_decay=ema_decay, label_dropout=label_dropout, cond_resolution=cond_resolution,
@@ -582,13 +592,14 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
   if config.model.name == "autoencoder":
     return losses.make_autoencoder_loss(kl_weight=float(config.loss.kl_weight),
                                         reconstruction=config.loss.reconstruction)
+  lpips_res = int(config.get("lpips", {}).get("resolution", 224))  # an LPIPS metric's input size
   if consistency_training(config):
     c = config.loss
     lognormal = {k: float(c[k]) for k in ("p_mean", "p_std") if k in c}  # else iCT's -1.1, 2.0
     return losses.make_consistency_training_loss(
         process, prediction=c.prediction, num_steps=int(config.training.num_steps), scales=tuple(c.scales),
         metric=c.metric, weighting=c.weighting, t_sampling=c.t_sampling, sigma_data=float(c.sigma_data),
-        reduce=c.reduce, **lognormal)
+        reduce=c.reduce, lpips_resolution=lpips_res, data_range=data_range, **lognormal)
   if distill.enabled(config):
     clip = data_range if config.distill.clip_teacher else None
     d = config.distill
@@ -598,7 +609,8 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
     if distill.method(config) == "consistency":
       return losses.make_consistency_loss(process, prediction=config.loss.prediction, num_scales=int(d.num_scales),
                                           solver=d.solver, metric=d.metric, sigma_data=float(d.sigma_data),
-                                          reduce=config.loss.reduce, clip=clip)
+                                          reduce=config.loss.reduce, clip=clip,
+                                          lpips_resolution=lpips_res, data_range=data_range)
     return losses.make_distillation_loss(process, prediction=config.loss.prediction,
                                          weighting=config.distill.weighting, reduce=config.loss.reduce, clip=clip)
   return losses.make_denoising_loss(process, **_denoising_kwargs(config))
@@ -651,6 +663,29 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
     return functools.partial(distill_train_step, teacher_steps=int(config.distill.teacher_steps),
                              steps_per_round=int(config.distill.steps_per_round), **kw)
   return functools.partial(train_step, **kw)
+
+
+def lpips_key(config: ml_collections.ConfigDict) -> str:
+  """The key that makes the run's loss LPIPS ('config.loss.metric' of consistency training,
+  'config.distill.metric' of consistency distillation), or '' when it is not."""
+  if consistency_training(config) and config.loss.metric == "lpips":
+    return "config.loss.metric"
+  if distill.method(config) == "consistency" and config.distill.metric == "lpips":
+    return "config.distill.metric"
+  return ""
+
+
+def frozen_inputs(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+  """The train step's frozen keyword inputs, replicated over `mesh`: `{'metric_params': LPIPS
+  weights}` (`config.lpips.weights`, comma-separated files) for an LPIPS consistency loss, else
+  {}. The loop passes them as an argument of each jitted call (closed over, XLA would embed the
+  15M weights in the program as constants); they are not trained and not checkpointed."""
+  if not lpips_key(config):
+    return {}
+  from jaxdiff.models import lpips
+
+  params = lpips.load_lpips(*[p.strip() for p in str(config.lpips.weights).split(",") if p.strip()])
+  return {"metric_params": sharding.put_host_tree(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))}
 
 
 def _keeps_target(config: ml_collections.ConfigDict) -> bool:
@@ -847,15 +882,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # of k steps (`train_steps`), and single steps only where a log, checkpoint or sample step
   # falls inside a call (a second program, compiled only if needed).
   one_step = make_train_step(config, exp, optimizer)
+  frozen = frozen_inputs(config, mesh)  # {} but for an LPIPS loss: its weights, an argument of every call
   k = int(tc.steps_per_call)
   programs: dict[int, aot.AotJit] = {}
 
   def step_program(n: int) -> aot.AotJit:
     if n not in programs:
-      fn = one_step if n == 1 else functools.partial(train_steps, step_fn=one_step)
+      def fn(state, batches, key, frozen):
+        step = functools.partial(one_step, **frozen)
+        return step(state, batches, key) if n == 1 else train_steps(state, batches, key, step_fn=step)
+
       programs[n] = aot.AotJit(
           jax.jit(fn, in_shardings=(state_sh, batch_sh if n == 1 else (batch_sh,) * n,
-                                    sharding.replicated(mesh)),
+                                    sharding.replicated(mesh), sharding.replicated(mesh)),
                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)),
           cache_dir=config.compilation_cache_dir if config.cache_executables else "",
           fingerprint=config.to_json_best_effort(), name="train_step" if n == 1 else f"train_steps_{n}")
@@ -974,9 +1013,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           batch = batches[-1]
         # fold_in with the on-device step: no host-to-device transfer in the loop
         if n == 1:
-          state, m = step_program(1)(state, batch, jax.random.fold_in(train_key, state.step))
+          state, m = step_program(1)(state, batch, jax.random.fold_in(train_key, state.step), frozen)
         else:
-          state, m = step_program(n)(state, batches, train_key)
+          state, m = step_program(n)(state, batches, train_key, frozen)
       step += n
       metrics.add(step, m)
       if is_log(step):

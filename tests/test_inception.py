@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.errors import InputError
-from jaxdiff.models import inception
+from jaxdiff.models import inception, torch_file
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 HERE = os.path.join(FIXTURES, "fid_inception")
@@ -83,7 +83,7 @@ def test_inception_score_closed_forms():
 def test_torch_files_are_read_without_torch(fmt, tmp_path):
   """torch.save's zip and legacy formats: views (transposed, sliced), float16, bfloat16, int64,
   bool and 0-d tensors, nested dicts; a file that is not a state dict is a one-line error."""
-  got = inception.read_torch_file(os.path.join(HERE, f"tensors_{fmt}.pth"))
+  got = torch_file.read_torch_file(os.path.join(HERE, f"tensors_{fmt}.pth"))
   want = dict(np.load(os.path.join(HERE, "tensors.npz")))
   assert set(got) == {k for k in want if "." not in k} | {"nested"}
   got = dict(got, **{"nested.w": got.pop("nested")["w"]})
@@ -94,12 +94,12 @@ def test_torch_files_are_read_without_torch(fmt, tmp_path):
   assert str(got["bf16"].dtype) == "bfloat16"
   (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
   with pytest.raises(InputError, match="cannot read .*junk.pth' as a torch.save state dict"):
-    inception.read_torch_file(tmp_path / "junk.pth")
+    torch_file.read_torch_file(tmp_path / "junk.pth")
   if fmt == "legacy":  # the tensors' bytes come last: a cut file must not be read past its end
     raw = open(os.path.join(HERE, "tensors_legacy.pth"), "rb").read()
     (tmp_path / "cut.pth").write_bytes(raw[:-10])
     with pytest.raises(InputError, match="ends inside a tensor's data: the file is truncated"):
-      inception.read_torch_file(tmp_path / "cut.pth")
+      torch_file.read_torch_file(tmp_path / "cut.pth")
 
 
 def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
