@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import InputError
-from jaxdiff.models.torch_file import read_torch_file
+from jaxdiff.models.torch_file import read_state_dict
 
 FEATURES = 2048
 CLASSES = 1008  # the 2015 graph's softmax (ImageNet's 1000 and 8 unused), what the Inception Score reads
@@ -250,12 +250,6 @@ def convert_fid_inception_state_dict(state_dict: Mapping[str, np.ndarray]) -> di
 def load_fid_inception(path: str | os.PathLike[str]) -> dict[str, Any]:
   """`FIDInception` params from pytorch-fid's checkpoint (`.pth`, read without torch) or an `.npz`
   of its state dict."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise InputError(f"FID Inception weights {path!r} are not a file; download pytorch-fid's "
-                     f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                     f"pt_inception-2015-12-05-6726825d.pth and pass its path.")
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      return convert_fid_inception_state_dict(dict(f))
-  return convert_fid_inception_state_dict(read_torch_file(path))
+  return convert_fid_inception_state_dict(read_state_dict(
+      path, what="FID Inception weights", missing_hint="download pytorch-fid's https://github.com/mseitzer/"
+      "pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth and pass its path."))

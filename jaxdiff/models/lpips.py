@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import InputError
-from jaxdiff.models.torch_file import read_torch_file
+from jaxdiff.models.torch_file import read_state_dict
 
 # VGG-16's convolutions ("M": a 2x2 max pool), up to relu5_3
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -152,17 +152,8 @@ def load_lpips(*paths: str | os.PathLike[str]) -> dict[str, Any]:
   if not paths:
     raise InputError("load_lpips needs the weights: vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth.")
   merged: dict[str, np.ndarray] = {}
-  for path in map(os.fspath, paths):
-    if not os.path.isfile(path):
-      raise InputError(f"LPIPS weights {path!r} are not a file; download torchvision's VGG-16 "
-                       f"https://download.pytorch.org/models/vgg16-397923af.pth and take the lpips package's "
-                       f"lpips/weights/v0.1/vgg.pth (pip download lpips; BSD licence).")
-    if path.endswith(".npz"):
-      with np.load(path) as f:
-        merged.update(dict(f))
-    else:
-      loaded = read_torch_file(path)
-      if not isinstance(loaded, Mapping):
-        raise InputError(f"LPIPS weights {path!r} hold a {type(loaded).__name__}, not a state dict.")
-      merged.update(loaded)
+  for path in paths:
+    merged.update(read_state_dict(
+        path, what="LPIPS weights", missing_hint="download torchvision's VGG-16 https://download.pytorch.org/"
+        "models/vgg16-397923af.pth and take the lpips package's lpips/weights/v0.1/vgg.pth (pip download lpips)."))
   return convert_lpips_state_dict(merged)

@@ -151,3 +151,21 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
     raise
   except Exception as e:  # a truncated, corrupt or foreign file: whatever the unpickler trips on
     raise InputError(f"cannot read {path!r} as a torch.save state dict: {type(e).__name__}: {e}") from None
+
+
+def read_state_dict(path: str | os.PathLike[str], *, what: str, missing_hint: str) -> dict[str, Any]:
+  """A state dict (name -> numpy array) from a torch checkpoint (`read_torch_file`) or an `.npz`.
+
+  `what` names the weights in errors ("FID Inception weights"); `missing_hint` says where to get
+  them when `path` is not a file.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InputError(f"{what} {path!r} are not a file; {missing_hint}")
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return dict(f)
+  loaded = read_torch_file(path)
+  if not isinstance(loaded, dict):
+    raise InputError(f"{what} {path!r} hold a {type(loaded).__name__}, not a state dict.")
+  return loaded
