@@ -14,7 +14,7 @@ and their Inception Score to <workdir>/eval/fid_<method>_<nfe>nfe_step<step>_see
 Inception weights, read without torch; the data's statistics are saved for --fid_ref):
 
   python run_sample.py --workdir runs/cifar10 --mode fid --num_samples 50000 --sampler ddim --steps 100 \
-      --inception pt_inception-2015-12-05-6726825d.pth [--fid_metrics kid,prdc] [--fid_steps all]
+      --inception pt_inception-2015-12-05-6726825d.pth [--fid_metrics kid,prdc] [--fid_steps all] [--fid_watch 300]
 
 Class-conditional models (configs/mnist_cond.py) draw the --labels given (cycled over
 --num_samples; default every class in turn, 'null' = unconditional) with classifier-free
@@ -80,6 +80,11 @@ _FID_METRICS = flags.DEFINE_list("fid_metrics", [], "--mode=fid: metrics besides
 _FID_STEPS = flags.DEFINE_list("fid_steps", None, "--mode=fid: score each of these checkpoint steps ('all': every "
                               "one the run kept) with the same samples' seed and reference, and write the curve "
                               "(fid_curve_*.json); instead of --step.")
+_FID_WATCH = flags.DEFINE_float("fid_watch", 0.0, "--mode=fid: an evaluation job beside training: score every "
+                               "checkpoint and each new one as it is written, looking every this many seconds, "
+                               "until the run's last step (implies --fid_steps=all).")
+_FID_WATCH_TIMEOUT = flags.DEFINE_float("fid_watch_timeout", 6 * 3600.0, "--mode=fid --fid_watch: stop when no new "
+                                        "checkpoint has appeared for this many seconds.")
 _LMETHOD = flags.DEFINE_enum("likelihood_method", "ode", ["ode", "vlb"],
                              "Probability-flow ODE, or the DDPM variational bound.")
 _NUM_EX = flags.DEFINE_integer("num_examples", None, "Test examples to evaluate (default: the whole split).")
@@ -120,7 +125,8 @@ def main(argv):
   cli.setup_logging()
   with errors.one_line_errors():
     cli.initialize_distributed_from_flags()
-    fid_only = [f"--{f.name}" for f in (_INCEPTION, _FID_REF, _FID_SPLIT, _FID_METRICS, _FID_STEPS) if f.present]
+    fid_only = [f"--{f.name}" for f in (_INCEPTION, _FID_REF, _FID_SPLIT, _FID_METRICS, _FID_STEPS, _FID_WATCH,
+                                        _FID_WATCH_TIMEOUT) if f.present]
     if fid_only and _MODE.value != "fid":
       one = len(fid_only) == 1
       raise errors.InputError(f"{', '.join(fid_only)} {'is' if one else 'are'} for --mode=fid only (here "
@@ -142,13 +148,15 @@ def main(argv):
                 num_steps=_STEPS.value, seed=_SEED.value, batch_size=_BATCH.value,
                 options=cli.parse_options(_OPTS.value), labels=_LABELS.value, guidance_scale=_GUIDANCE.value,
                 classifier_workdir=_CLF_WORKDIR.value, classifier_scale=_CLF_SCALE.value)
-      if _FID_STEPS.value is None:
+      steps = _FID_STEPS.value or (["all"] if _FID_WATCH.value else None)
+      if steps is None:
         fid.evaluate_fid(config, _WORKDIR.value, step=_STEP.value, **kw)
         return
       if _STEP.value is not None:
-        raise errors.InputError(f"--step={_STEP.value} and --fid_steps={','.join(_FID_STEPS.value)} both pick "
-                                f"checkpoints; give one.")
-      fid.evaluate_fid_steps(config, _WORKDIR.value, steps=_FID_STEPS.value, **kw)
+        raise errors.InputError(f"--step={_STEP.value} and --fid_steps={','.join(steps)}"
+                                f"{' (--fid_watch)' if not _FID_STEPS.value else ''} both pick checkpoints; give one.")
+      fid.evaluate_fid_steps(config, _WORKDIR.value, steps=steps, watch_s=_FID_WATCH.value,
+                             watch_timeout_s=_FID_WATCH_TIMEOUT.value, **kw)
       return
     if _TASK.value is not None:
       if _CLF_WORKDIR.value or _CLF_SCALE.value is not None:

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -339,8 +339,28 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
   return result
 
 
+def watch_steps(list_steps: Callable[[], list[int]], final_step: int, *, poll_s: float, timeout_s: float,
+                sleep: Callable[[float], Any] = time.sleep, clock: Callable[[], float] = time.monotonic):
+  """Yields checkpoint steps as `list_steps()` shows them, in order and each once (a step below
+  one already yielded is passed over), until a step >= `final_step` has been yielded or no new
+  one has appeared for `timeout_s` seconds; polls every `poll_s` seconds in between."""
+  last, seen_at = -1, clock()
+  while True:
+    for step in sorted(s for s in list_steps() if s > last):
+      yield step
+      last, seen_at = step, clock()
+      if step >= final_step:
+        return
+    if clock() - seen_at > timeout_s:
+      log.warning("No new checkpoint for %.0fs (the last scored: step %s; the run ends at step %d); stopping.",
+                  timeout_s, last if last >= 0 else "none", final_step)
+      return
+    sleep(poll_s)
+
+
 def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[int] | str = "all",
-                       ref: str | None = None, out_dir: str | None = None, **kw) -> dict[str, Any]:
+                       ref: str | None = None, out_dir: str | None = None, watch_s: float = 0.0,
+                       watch_timeout_s: float = 6 * 3600.0, **kw) -> dict[str, Any]:
   """`evaluate_fid` of each of a run's checkpoints (score_sde's evaluation over checkpoints): the
   sample-quality curve of a training run, with the same sampler, seed and reference for every step.
 
@@ -349,24 +369,39 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
       each one it kept.
     ref, out_dir, **kw: as `evaluate_fid`'s (not `step`). Without `ref` the data's statistics
       are computed for the first step and reused for the rest.
+    watch_s: > 0 (with steps="all"): an evaluation job beside training. After the checkpoints
+      there are, it looks for new ones every `watch_s` seconds and scores each as it appears,
+      until it has scored the run's last step (`config.training.num_steps`) or none has
+      appeared for `watch_timeout_s`. A checkpoint the run deletes (`keep_checkpoints`)
+      before its turn is passed over.
 
-  Returns the curve written to `<out_dir>/fid_curve_<method>_<nfe>nfe_seed<seed>.json`: `steps`,
-  one list per metric (`fid`, `inception_score`, and `kid`, `precision`, ... as asked), and
-  each step's own result (`evaluate_fid`'s, also written per step).
+  Returns the curve written to `<out_dir>/fid_curve_<method>_<nfe>nfe_seed<seed>.json` (rewritten
+  after every step, so it can be followed live): `steps`, one list per metric (`fid`,
+  `inception_score`, and `kid`, `precision`, ... as asked), and each step's own result file
+  (`evaluate_fid`'s).
   """
   from jaxdiff import checkpoint as ckpt_lib
   from jaxdiff import evaluate
+  from jaxdiff.errors import CheckpointError
 
   if "step" in kw:
     raise InputError("evaluate_fid_steps takes steps=, not step=; give --fid_steps or --step, not both.")
-  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), async_save=False)
-  try:
-    kept = sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
-  if not kept:
-    raise InputError(f"--workdir={workdir!r} has no checkpoints in {ckpt.directory} to score.")
+  directory = ckpt_lib.checkpoint_dir(config, workdir)
+
+  def kept_steps() -> list[int]:  # process 0's listing: hosts could list a checkpoint dir at different moments
+    ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+    try:
+      return sharding.main_process_value(sorted(int(s) for s in ckpt.all_steps()))
+    finally:
+      ckpt.close()
+
   given = [str(s) for s in ([steps] if isinstance(steps, str) else steps)]
+  if watch_s > 0 and given != ["all"]:
+    raise InputError(f"--fid_watch={watch_s:g} scores checkpoints as training writes them: give --fid_steps=all, "
+                     f"not --fid_steps={','.join(given)}.")
+  kept = kept_steps()
+  if not kept and not watch_s > 0:
+    raise InputError(f"--workdir={workdir!r} has no checkpoints in {directory} to score.")
   if given == ["all"]:
     steps = kept
   elif all(s.isdigit() for s in given):
@@ -374,22 +409,42 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   else:
     raise InputError(f"--fid_steps={','.join(given)} must be 'all' or checkpoint steps (this run kept {kept}).")
   missing = sorted(set(steps) - set(kept))
-  if missing or not steps:
+  if missing or not (steps or watch_s > 0):
     raise InputError(f"--fid_steps={','.join(map(str, steps))} names steps {missing} the run did not keep; "
                      f"its checkpoints are at steps {kept} (or give --fid_steps=all).")
-  rows = []
-  for s in steps:
-    rows.append(evaluate_fid(config, workdir, step=s, ref=ref, out_dir=out_dir, **kw))
+  order = (watch_steps(kept_steps, int(config.training.num_steps), poll_s=watch_s, timeout_s=watch_timeout_s)
+           if watch_s > 0 else iter(steps))
+  rows, curve = [], {}
+  for s in order:
+    try:
+      rows.append(evaluate_fid(config, workdir, step=s, ref=ref, out_dir=out_dir, **kw))
+    except CheckpointError:
+      if not watch_s > 0 or s in kept_steps():
+        raise
+      log.warning("Checkpoint %d was deleted by the run (config.training.keep_checkpoints) before it was scored; "
+                  "passing over it.", s)
+      continue
     ref = ref or rows[0]["ref"]  # the data's statistics (and features) written by the first step
-  names = ["fid", "inception_score"] + [k for k in ("kid", "precision", "recall", "density", "coverage")
-                                         if k in rows[0]]
+    curve = _write_curve(rows, evaluate.write_result)
+  if not rows:
+    raise InputError(f"--workdir={workdir!r}: no checkpoint appeared in {directory} within --fid_watch_timeout="
+                     f"{watch_timeout_s:g}s.")
   first = rows[0]
-  curve = {"steps": steps, **{k: [r[k] for r in rows] for k in names}, "method": first["method"],
-           "nfe": first["nfe"], "num_samples": first["num_samples"], "seed": first["seed"], "ref": first["ref"],
-           "results": [r["path"] for r in rows]}
-  out_dir = os.path.dirname(first["path"])
-  curve["path"] = evaluate.write_result(os.path.join(
-      out_dir, f"fid_curve_{first['method']}_{first['nfe']}nfe_seed{first['seed']}.json"), curve)
   log.info("FID by step (%s, %d NFE, %d samples): %s; written to %s.", first["method"], first["nfe"],
-           first["num_samples"], ", ".join(f"{s}: {v:.3f}" for s, v in zip(steps, curve["fid"])), curve["path"])
+           first["num_samples"], ", ".join(f"{s}: {v:.3f}" for s, v in zip(curve["steps"], curve["fid"])),
+           curve["path"])
+  return curve
+
+
+def _write_curve(rows: list[dict[str, Any]], write_result: Callable[[str, dict], str]) -> dict[str, Any]:
+  """The curve of `evaluate_fid` results `rows` (one per step), written beside the first."""
+  first = rows[0]
+  names = ["fid", "inception_score"] + [k for k in ("kid", "precision", "recall", "density", "coverage")
+                                         if k in first]
+  curve = {"steps": [r["checkpoint_step"] for r in rows], **{k: [r[k] for r in rows] for k in names},
+           "method": first["method"], "nfe": first["nfe"], "num_samples": first["num_samples"], "seed": first["seed"],
+           "ref": first["ref"], "results": [r["path"] for r in rows]}
+  path = os.path.join(os.path.dirname(first["path"]), f"fid_curve_{first['method']}_{first['nfe']}nfe_seed"
+                                                      f"{first['seed']}.json")
+  curve["path"] = write_result(path, curve)
   return curve

@@ -323,6 +323,14 @@ def _allgather_bytes(data: bytes) -> list[bytes]:
   return [bytes(r[:m]) for r, m in zip(rows, lens)]
 
 
+def main_process_value(value: Any) -> Any:
+  """Process 0's `value` (JSON-serialisable) on every process, e.g. a directory listing that hosts
+  could see at different moments (a collective with several processes: all must call it)."""
+  if jax.process_count() == 1:
+    return value
+  return json.loads(_allgather_bytes(json.dumps(value).encode())[0])
+
+
 def check_same_config(config: Any, extra: Mapping[str, Any] | None = None, *, what: str = "config",
                       max_keys: int = 4) -> None:
   """ConfigError, on every process, if the processes were started with different configs.

@@ -126,8 +126,9 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
   mu, sigma, feats = fid.load_statistics(saved["ref"], features=True)
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and feats.shape == (8, 2048)
   np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6, atol=1e-9)
-  # every checkpoint (steps 1, 2) against the saved features: step 2's numbers again, step 1's its own
-  curve = fid.evaluate_fid_steps(config, workdir, steps="all", ref=saved["ref"], metrics=["prdc"], **kw)
+  # every checkpoint (steps 1, 2) against the saved features, watching: both are there and 2 is the run's
+  # last, so it returns at once. Step 2's numbers again, step 1's its own.
+  curve = fid.evaluate_fid_steps(config, workdir, steps="all", ref=saved["ref"], metrics=["prdc"], watch_s=60, **kw)
   assert curve["steps"] == [1, 2] and "kid" not in curve and curve["ref"] == saved["ref"]
   assert all(curve[k][1] == first[k] for k in ("fid", "inception_score", "precision", "recall", "density"))
   assert curve["fid"][0] != curve["fid"][1]
@@ -139,6 +140,10 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
     fid.evaluate_fid_steps(config, workdir, steps=["2", "3"], **kw)
   with pytest.raises(InputError, match=r"--fid_steps=last must be 'all' or checkpoint steps"):
     fid.evaluate_fid_steps(config, workdir, steps=["last"], **kw)
+  with pytest.raises(InputError, match=r"--fid_watch=5 scores checkpoints as training writes them: give "
+                                       r"--fid_steps=all, not --fid_steps=2"):
+    fid.evaluate_fid_steps(config, workdir, steps=[2], watch_s=5, **kw)
+
   plain = fid.save_statistics(str(tmp_path / "plain.npz"), mu, sigma)  # pytorch-fid's: no features
   with pytest.raises(InputError, match=r"holds only the data's mean and covariance; KID and precision/recall"):
     fid.evaluate_fid(config, workdir, ref=plain, metrics=["kid"], **kw)
@@ -152,6 +157,31 @@ def test_fid_of_a_run_against_its_data(tiny_run, tmp_path):
     fid.load_statistics(str(tmp_path / "bad.npz"))
   with pytest.raises(InputError, match=r"--fid_ref='nope.npz' is not a file"):
     fid.evaluate_fid(config, workdir, ref="nope.npz", **kw)
+
+
+def test_fid_watch_scores_checkpoints_as_they_appear():
+  """watch_steps: each new checkpoint once and in order, older ones passed over, until the run's last
+  step or `timeout_s` without a new one; it sleeps `poll_s` between listings."""
+  from jaxdiff import fid
+
+  def run(listings, final, timeout_s=100.0):
+    now, slept, it = [0.0], [], iter(listings)
+
+    def sleep(s):
+      slept.append(s)
+      now[0] += s
+
+    def listing():
+      return next(it, listings[-1])
+
+    steps = list(fid.watch_steps(listing, final, poll_s=10.0, timeout_s=timeout_s, sleep=sleep, clock=lambda: now[0]))
+    return steps, len(slept)
+
+  # training writes 2, then 4 (deleting 2), then 6 and 8; 3 appears late and is passed over
+  assert run([[2], [2], [4], [3, 4, 6], [6, 8]], final=8) == ([2, 4, 6, 8], 4)
+  assert run([[], [], [5, 10]], final=10) == ([5, 10], 2)  # nothing yet, then the last step: done
+  assert run([[10]], final=10) == ([10], 0)  # a finished run: no waiting
+  assert run([[2]], final=10, timeout_s=35.0) == ([2], 4)  # stuck: stops after 40 s > 35 s without a new step
 
 
 def _gaussian_kernel_mean(mx, sx, my, sy):
