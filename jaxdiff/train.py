@@ -468,6 +468,14 @@ def train_steps(state: TrainState, batches: tuple[dict[str, Array], ...], key: A
   return jax.lax.scan(body, state, stacked)
 
 
+def run_steps(state: TrainState, batches, key: Array, frozen: dict[str, Any], *, step_fn: Callable,
+              n: int) -> tuple[TrainState, dict[str, Array]]:
+  """The training loop's jitted program: one `step_fn(state, batch, key)` (n = 1; `batches` is the
+  batch) or `train_steps` over n batches, with the `frozen_inputs` as `step_fn`'s keywords."""
+  step = functools.partial(step_fn, **frozen)
+  return step(state, batches, key) if n == 1 else train_steps(state, batches, key, step_fn=step)
+
+
 def classifier_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                           loss_fn: Callable, optimizer: optax.GradientTransformation,
                           ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
@@ -888,13 +896,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def step_program(n: int) -> aot.AotJit:
     if n not in programs:
-      def fn(state, batches, key, frozen):
-        step = functools.partial(one_step, **frozen)
-        return step(state, batches, key) if n == 1 else train_steps(state, batches, key, step_fn=step)
-
       programs[n] = aot.AotJit(
-          jax.jit(fn, in_shardings=(state_sh, batch_sh if n == 1 else (batch_sh,) * n,
-                                    sharding.replicated(mesh), sharding.replicated(mesh)),
+          jax.jit(functools.partial(run_steps, step_fn=one_step, n=n),
+                  in_shardings=(state_sh, batch_sh if n == 1 else (batch_sh,) * n, sharding.replicated(mesh),
+                                sharding.replicated(mesh)),
                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)),
           cache_dir=config.compilation_cache_dir if config.cache_executables else "",
           fingerprint=config.to_json_best_effort(), name="train_step" if n == 1 else f"train_steps_{n}")

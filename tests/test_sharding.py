@@ -108,7 +108,8 @@ def test_training_loop_under_transfer_guard_compiles_once(tmp_path, monkeypatch)
 
   def spy_jit(fn, *a, **kw):
     jitted = real_jit(fn, *a, **kw)
-    if isinstance(fn, functools.partial) and fn.func is train.train_step:
+    step_fn = fn.keywords.get("step_fn") if isinstance(fn, functools.partial) and fn.func is train.run_steps else None
+    if step_fn is not None and step_fn.func is train.train_step:
       compiled.append(jitted)
     return jitted
 
