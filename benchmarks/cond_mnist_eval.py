@@ -22,7 +22,10 @@ classifier features (FID's formula with the MNIST classifier in Inception's plac
 `evaluate.frechet_distance`; `test_halves_fd`, the distance between the even and odd test
 images, is the floor at that sample size). Accuracy alone rewards blurry class means (a one-step
 sampler's x0 estimate is classified perfectly); the distance also sees sharpness and
-diversity.
+diversity. In the same features: `classifier_kid` (`fid.kernel_inception_distance`, unbiased
+at small N) and `classifier_prdc`, precision, recall, density and coverage
+(`fid.precision_recall`): precision is how many samples lie on the test digits' manifold,
+recall how much of it the samples cover (guidance trades the second for the first).
 
 With `--img2img_strengths 0.3,0.5` it also edits the first `--num_samples` test digits
 towards the next digit, (y + 1) mod 10, with SDEdit at each strength and guidance scale
@@ -53,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdiff import data as data_lib  # noqa: E402
-from jaxdiff import evaluate, generate, guidance, latent, parameterization, sharding, tasks, train  # noqa: E402
+from jaxdiff import evaluate, fid, generate, guidance, latent, parameterization, sharding, tasks, train  # noqa: E402
 
 
 def load(workdir: str, mesh):
@@ -242,6 +245,8 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
     pred, feats = classify(classify_fn, clf_params, x, batch_size, mesh)
     result["settings"][name] = {"guidance_scale": w, "nfe": int(nfe), **summarize(pred, want[:num_samples], k),
                                 "classifier_fd": evaluate.frechet_distance(feats, test_feats),
+                                "classifier_kid": fid.kernel_inception_distance(test_feats, feats, seed=seed)[0],
+                                "classifier_prdc": fid.precision_recall(test_feats, feats),
                                 "wall_s": round(time.time() - t0, 1)}
   if img2img_strengths:
     result["img2img"] = img2img(exp, config, params, classify_fn, clf_params, mesh, strengths=img2img_strengths,

@@ -272,6 +272,7 @@ def test_mnist_eval_script_runs(runs):
   for s in out["settings"].values():
     assert s["n"] == 10 and 0.0 <= s["accuracy"] <= 1.0 and len(s["per_class"]) == 10
     assert s["nfe"] == 4 and s["classifier_fd"] > 0.0  # ddim: 4 grid points, 3 steps + the denoising step
+    assert np.isfinite(s["classifier_kid"]) and 0.0 <= s["classifier_prdc"]["recall"] <= 1.0
   assert 0.0 <= out["classifier_test_accuracy"] <= 1.0
 
 
