@@ -93,17 +93,19 @@ def student_steps(teacher_steps: int, step, steps_per_round: int):
 
 
 def check_process(process) -> None:
-  """The rounds halve a grid uniform in t, which must be the grid `ddim` samples the student on."""
-  n = 9
-  grid = np.asarray(process.default_grid(n), np.float64)
-  uniform = np.linspace(process.T, process.t_min, n)
-  if not np.allclose(grid, uniform, rtol=1e-5, atol=1e-6 * max(1.0, abs(process.T))):
-    raise ConfigError(
-        f"{KEY}: progressive distillation halves a time grid uniform in t, but the {type(process).__name__} "
-        f"process samples on another grid (DDPM: integer steps; EDM: Karras' rho-grid), so the student could not "
-        f"be sampled on the grid it was trained for. Distil a teacher trained with a continuous process, e.g. "
-        f"config.process.name='cosine_vp' with config.loss.prediction='v' (Salimans & Ho), 'vp' or "
-        f"'rectified_flow'.")
+  """The rounds halve the process's default grid (`Process.default_grid_at`), which must be the
+  grid `ddim` samples the student on, and nest: n + 1 points every other one of 2n + 1."""
+  for n in (4, 8, 16):
+    fine, coarse = (np.asarray(process.default_grid(m), np.float64) for m in (2 * n + 1, n + 1))
+    at = np.asarray(process.default_grid_at(np.arange(2 * n + 1) / (2 * n)), np.float64)
+    scale = max(1.0, abs(float(process.T)))
+    if not (np.allclose(fine, at, rtol=1e-5, atol=1e-6 * scale)
+            and np.allclose(fine[::2], coarse, rtol=1e-5, atol=1e-6 * scale)):
+      raise ConfigError(
+          f"{KEY}: progressive distillation halves the sampler's time grid, but the {type(process).__name__} "
+          f"process's default_grid({n + 1}) is not every other point of default_grid({2 * n + 1}) (or not its "
+          f"default_grid_at), so the student could not be sampled on the grid it was trained for. Distil a "
+          f"teacher of a process whose grids nest (the built-in ones do).")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -124,10 +126,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     return _validate_consistency(config)
   if method(config) == "reflow":
     return _validate_reflow(config)
-  if config.loss.prediction == "edm":
-    raise ConfigError(f"{KEY}: config.loss.prediction='edm' needs the EDM process, whose rho-grid progressive "
-                      f"distillation cannot halve; distil a 'cosine_vp' / 'v' teacher, or use "
-                      f"config.distill.method='consistency'.")
   from jaxdiff import processes
 
   check_process(processes.get_process(**config.process.to_dict()))

@@ -289,9 +289,10 @@ def make_distillation_loss(
   """Builds progressive distillation's `loss_fn(net, teacher, x0, key, num_steps) -> (loss, aux)`.
 
   Salimans & Ho (2022), Algorithm 2. The student takes `num_steps` (N, may be traced) DDIM
-  steps on the N + 1 times uniform in t from T to t_min (what `samplers.sample(method='ddim',
-  num_steps=N + 1, denoise=False)` evaluates on every continuous process but EDM); the teacher takes twice as
-  many on the same grid with every interval halved. For each example a student interval
+  steps on the process's default grid of N + 1 times (`process.default_grid_at(j / N)`: uniform
+  in t, DDPM's integer steps, EDM's Karras grid; what `samplers.sample(method='ddim',
+  num_steps=N + 1, denoise=False)` evaluates); the teacher takes twice as many on the grid of
+  2N + 1, every student interval halved. For each example a student interval
   t -> t'' is drawn uniformly, `z_t = alpha_t x0 + sigma_t eps`, the teacher takes its two
   deterministic DDIM steps t -> t' -> t'' (no gradient), and the student's denoised estimate
   at z_t is regressed on `distillation_target`, the x0 whose one DDIM step lands where the
@@ -306,8 +307,8 @@ def make_distillation_loss(
   t = T, where alpha is near 0 ('eps' divides by alpha there).
 
   Args:
-    process: the diffusion process of both models (its `default_grid` must be uniform in t,
-      which `jaxdiff.distill.check_process` checks).
+    process: the diffusion process of both models (its grids must nest, which
+      `jaxdiff.distill.check_process` checks).
     prediction: what both networks output.
     weighting: 'truncated_snr' or 'snr_plus_one'.
     reduce: 'mean' or 'sum' of the squared error over data dimensions.
@@ -318,9 +319,6 @@ def make_distillation_loss(
   holds `loss_per_example`, the times `t` and the SNR weights `w`.
   """
   param_lib.check_prediction(prediction)
-  if prediction == "edm":
-    raise ConfigError("progressive distillation halves a grid uniform in t, which the EDM process does not "
-                      "sample on; use a process such as 'cosine_vp' with prediction 'v'.")
   if weighting not in DISTILL_WEIGHTINGS:
     raise ConfigError(f"config.distill.weighting={weighting!r} is not known; valid values are: "
                       f"{', '.join(DISTILL_WEIGHTINGS)}.")
@@ -333,10 +331,10 @@ def make_distillation_loss(
     batch = x0.shape[0]
     n = jnp.asarray(num_steps, jnp.int32)
     j = jax.random.randint(k_j, (batch,), 0, n).astype(jnp.float32)  # the student's interval
-    # the student's grid: N + 1 times uniform in t from T to t_min (the `ddim` sampler's
-    # `process.default_grid(N + 1)`); the teacher's adds the midpoints
-    dt = (process.T - process.t_min) / n.astype(jnp.float32)
-    t, t_mid, t_end = process.T - j * dt, process.T - (j + 0.5) * dt, process.T - (j + 1.0) * dt
+    # the student's grid: the `ddim` sampler's `process.default_grid(N + 1)`, at fractions j / N;
+    # the teacher's, of 2N + 1 points, adds those at (j + 1/2) / N
+    nf = n.astype(jnp.float32)
+    t, t_mid, t_end = (process.default_grid_at((j + d) / nf) for d in (0.0, 0.5, 1.0))
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     z_t = process.marginal(x0, t, eps)
     z_mid = ddim_x0_step(process, z_t, teacher_x0(teacher, z_t, t), t, t_mid)

@@ -181,8 +181,15 @@ class Process(struct.PyTreeNode, abc.ABC):
     return -0.5 * d * jnp.log(2 * jnp.pi * s2) - 0.5 * sq / s2
 
   def default_grid(self, num_steps: int) -> Array:
-    """`num_steps` decreasing evaluation times from T to t_min (uniform in t)."""
+    """`num_steps` decreasing evaluation times from T to t_min (uniform in t): `default_grid_at`
+    of the fractions 0, 1/(n-1), ..., 1 (up to rounding)."""
     return jnp.linspace(self.T, self.t_min, num_steps)
+
+  def default_grid_at(self, u: Array) -> Array:
+    """The default grid's time at fraction `u` in [0, 1] of the way from T to t_min. A process
+    whose grid is a fixed function of u has nested grids: n + 1 points are every other one of
+    2n + 1, which progressive distillation's halving needs (`distill.check_process`)."""
+    return self.T + jnp.asarray(u, jnp.float32) * (self.t_min - self.T)
 
 
 # --------------------------------------------------------------------------------------
@@ -301,6 +308,10 @@ class DDPM(Process):
   def default_grid(self, num_steps: int) -> Array:
     """`num_steps` integer steps from N down to 1, evenly spaced (N, N-1, ..., 1 for num_steps=N)."""
     return jnp.round(jnp.linspace(self.T, 1.0, num_steps))
+
+  def default_grid_at(self, u: Array) -> Array:
+    """The integer step nearest the fraction `u` of the way from N down to 1."""
+    return jnp.round(self.T + jnp.asarray(u, jnp.float32) * (1.0 - self.T))
 
 
 # --------------------------------------------------------------------------------------
@@ -524,9 +535,12 @@ class EDM(Process):
 
   def default_grid(self, num_steps: int) -> Array:
     """Karras' rho-spaced grid of `num_steps` sigmas from sigma_max to sigma_min."""
-    i = jnp.arange(num_steps) / max(num_steps - 1, 1)
+    return self.default_grid_at(jnp.arange(num_steps) / max(num_steps - 1, 1))
+
+  def default_grid_at(self, u: Array) -> Array:
+    """Karras' grid at fraction `u`: uniform in sigma^(1/rho) from sigma_max to sigma_min."""
     inv = 1.0 / self.rho
-    return (self.sigma_max**inv + i * (self.sigma_min**inv - self.sigma_max**inv)) ** self.rho
+    return (self.sigma_max**inv + jnp.asarray(u, jnp.float32) * (self.sigma_min**inv - self.sigma_max**inv)) ** self.rho
 
 
 class RectifiedFlow(Process):

@@ -40,12 +40,13 @@ def _x0_from(fn, process):
   return score
 
 
-@pytest.mark.parametrize("pname", sorted(CONTINUOUS))
+@pytest.mark.parametrize("pname", sorted(CONTINUOUS) + ["ddpm", "edm"])
 def test_one_student_step_to_the_target_lands_where_two_teacher_steps_do(pname):
   """With x0 = distillation_target, the sampler's own DDIM step from z_t reaches the teacher's
   z_t'' (two DDIM steps of the sampler through the midpoint), for the first, a middle and
-  the last interval of the grid."""
-  process = CONTINUOUS[pname]
+  the last interval of the grid; the loss draws its times on those grids (DDPM's integer
+  steps and EDM's rho-grid too)."""
+  process = {"ddpm": processes.DDPM.linear(num_timesteps=1000), "edm": processes.EDM(), **CONTINUOUS}[pname]
   key = jax.random.key(0)
   w = jax.random.normal(key, (3, 3))
   teacher_x0 = lambda x, t: jnp.tanh(x @ w) * (1.0 + bcast(t, x))  # any smooth nonlinear denoiser
@@ -67,6 +68,13 @@ def test_one_student_step_to_the_target_lands_where_two_teacher_steps_do(pname):
                                rtol=1e-4, atol=1e-5)
   # the student's grid nests in the teacher's: sampling the student with N + 1 points hits the targets' times
   np.testing.assert_allclose(process.default_grid(n + 1), grid[::2], rtol=1e-6, atol=1e-6)
+  distill.check_process(process)
+  # the loss's times: the student's grid points, each example's interval drawn among the N
+  loss_fn = losses.make_distillation_loss(process, prediction="x0")
+  _, aux = loss_fn(lambda x, c: jnp.tanh(x), lambda x, c: jnp.tanh(x), jnp.ones((64, 3)), key, n)
+  on_grid = np.min(np.abs(np.asarray(aux["t"])[:, None] - grid[None, 0:-1:2]), axis=1)
+  assert np.all(on_grid <= 1e-5 * max(1.0, float(process.T))), (pname, np.asarray(aux["t"]))
+  assert len(set(np.round(np.asarray(aux["t"]), 4).tolist())) == n  # all N intervals drawn from 64 examples
 
 
 def _exact_mixture_v(process, gmm):
@@ -208,6 +216,19 @@ def test_rounds_hand_the_student_over_and_a_resumed_run_matches(tfds_dir, tiny_t
   assert result["nfe"] == 2 and result["method"] == "ddim"
 
 
+def test_progressive_distillation_of_a_ddpm_teacher(tiny_run, tmp_path):
+  """configs/tiny.py's DDPM run (integer steps, eps-prediction) as teacher: a round halves its 4
+  DDIM steps to 2 on DDPM's own grid (the one the student's sampler, DDIM with 3 points, takes)."""
+  config = load_config("tiny")
+  config.distill.update(teacher=tiny_run[1], teacher_steps=4, steps_per_round=2)
+  config.training.update(num_steps=2, num_final_samples=0)
+  config.sampling.update(method="ddim", num_steps=3, denoise=False)
+  out = train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert out["student_steps"] == 2.0 and np.isfinite(out["loss"])
+  grid = np.asarray(processes.get_process(**config.process.to_dict()).default_grid(3))
+  np.testing.assert_array_equal(grid, [100.0, 50.0, 1.0])  # the tiny DDPM's steps 100, round(50.5) = 50, 1
+
+
 def test_config_errors_name_the_key_and_the_fix(tmp_path):
   from jaxdiff import configs as config_lib
 
@@ -218,13 +239,17 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
 
   ok = _tiny(teacher="/nowhere", teacher_steps=8, steps_per_round=2)
   config_lib.validate(ok)  # numbers only: the teacher run is read when training starts
-  c = _tiny(teacher="/nowhere", teacher_steps=8, steps_per_round=2)
-  c.process = ml_collections.ConfigDict(dict(name="ddpm", num_timesteps=100))
-  assert "DDPM" in err(c) and "cosine_vp" in err(c)
-  c = _tiny(teacher="/nowhere", teacher_steps=8, steps_per_round=2)
-  c.process = ml_collections.ConfigDict(dict(name="edm"))
-  c.loss.prediction = "x0"
-  assert "EDM" in err(c)
+  for process, prediction in ((dict(name="ddpm", num_timesteps=100), "eps"), (dict(name="edm"), "edm")):
+    c = _tiny(teacher="/nowhere", teacher_steps=8, steps_per_round=2)  # DDPM's integer steps, EDM's rho-grid
+    c.process, c.loss.prediction = ml_collections.ConfigDict(process), prediction
+    config_lib.validate(c)
+
+  class Warped(processes.CosineVP):  # a grid that is not a fixed function of the fraction: no halving
+    def default_grid(self, num_steps):
+      return jnp.linspace(self.T, self.t_min, num_steps) ** (1.0 + 1.0 / num_steps)
+
+  with pytest.raises(ConfigError, match=r"Warped process's default_grid\(5\) is not every other point"):
+    distill.check_process(Warped())
   c = _tiny(teacher="/nowhere", teacher_steps=8, steps_per_round=3)
   assert "num_steps=4" in err(c) and "steps_per_round=3" in err(c)
   c = _tiny(teacher="/nowhere", teacher_steps=6, steps_per_round=1)  # 4 rounds: 6 cannot halve 4 times
