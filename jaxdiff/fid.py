@@ -381,7 +381,6 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   (`evaluate_fid`'s).
   """
   from jaxdiff import checkpoint as ckpt_lib
-  from jaxdiff import evaluate
   from jaxdiff.errors import CheckpointError
 
   if "step" in kw:
@@ -412,7 +411,9 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   if missing or not (steps or watch_s > 0):
     raise InputError(f"--fid_steps={','.join(map(str, steps))} names steps {missing} the run did not keep; "
                      f"its checkpoints are at steps {kept} (or give --fid_steps=all).")
-  order = (watch_steps(kept_steps, int(config.training.num_steps), poll_s=watch_s, timeout_s=watch_timeout_s)
+  # every process takes process 0's listings and clock, so all score the same steps and stop together
+  order = (watch_steps(kept_steps, int(config.training.num_steps), poll_s=watch_s, timeout_s=watch_timeout_s,
+                       clock=lambda: sharding.main_process_value(time.monotonic()))
            if watch_s > 0 else iter(steps))
   rows, curve = [], {}
   for s in order:
@@ -425,7 +426,7 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
                   "passing over it.", s)
       continue
     ref = ref or rows[0]["ref"]  # the data's statistics (and features) written by the first step
-    curve = _write_curve(rows, evaluate.write_result)
+    curve = _write_curve(rows)
   if not rows:
     raise InputError(f"--workdir={workdir!r}: no checkpoint appeared in {directory} within --fid_watch_timeout="
                      f"{watch_timeout_s:g}s.")
@@ -436,8 +437,10 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   return curve
 
 
-def _write_curve(rows: list[dict[str, Any]], write_result: Callable[[str, dict], str]) -> dict[str, Any]:
+def _write_curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
   """The curve of `evaluate_fid` results `rows` (one per step), written beside the first."""
+  from jaxdiff import evaluate
+
   first = rows[0]
   names = ["fid", "inception_score"] + [k for k in ("kid", "precision", "recall", "density", "coverage")
                                          if k in first]
@@ -446,5 +449,5 @@ def _write_curve(rows: list[dict[str, Any]], write_result: Callable[[str, dict],
            "ref": first["ref"], "results": [r["path"] for r in rows]}
   path = os.path.join(os.path.dirname(first["path"]), f"fid_curve_{first['method']}_{first['nfe']}nfe_seed"
                                                       f"{first['seed']}.json")
-  curve["path"] = write_result(path, curve)
+  curve["path"] = evaluate.write_result(path, curve)
   return curve
