@@ -266,7 +266,18 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
     `is_splits` = 10 parts, `inception.inception_score`), the sampler, NFE, sample count, the
     reference (file or split and count) and timings.
   """
-  from jaxdiff import evaluate, generate, train, viz
+  return _fid_scorer(config, workdir, inception_path=inception_path, ref=ref, split=split, num_ref=num_ref,
+                     num_samples=num_samples, feature_batch=feature_batch, metrics=metrics,
+                     out_dir=out_dir)(**sample_kw)
+
+
+def _fid_scorer(config: ml_collections.ConfigDict, workdir: str, *, inception_path: str, ref: str | None,
+                split: str | None, num_ref: int | None, num_samples: int, feature_batch: int, metrics: Sequence[str],
+                out_dir: str | None) -> Callable[..., dict[str, Any]]:
+  """`evaluate_fid`'s checks, Inception weights and reference, once: returns `score(**sample_kw)
+  -> result`, which draws, scores and writes one checkpoint's samples (`evaluate_fid_steps`
+  calls it for each step)."""
+  from jaxdiff import generate, train
 
   metrics = tuple(metrics)
   unknown = sorted(set(metrics) - set(METRICS))
@@ -301,11 +312,23 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
     log.info("Wrote the data's FID statistics%s to %s (%d images); pass --fid_ref=%s to reuse them.",
              " and features" if metrics else "", path, len(ref_feats), path)
   ref_s = time.time() - t0
-
   if num_samples < inception.FEATURES:
     log.warning("FID of %d samples: fewer than the %d features, so their covariance is singular and the value "
                 "is far above the 50000-sample FID papers report; compare only values of equal sample counts.",
                 num_samples, inception.FEATURES)
+  return functools.partial(_score, config, workdir, exp=exp, mesh=mesh, params=params, reference=(
+      mu_ref, sigma_ref, ref_feats, {**ref_info, "inception": os.path.abspath(inception_path), "ref_s": ref_s}),
+      num_samples=num_samples, feature_batch=feature_batch, metrics=metrics, out_dir=out_dir)
+
+
+def _score(config: ml_collections.ConfigDict, workdir: str, *, exp, mesh, params: Any,
+           reference: tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]], num_samples: int,
+           feature_batch: int, metrics: tuple[str, ...], out_dir: str, **sample_kw) -> dict[str, Any]:
+  """One checkpoint's samples drawn, scored against `reference` (mu, sigma, features or None,
+  its summary entries) and written (`_fid_scorer`)."""
+  from jaxdiff import evaluate, generate, viz
+
+  mu_ref, sigma_ref, ref_feats, ref_info = reference
   drawn = generate.generate(config, workdir, num_samples=num_samples, keep_samples=True, **sample_kw)
   t1 = time.time()
   images = viz.to_uint8(drawn.pop("samples"), exp.centered)
@@ -325,9 +348,8 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str, *, inception_p
             "num_samples": num_samples, "method": drawn["method"], "nfe": drawn["nfe"],
             "checkpoint_step": drawn["checkpoint_step"], "guidance_scale": drawn["guidance_scale"],
             "classifier_scale": drawn["classifier_scale"], "seed": int(sample_kw.get("seed", 0)),
-            "samples": drawn["paths"].get("npz"), **ref_info, "inception": os.path.abspath(inception_path),
-            **extra, "ref_s": ref_s, "sample_s": drawn["wall_s"], "features_s": t2 - t1,
-            "metrics_s": time.time() - t2}
+            "samples": drawn["paths"].get("npz"), **ref_info, **extra, "sample_s": drawn["wall_s"],
+            "features_s": t2 - t1, "metrics_s": time.time() - t2}
   path = evaluate.write_result(os.path.join(out_dir, f"fid_{drawn['method']}_{drawn['nfe']}nfe_step"
                                                     f"{drawn['checkpoint_step']}_seed{result['seed']}.json"), result)
   result["path"] = path
@@ -358,17 +380,20 @@ def watch_steps(list_steps: Callable[[], list[int]], final_step: int, *, poll_s:
     sleep(poll_s)
 
 
-def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[int] | str = "all",
-                       ref: str | None = None, out_dir: str | None = None, watch_s: float = 0.0,
-                       watch_timeout_s: float = 6 * 3600.0, **kw) -> dict[str, Any]:
+def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, inception_path: str,
+                       steps: Sequence[int] | str = "all", ref: str | None = None, split: str | None = None,
+                       num_ref: int | None = None, num_samples: int = 10_000, feature_batch: int = 100,
+                       metrics: Sequence[str] = (), out_dir: str | None = None, watch_s: float = 0.0,
+                       watch_timeout_s: float = 6 * 3600.0, **sample_kw) -> dict[str, Any]:
   """`evaluate_fid` of each of a run's checkpoints (score_sde's evaluation over checkpoints): the
   sample-quality curve of a training run, with the same sampler, seed and reference for every step.
 
   Args:
     steps: "all" (every checkpoint the run kept) or the steps to score (ints or digit strings),
       each one it kept.
-    ref, out_dir, **kw: as `evaluate_fid`'s (not `step`). Without `ref` the data's statistics
-      are computed for the first step and reused for the rest.
+    inception_path, ref, split, num_ref, num_samples, feature_batch, metrics, out_dir,
+      **sample_kw: as `evaluate_fid`'s (not `step`). The weights and the reference (the data's
+      statistics, computed and written once without `ref`) are loaded once for all steps.
     watch_s: > 0 (with steps="all"): an evaluation job beside training. After the checkpoints
       there are, it looks for new ones every `watch_s` seconds and scores each as it appears,
       until it has scored the run's last step (`config.training.num_steps`) or none has
@@ -383,7 +408,7 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   from jaxdiff import checkpoint as ckpt_lib
   from jaxdiff.errors import CheckpointError
 
-  if "step" in kw:
+  if "step" in sample_kw:
     raise InputError("evaluate_fid_steps takes steps=, not step=; give --fid_steps or --step, not both.")
   directory = ckpt_lib.checkpoint_dir(config, workdir)
 
@@ -411,6 +436,8 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   if missing or not (steps or watch_s > 0):
     raise InputError(f"--fid_steps={','.join(map(str, steps))} names steps {missing} the run did not keep; "
                      f"its checkpoints are at steps {kept} (or give --fid_steps=all).")
+  score = _fid_scorer(config, workdir, inception_path=inception_path, ref=ref, split=split, num_ref=num_ref,
+                      num_samples=num_samples, feature_batch=feature_batch, metrics=metrics, out_dir=out_dir)
   # every process takes process 0's listings and clock, so all score the same steps and stop together
   order = (watch_steps(kept_steps, int(config.training.num_steps), poll_s=watch_s, timeout_s=watch_timeout_s,
                        clock=lambda: sharding.main_process_value(time.monotonic()))
@@ -418,14 +445,13 @@ def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, steps
   rows, curve = [], {}
   for s in order:
     try:
-      rows.append(evaluate_fid(config, workdir, step=s, ref=ref, out_dir=out_dir, **kw))
+      rows.append(score(step=s, **sample_kw))
     except CheckpointError:
       if not watch_s > 0 or s in kept_steps():
         raise
       log.warning("Checkpoint %d was deleted by the run (config.training.keep_checkpoints) before it was scored; "
                   "passing over it.", s)
       continue
-    ref = ref or rows[0]["ref"]  # the data's statistics (and features) written by the first step
     curve = _write_curve(rows)
   if not rows:
     raise InputError(f"--workdir={workdir!r}: no checkpoint appeared in {directory} within --fid_watch_timeout="
