@@ -46,7 +46,7 @@ KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's and clean-fid's
 def load_inception(path: str, mesh) -> Any:
   """pytorch-fid's Inception weights (`inception.load_fid_inception`), replicated over `mesh`."""
   params = inception.load_fid_inception(path)
-  return sharding.put_host_tree(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))
+  return sharding.replicate(params, mesh)
 
 
 @functools.lru_cache(maxsize=8)

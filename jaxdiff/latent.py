@@ -169,7 +169,7 @@ def load_params(space: LatentSpace, mesh) -> Any:
   if source == "diffusers":
     _, host = convert_diffusers.load_diffusers_vae(path)  # checked against its config.json
     host = jax.tree.map(lambda a: np.asarray(a, space.autoencoder.param_dtype), host)
-    return sharding.put_host_tree(host, jax.tree.map(lambda _: sharding.replicated(mesh), host))
+    return sharding.replicate(host, mesh)
   _, config = _jaxdiff_autoencoder(path)
   exp = train.build_experiment(config)
   _, params = evaluate.restore_ema_params(config, path, exp, mesh)

@@ -90,8 +90,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def replicate(x: Any, mesh: Mesh) -> jax.Array:
-  """A value that is the same on every process (a PRNG key too) as a replicated global array.
+def replicate(x: Any, mesh: Mesh) -> Any:
+  """A value that is the same on every process (a PRNG key too, or a tree of arrays such as
+  weights read from a file) as replicated global arrays.
 
   `jax.device_put` cannot target devices of other processes; this builds the global array
   from each process's own copy.
@@ -103,8 +104,12 @@ def replicate(x: Any, mesh: Mesh) -> jax.Array:
 
 
 def put_host_tree(tree: Any, shardings: Any) -> Any:
-  """Global arrays laid out as `shardings` from a host copy that every process holds (e.g. weights
-  read from a file): each device takes its slice of the host array."""
+  """Global arrays laid out as `shardings` (a tree like `tree`'s, or one sharding for every leaf)
+  from a host copy that every process holds (e.g. weights read from a file): each device takes
+  its slice of the host array."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
   def put(a, s):
     host = np.asarray(a)
     return jax.make_array_from_callback(host.shape, s, lambda index: host[index])

@@ -693,7 +693,7 @@ def frozen_inputs(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   from jaxdiff.models import lpips
 
   params = lpips.load_lpips(*[p.strip() for p in str(config.lpips.weights).split(",") if p.strip()])
-  return {"metric_params": sharding.put_host_tree(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))}
+  return {"metric_params": sharding.replicate(params, mesh)}
 
 
 def _keeps_target(config: ml_collections.ConfigDict) -> bool:

@@ -37,7 +37,6 @@ from jaxdiff.models.torch_file import read_state_dict
 # VGG-16's convolutions ("M": a 2x2 max pool), up to relu5_3
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 TAPS = (1, 3, 6, 9, 12)  # the convolutions whose ReLU outputs are compared: relu1_2 ... relu5_3
-CHANNELS = (64, 128, 256, 512, 512)
 # torchvision's `vgg16().features` index of each convolution, and the lpips package's slices of it
 TORCHVISION_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _SLICE_STARTS = (0, 4, 9, 16, 23)  # net.slice1 .. slice5 begin at these feature indices
