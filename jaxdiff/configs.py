@@ -121,9 +121,15 @@ def base_config() -> ml_collections.ConfigDict:
       metric="pseudo_huber",     # consistency: l2 | pseudo_huber | lpips (config.lpips)
       sigma_data=0.5,            # consistency: c_skip's data standard deviation (images in [-1, 1]: 0.5)
       target_decay=0.0,          # consistency: EMA rate of the target network (0: the student without gradient)
-      # model.name='autoencoder': mean reconstruction error + kl_weight * KL(q(z|x) || N(0, I)) / pixels
+      # model.name='autoencoder': mean reconstruction error + perceptual_weight * LPIPS
+      # + kl_weight * KL(q(z|x) || N(0, I)) / pixels (+ the adversarial term with disc_weight > 0)
       reconstruction="l1",       # l1 | l2 (the per-pixel error)
       kl_weight=1e-6,            # LDM's KL-f8 autoencoders: 1e-6
+      perceptual_weight=0.0,     # LPIPS(x, reconstruction) (config.lpips; resolution 0: the images' size); LDM: 1.0
+      disc_weight=0.0,           # > 0: a patch discriminator (hinge loss), its term weighted adaptively (LDM: 0.5)
+      disc_start=0,              # the update from which the discriminator trains and its term counts (LDM: 50001)
+      disc_features=64,          # its first width (pix2pix, LDM: 64)
+      disc_layers=3,             # its stride-2 convolutions (LDM: 3; 2 for 28x28 images)
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -255,6 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d, m = config.data, config.model
   _validate_data(d)
   _validate_autoencoder(config)
+  _validate_autoencoder_keys(config)
   res = _validate_latent(config)  # the side of what the network sees: pixels or latents
   what = "config.data.resolution" if res == d.resolution else f"the latent side {res} (config.latent)"
   if m.name in ("unet", "ncsnpp") and d.dataset != "gmm2d":
@@ -296,25 +303,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_lpips(config: ml_collections.ConfigDict) -> None:
-  """An LPIPS consistency loss: the weights given, pixel images it can read."""
+  """An LPIPS consistency loss or perceptual term: the weights given, pixel images it can read."""
   from jaxdiff import train  # train imports this module
 
   key = train.lpips_key(config)
   if not key:
     return
+  perceptual = key == "config.loss.perceptual_weight"
+  what = f"{key}={config.loss.perceptual_weight}" if perceptual else f"{key}='lpips'"
+  instead = f"set --{key}=0" if perceptual else f"use {key}=pseudo_huber"
   weights, res = str(config.lpips.weights or ""), int(config.lpips.resolution)
   if not weights.strip(" ,"):
-    raise ConfigError(f"{key}='lpips' needs the LPIPS weights: set --config.lpips.weights=vgg16-397923af.pth,vgg.pth "
+    raise ConfigError(f"{what} needs the LPIPS weights: set --config.lpips.weights=vgg16-397923af.pth,vgg.pth "
                       f"(torchvision's VGG-16, https://download.pytorch.org/models/vgg16-397923af.pth, and the lpips "
-                      f"package's lpips/weights/v0.1/vgg.pth), or use {key}=pseudo_huber.")
+                      f"package's lpips/weights/v0.1/vgg.pth), or {instead}.")
   if config.data.dataset == "gmm2d" or str(config.latent.autoencoder or ""):
-    what = "vectors" if config.data.dataset == "gmm2d" else "latents (config.latent.autoencoder)"
-    raise ConfigError(f"{key}='lpips' compares images through VGG-16, but this model's outputs are {what}; use "
-                      f"{key}=pseudo_huber.")
+    kind = "vectors" if config.data.dataset == "gmm2d" else "latents (config.latent.autoencoder)"
+    raise ConfigError(f"{what} compares images through VGG-16, but this model's outputs are {kind}; {instead}.")
   if res < 0 or (res == 0 and config.data.resolution < 16) or 0 < res < 16:
     raise ConfigError(f"config.lpips.resolution={res} with {config.data.resolution}x{config.data.resolution} images: "
                       f"VGG-16 pools four times, so LPIPS needs a side >= 16; use 224 (consistency models) or 0 "
-                      f"(the images' own size) for images of at least 16.")
+                      f"(the images' own size, as LDM's autoencoders) for images of at least 16.")
 
 
 OBJECTIVES = ("denoising", "consistency")
@@ -381,6 +390,32 @@ def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:
   if d.use_labels or int(d.get("cond_resolution", 0)):
     raise ConfigError("config.model.name='autoencoder' is trained on images alone; set "
                       "--config.data.use_labels=False and --config.data.cond_resolution=0.")
+  loss = config.loss
+  for key in ("disc_weight", "disc_start"):
+    if not float(loss.get(key, 0)) >= 0:
+      raise ConfigError(f"config.loss.{key}={loss[key]} must be >= 0 (LDM: disc_weight 0.5, disc_start 50001; "
+                        f"disc_weight 0: no discriminator).")
+  if float(loss.get("disc_weight", 0.0)):
+    from jaxdiff.models.discriminator import patch_grid
+
+    layers = int(loss.disc_layers)
+    if layers >= 1 and patch_grid(d.resolution, layers) < 1:
+      fit = max(n for n in range(1, 8) if patch_grid(d.resolution, n) >= 1) if d.resolution >= 6 else 0
+      raise ConfigError(f"config.loss.disc_layers={layers} halves {d.resolution}x{d.resolution} images too often "
+                        f"for the patch discriminator (it needs a side of at least {3 * 2 ** layers}); use "
+                        f"--config.loss.disc_layers={fit}." if fit else f"config.data.resolution={d.resolution} "
+                        f"is too small for a patch discriminator (at least 6); set --config.loss.disc_weight=0.")
+
+
+def _validate_autoencoder_keys(config: ml_collections.ConfigDict) -> None:
+  """The autoencoder's perceptual and adversarial terms on another model are an error, not ignored."""
+  if config.model.name == "autoencoder":
+    return
+  for key in ("perceptual_weight", "disc_weight"):
+    if float(config.loss.get(key, 0.0)):
+      raise ConfigError(f"config.loss.{key}={config.loss[key]} is a term of the autoencoder's loss, but "
+                        f"config.model.name={config.model.name!r}; set --config.loss.{key}=0 (consistency models "
+                        f"take LPIPS as config.loss.metric='lpips').")
 
 
 def _validate_latent(config: ml_collections.ConfigDict) -> int:

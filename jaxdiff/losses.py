@@ -24,7 +24,9 @@ averaged over the batch.
 classifier for classifier guidance: `loss_fn(net, x0, labels, key) -> (loss, aux)`.
 
 `make_autoencoder_loss(kl_weight=...)` is the KL-regularised autoencoder's objective (the
-VAE of latent diffusion): `loss_fn(autoencoder, x, key) -> (loss, aux)`.
+VAE of latent diffusion): `loss_fn(autoencoder, x, key) -> (loss, aux)`, with LPIPS as an
+optional perceptual term; `hinge_discriminator_loss` and `adaptive_adversarial_weight` are the
+adversarial term's pieces (`train.adversarial_autoencoder_train_step`).
 
 `make_distillation_loss(process, prediction=...)` is progressive distillation's objective
 (Salimans & Ho 2022): `loss_fn(net, teacher, x0, key, num_steps) -> (loss, aux)` trains a
@@ -215,35 +217,76 @@ def make_classifier_loss(process: Process, *,
 RECONSTRUCTIONS = ("l1", "l2")
 
 
-def make_autoencoder_loss(*, kl_weight: float = 1e-6,
-                          reconstruction: str = "l1") -> Callable[..., tuple[Array, dict[str, Any]]]:
-  """Builds `loss_fn(autoencoder, x, key) -> (loss, aux)` for a KL-regularised autoencoder.
+def make_autoencoder_objective(*, kl_weight: float = 1e-6, reconstruction: str = "l1", perceptual_weight: float = 0.0,
+                               lpips_resolution: int = 0, data_range: tuple[float, float] | None = None
+                               ) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds `objective(x, recon, mean, logvar, metric_params=None) -> (loss, aux)`: a KL
+  autoencoder's loss given its reconstruction `recon` of `x` and its posterior N(mean, exp(logvar)).
 
-  `autoencoder(x, key) -> (reconstruction, mean, logvar)` decodes a sample of q(z|x) =
-  N(mean, exp(logvar)) (`models.AutoencoderKL` with its parameters bound). The loss is
-
-    mean over pixels of |x - x_hat| (l1) or (x - x_hat)^2 (l2)
+    mean over pixels of |x - recon| (l1) or (x - recon)^2 (l2)
+      + perceptual_weight * LPIPS(x, recon)
       + kl_weight * KL(q(z|x) || N(0, I)) / (pixels per example),
 
-  averaged over the batch: Rombach et al.'s objective without its perceptual and
-  adversarial terms, divided by the number of pixels, so `kl_weight` means what it does
-  there (1e-6 for their KL-f8 autoencoders). `aux` holds the batch means of the
-  reconstruction error and of the KL per example (`reconstruction`, `kl`).
+  averaged over the batch: Rombach et al.'s objective without its adversarial term (which
+  `train.adversarial_autoencoder_train_step` adds) and without their learned output
+  log-variance (one scalar, 0 at the start), divided by the number of pixels, so
+  `kl_weight` and `perceptual_weight` mean what they do there (their KL-f8 autoencoders: 1e-6
+  and 1.0). LPIPS (`metric_params`: its weights, `models.lpips.load_lpips`) compares the images
+  mapped from `data_range` to [-1, 1] at `lpips_resolution` (0: their own size). `aux` holds the
+  batch means of the reconstruction error, the KL per example and, with a perceptual term, LPIPS
+  (`reconstruction`, `kl`, `perceptual`).
   """
   _check("reconstruction", reconstruction, RECONSTRUCTIONS)
   if not kl_weight >= 0.0:
     raise ConfigError(f"config.loss.kl_weight={kl_weight} must be >= 0 (LDM's KL-f8 autoencoders: 1e-6).")
+  if not perceptual_weight >= 0.0:
+    raise ConfigError(f"config.loss.perceptual_weight={perceptual_weight} must be >= 0 (LDM's autoencoders: 1.0; "
+                      f"0: no perceptual term).")
   from jaxdiff.models.autoencoder import kl_divergence
+  lpips = (_consistency_metric("lpips", "mean", lpips_resolution, data_range,
+                               f"config.loss.perceptual_weight={perceptual_weight}")
+           if perceptual_weight else None)
 
-  def loss_fn(autoencoder, x: Array, key: Array) -> tuple[Array, dict[str, Any]]:
-    recon, mean, logvar = autoencoder(x, key)
+  def objective(x: Array, recon: Array, mean: Array, logvar: Array,
+                metric_params: Any = None) -> tuple[Array, dict[str, Any]]:
     err = recon.astype(jnp.float32) - x
     rec = jnp.mean(jnp.abs(err) if reconstruction == "l1" else jnp.square(err))
     kl = jnp.mean(kl_divergence(mean, logvar))
     pixels = x.size // x.shape[0]
-    return rec + kl_weight * kl / pixels, {"reconstruction": rec, "kl": kl}
+    loss, aux = rec + kl_weight * kl / pixels, {"reconstruction": rec, "kl": kl}
+    if lpips is not None:
+      aux["perceptual"] = jnp.mean(lpips(recon, x, metric_params))
+      loss = loss + perceptual_weight * aux["perceptual"]
+    return loss, aux
+
+  return objective
+
+
+def make_autoencoder_loss(**objective_kw) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds `loss_fn(autoencoder, x, key, metric_params=None) -> (loss, aux)` for a KL autoencoder:
+  `make_autoencoder_objective(**objective_kw)` of `autoencoder(x, key) -> (recon, mean, logvar)`,
+  which decodes a sample of q(z|x) (`models.AutoencoderKL` with its parameters bound)."""
+  objective = make_autoencoder_objective(**objective_kw)
+
+  def loss_fn(autoencoder, x: Array, key: Array, metric_params: Any = None) -> tuple[Array, dict[str, Any]]:
+    return objective(x, *autoencoder(x, key), metric_params)
 
   return loss_fn
+
+
+def hinge_discriminator_loss(real_logits: Array, fake_logits: Array) -> Array:
+  """A discriminator's hinge loss (Lim & Ye 2017; LDM's autoencoders): (mean relu(1 - D(x)) +
+  mean relu(1 + D(x_hat))) / 2 over all logits (patches) of the batch."""
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits)))
+
+
+def adaptive_adversarial_weight(nll_grad: Array, adversarial_grad: Array, *, max_weight: float = 1e4) -> Array:
+  """Esser et al.'s (2021) balance of the generator's adversarial term: ||grad of the
+  reconstruction loss|| / (||grad of the adversarial loss|| + 1e-4), both with respect to the
+  decoder's last layer, clipped to [0, max_weight] and not differentiated."""
+  ratio = jnp.linalg.norm(nll_grad.astype(jnp.float32)) / (jnp.linalg.norm(adversarial_grad.astype(jnp.float32))
+                                                            + 1e-4)
+  return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight))
 
 
 DISTILL_WEIGHTINGS = ("truncated_snr", "snr_plus_one")
@@ -447,7 +490,7 @@ def make_consistency_loss(
 
   teacher_x0 = _teacher_denoiser(process, prediction, clip)
   f = _consistency_fn(process, prediction, sigma_data)
-  distance = _consistency_metric(metric, reduce, lpips_resolution, data_range, "config.distill.metric")
+  distance = _consistency_metric(metric, reduce, lpips_resolution, data_range, "config.distill.metric='lpips'")
 
   def loss_fn(net, target, teacher, x0: Array, key: Array, metric_params: Any = None) -> tuple[Array, dict[str, Any]]:
     k_n, k_eps = jax.random.split(key)
@@ -553,7 +596,7 @@ def make_consistency_training_loss(
   slots = jnp.arange(s1)  # interval n joins grid points n and n + 1; those at n >= N are masked out
   f = _consistency_fn(process, prediction, sigma_data)
 
-  distance = _consistency_metric(metric, reduce, lpips_resolution, data_range, "config.loss.metric")
+  distance = _consistency_metric(metric, reduce, lpips_resolution, data_range, "config.loss.metric='lpips'")
 
   def loss_fn(net, target, x0: Array, key: Array, step, metric_params: Any = None) -> tuple[Array, dict[str, Any]]:
     k_n, k_eps = jax.random.split(key)
@@ -589,9 +632,10 @@ def _consistency_fn(process: Process, prediction: str, sigma_data: float):
 
 
 def _consistency_metric(metric: str, reduce: str, lpips_resolution: int, data_range: tuple[float, float] | None,
-                        key: str) -> Callable[[Array, Array, Any], Array]:
+                        what: str) -> Callable[[Array, Array, Any], Array]:
   """`distance(a, b, metric_params) -> [B]` of a consistency loss: `_consistency_distance` of
-  `a - b`, or LPIPS (`metric='lpips'`) of the images mapped from `data_range` to [-1, 1]."""
+  `a - b`, or LPIPS (`metric='lpips'`) of the images mapped from `data_range` to [-1, 1].
+  `what` names the setting that asked for LPIPS in errors."""
   if metric != "lpips":
     return lambda a, b, _: _consistency_distance((a - b).astype(jnp.float32).reshape(a.shape[0], -1), metric, reduce)
   from jaxdiff.models import lpips  # models do not import losses
@@ -600,10 +644,10 @@ def _consistency_metric(metric: str, reduce: str, lpips_resolution: int, data_ra
 
   def distance(a: Array, b: Array, params: Any) -> Array:
     if params is None:
-      raise ConfigError(f"{key}='lpips' needs the LPIPS weights as the loss's metric_params (the training loop "
+      raise ConfigError(f"{what} needs the LPIPS weights as the loss's metric_params (the training loop "
                         f"passes those of config.lpips.weights).")
     if a.ndim != 4:
-      raise ConfigError(f"{key}='lpips' compares images [B, H, W, C]; this model's outputs are {tuple(a.shape)}.")
+      raise ConfigError(f"{what} compares images [B, H, W, C]; this model's outputs are {tuple(a.shape)}.")
     to_unit = lambda v: 2.0 * (v.astype(jnp.float32) - lo) / (hi - lo) - 1.0  # noqa: E731
     return lpips.lpips_distance(params, to_unit(a), to_unit(b), resolution=int(lpips_resolution) or None)
 

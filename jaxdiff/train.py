@@ -12,7 +12,9 @@ The pieces are small top-level functions so they can be used and tested on their
 * `classifier_train_step(...)`  the same for a noise-conditional classifier
   (`config.model.name='classifier'`, cross-entropy on noised data);
 * `autoencoder_train_step(...)`  the same for latent diffusion's KL autoencoder
-  (`config.model.name='autoencoder'`, `losses.make_autoencoder_loss`);
+  (`config.model.name='autoencoder'`, `losses.make_autoencoder_loss`), and
+  `adversarial_autoencoder_train_step(...)` its update against a patch discriminator
+  (`config.loss.disc_weight > 0`; `AdversarialState` holds the discriminator);
 * `distill_train_step(...)`  progressive distillation's student (`config.distill`,
   `losses.make_distillation_loss`): the teacher is `state.teacher_params`, replaced by the
   student at the start of each round;
@@ -88,6 +90,15 @@ class ConsistencyState(DistillState):
   theta^-). With decay 0 the target is the student itself and a `DistillState` suffices."""
 
   target_params: Any
+
+
+class AdversarialState(TrainState):
+  """An autoencoder's train state with its patch discriminator (`config.loss.disc_weight > 0`):
+  the discriminator's parameters and optimizer state. Not averaged (no EMA) and not used after
+  training: latent runs read `ema_params` alone."""
+
+  disc_params: Any
+  disc_opt_state: optax.OptState
 
 
 class TargetState(TrainState):
@@ -172,11 +183,14 @@ def network_fn(model: nn.Module, params, *, train: bool = False, dropout_key: Ar
 
 def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
                        example_x: Array, ema: bool = True, params: Any = None,
-                       teacher: bool = False, target: bool = False) -> TrainState:
+                       teacher: bool = False, target: bool = False,
+                       discriminator: nn.Module | None = None) -> TrainState:
   """Initial parameters (`params`, e.g. published weights, or `model`'s init), their EMA copy
   (None with `ema=False`) and optimizer state, at step 0. With `teacher=True` (distillation;
   `params` are the teacher's) the parameters are also the (first round's) teacher, and with
-  `target=True` (consistency distillation or training) also the target network."""
+  `target=True` (consistency distillation or training) also the target network. With a
+  `discriminator` (an autoencoder's adversarial term) it is initialised from `fold_in(key, 1)`
+  and gets its own state of `optimizer`: an `AdversarialState`."""
   if params is None and isinstance(model, models.AutoencoderKL):
     params = model.init({"params": key}, example_x)["params"]
   elif params is None:
@@ -184,6 +198,9 @@ def create_train_state(key: Array, *, model: nn.Module, optimizer: optax.Gradien
     params = model.init({"params": key}, example_x, t, train=False)["params"]
   fields = dict(step=jnp.zeros((), jnp.int32), params=params,
                 ema_params=jax.tree.map(jnp.copy, params) if ema else None, opt_state=optimizer.init(params))
+  if discriminator is not None:
+    disc = discriminator.init({"params": jax.random.fold_in(key, 1)}, example_x)["params"]
+    return AdversarialState(**fields, disc_params=disc, disc_opt_state=optimizer.init(disc))
   if target and not teacher:
     return TargetState(**fields, target_params=jax.tree.map(jnp.copy, params))
   if target:
@@ -213,15 +230,23 @@ def microbatched_value_and_grad(objective: Callable, microbatches: int = 1) -> C
   with `fold_in(key, i)`), and loss, aux and gradients are averaged over the parts, which is
   the full batch's mean gradient (the same update; only the random draws differ). Only one
   part's activations are alive at a time, so memory falls with m; m = 1 is `value_and_grad`.
+  (`microbatched` does this for any such function.)
+  """
+  return microbatched(jax.value_and_grad(objective, has_aux=True), microbatches)
+
+
+def microbatched(fn: Callable, microbatches: int = 1) -> Callable:
+  """`fn(params, batch, key) -> out` (a pytree of means over the batch's examples, e.g. a loss
+  and its gradients) evaluated on `microbatches` parts of the batch one after another and
+  averaged (`microbatched_value_and_grad` explains the parts); m = 1 is `fn` itself.
 
   Part i holds examples i, i + m, i + 2m, ...: a batch sharded over devices along its first
   axis splits into parts that are each spread over all devices (each device's share must be
   divisible by m: `sharding.check_batch_size(..., microbatches=m)`). Each part's gradient is
   reduced over the devices, so on a multi-device mesh m parts cost m gradient reductions.
   """
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
   if microbatches == 1:
-    return grad_fn
+    return fn
   if microbatches < 1:
     raise ConfigError(f"config.training.microbatches={microbatches} must be >= 1.")
   m = microbatches
@@ -237,11 +262,11 @@ def microbatched_value_and_grad(objective: Callable, microbatches: int = 1) -> C
 
     def body(total, i_part):
       i, part = i_part
-      out = grad_fn(params, part, jax.random.fold_in(key, i))
+      out = fn(params, part, jax.random.fold_in(key, i))
       return jax.tree.map(jnp.add, total, out), None
 
     first = jax.tree.map(lambda x: x[0], parts)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first, key))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, params, first, key))
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(m), parts))
     return jax.tree.map(lambda t: t / m, total)
 
@@ -494,16 +519,87 @@ def classifier_train_step(state: TrainState, batch: dict[str, Array], key: Array
 
 
 def autoencoder_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
-                           loss_fn: Callable, optimizer: optax.GradientTransformation,
-                           ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
-  """One update of a KL autoencoder (`losses.make_autoencoder_loss`; the posterior sample draws from `key`). Pure."""
+                           loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
+                           microbatches: int = 1, metric_params: Any = None) -> tuple[TrainState, dict[str, Array]]:
+  """One update of a KL autoencoder (`losses.make_autoencoder_loss`; the posterior sample draws
+  from `key`; `metric_params`: LPIPS weights of a perceptual term). Pure."""
 
   def objective(params, batch, key):
-    return loss_fn(lambda x, k: model.apply({"params": params}, x, k), batch["x"], key)
+    return loss_fn(lambda x, k: model.apply({"params": params}, x, k), batch["x"], key, metric_params)
 
   (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, {"x": batch["x"]}, key)
   return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
       "loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+
+def decoder_last_layer(tree: Any) -> Array:
+  """The leaf of an `AutoencoderKL` tree (parameters or gradients) at the decoder's last
+  convolution's kernel: where the adversarial weight compares gradients (Esser et al.)."""
+  return tree["decoder"]["conv_out"]["kernel"]
+
+
+def adversarial_autoencoder_train_step(
+    state: AdversarialState, batch: dict[str, Array], key: Array, *, model: nn.Module, discriminator: nn.Module,
+    objective: Callable, optimizer: optax.GradientTransformation, ema_decay: float, disc_weight: float,
+    disc_start: int, microbatches: int = 1, metric_params: Any = None) -> tuple[AdversarialState, dict[str, Array]]:
+  """One update of a KL autoencoder and its patch discriminator: LDM's objective (Rombach et al.
+  2022, after Esser et al. 2021). Pure.
+
+  The autoencoder minimises `objective(x, recon, mean, logvar)` (`losses.make_autoencoder_objective`:
+  reconstruction, perceptual and KL terms) + w * (-mean D(recon)), with the adaptive weight w =
+  `disc_weight` * ||grad L_rec|| / ||grad L_adv|| at the decoder's last layer
+  (`losses.adaptive_adversarial_weight`). One forward pass serves both gradients (`jax.vjp`,
+  pulled back twice). The discriminator takes one step of the hinge loss
+  (`losses.hinge_discriminator_loss`) on the batch and its reconstructions, with its own state of
+  `optimizer`; both use the parameters from before this step. Before update `disc_start` the
+  autoencoder takes the plain objective's gradient and the discriminator and its optimizer state
+  stand still. (Both are still computed then and selected with `jnp.where`: a `lax.cond` that
+  skipped the discriminator ran each step 15-30x slower on XLA:CPU.) Metrics: the
+  autoencoder's `loss` and terms, `generator_loss` (-mean D(recon)), `adversarial_weight` (w),
+  `discriminator_loss`, `logits_real`, `logits_fake` (0 before `disc_start`).
+  """
+  if not isinstance(state, AdversarialState):
+    raise ConfigError("adversarial_autoencoder_train_step needs an AdversarialState "
+                      "(create_train_state(..., discriminator=...)).")
+  on = state.step >= disc_start
+  off = lambda v: jnp.where(on, v, jnp.zeros_like(v))  # noqa: E731  (0 before disc_start)
+
+  def grads_fn(params, batch, key):
+    ae_params, d_params = params
+    x = batch["x"]
+
+    def forward(p):
+      recon, mean, logvar = model.apply({"params": p}, x, key)
+      loss, aux = objective(x, recon, mean, logvar, metric_params)
+      adversarial = -jnp.mean(discriminator.apply({"params": d_params}, recon))
+      return (loss, adversarial), (aux, recon)
+
+    (loss, adversarial), pullback, (aux, recon) = jax.vjp(forward, ae_params, has_aux=True)
+    one, zero = jnp.ones_like(loss), jnp.zeros_like(loss)
+    (g_rec,), (g_adv,) = pullback((one, zero)), pullback((zero, one))
+    w = off(disc_weight * losses.adaptive_adversarial_weight(decoder_last_layer(g_rec), decoder_last_layer(g_adv)))
+    g_ae = jax.tree.map(lambda a, b: a + w.astype(b.dtype) * b, g_rec, g_adv)
+
+    def disc_objective(dp):
+      real, fake = jnp.split(discriminator.apply({"params": dp}, jnp.concatenate(
+          [x, jax.lax.stop_gradient(recon).astype(x.dtype)])), 2)
+      return losses.hinge_discriminator_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
+
+    (d_loss, (real, fake)), g_d = jax.value_and_grad(disc_objective, has_aux=True)(d_params)
+    metrics = {"loss": loss + w * adversarial, **aux, "generator_loss": off(adversarial), "adversarial_weight": w,
+               "discriminator_loss": off(d_loss), "logits_real": off(real), "logits_fake": off(fake)}
+    return metrics, (g_ae, jax.tree.map(off, g_d))
+
+  metrics, (g_ae, g_d) = microbatched(grads_fn, microbatches)((state.params, state.disc_params),
+                                                              {"x": batch["x"]}, key)
+  new = apply_gradients(state, g_ae, optimizer=optimizer, ema_decay=ema_decay)
+  updates, disc_opt_state = optimizer.update(g_d, state.disc_opt_state, state.disc_params)
+  disc_params = optax.apply_updates(state.disc_params, updates)
+  # the discriminator and its optimizer stand still until disc_start
+  keep = lambda a, b: jax.tree.map(lambda u, v: jnp.where(on, u, v), a, b)  # noqa: E731
+  new = new.replace(disc_params=keep(disc_params, state.disc_params),
+                    disc_opt_state=keep(disc_opt_state, state.disc_opt_state))
+  return new, {**metrics, "grad_norm": optax.tree.norm(g_ae), "disc_grad_norm": optax.tree.norm(g_d)}
 
 
 def apply_gradients(state: TrainState, grads, *, optimizer: optax.GradientTransformation,
@@ -534,6 +630,8 @@ class Experiment:
   latent: latent_lib.LatentSpace | None = struct.field(pytree_node=False, default=None)  # latent diffusion
   # a consistency model (distilled or trained: consistency_sigma_data): its c_skip's sigma_data; None: a diffusion model
   consistency_sigma_data: float | None = struct.field(pytree_node=False, default=None)
+  # an autoencoder's patch discriminator (config.loss.disc_weight > 0); None: no adversarial term
+  discriminator: nn.Module | None = struct.field(pytree_node=False, default=None)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -578,7 +676,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   space = latent_lib.latent_space(tuple(spec.shape), **config.latent.to_dict())
   exp = Experiment(model=model, process=process, prediction=config.loss.prediction,
                    data_spec=spec, centered=bool(config.data.centered), cond_resolution=cond_resolution,
-                   latent=space, consistency_sigma_data=consistency_sigma_data(config))
+                   latent=space, consistency_sigma_data=consistency_sigma_data(config),
+                   discriminator=make_discriminator(config))
   if d.use_labels and not exp.num_classes:
     raise ConfigError(f"config.data.use_labels=True but config.model.num_classes=0 (an unconditional "
                       f"model); set --config.model.num_classes={spec.num_classes or 'K'} to condition on "
@@ -589,6 +688,22 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   return exp
 
 
+def make_discriminator(config: ml_collections.ConfigDict) -> nn.Module | None:
+  """An autoencoder's patch discriminator (`config.loss.disc_weight > 0`, `disc_features` wide,
+  `disc_layers` deep), else None."""
+  c = config.loss
+  if config.model.name != "autoencoder" or not float(c.get("disc_weight", 0.0)):
+    return None
+  from jaxdiff.models.discriminator import PatchDiscriminator
+
+  m = config.model  # the autoencoder's compute and parameter dtypes
+  disc = PatchDiscriminator(features=int(c.disc_features), num_layers=int(c.disc_layers),
+                            dtype=models.resolve_dtype(m.dtype, "config.model.dtype"),
+                            param_dtype=models.resolve_dtype(m.param_dtype, "config.model.param_dtype"))
+  disc.check()
+  return disc
+
+
 def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
               data_range: tuple[float, float] | None = None):
   """The objective `config` describes: denoising, cross-entropy for `model.name='classifier'`,
@@ -597,10 +712,9 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
   `Experiment.data_range`, with `config.distill.clip_teacher`)."""
   if config.model.name == "classifier":
     return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
-  if config.model.name == "autoencoder":
-    return losses.make_autoencoder_loss(kl_weight=float(config.loss.kl_weight),
-                                        reconstruction=config.loss.reconstruction)
   lpips_res = int(config.get("lpips", {}).get("resolution", 224))  # an LPIPS metric's input size
+  if config.model.name == "autoencoder":
+    return losses.make_autoencoder_loss(**_autoencoder_kwargs(config, lpips_res, data_range))
   if consistency_training(config):
     c = config.loss
     lognormal = {k: float(c[k]) for k in ("p_mean", "p_std") if k in c}  # else iCT's -1.1, 2.0
@@ -640,11 +754,35 @@ def consistency_sigma_data(config: ml_collections.ConfigDict) -> float | None:
   return distill.consistency_sigma_data(config)
 
 
+# config.loss keys of the autoencoder alone (model.name='autoencoder')
+AUTOENCODER_KEYS = ("kl_weight", "reconstruction", "perceptual_weight", "disc_weight", "disc_start", "disc_features",
+                    "disc_layers")
+
+
+def _autoencoder_kwargs(config: ml_collections.ConfigDict, lpips_resolution: int,
+                        data_range: tuple[float, float] | None) -> dict[str, Any]:
+  """`losses.make_autoencoder_objective`'s arguments."""
+  return dict(kl_weight=float(config.loss.kl_weight), reconstruction=config.loss.reconstruction,
+              perceptual_weight=float(config.loss.get("perceptual_weight", 0.0)), lpips_resolution=lpips_resolution,
+              data_range=data_range)
+
+
+def _autoencoder_terms(config: ml_collections.ConfigDict) -> str:
+  """The autoencoder objective's terms, for the log: 'reconstruction + KL [+ LPIPS] [+ adversarial ...]'."""
+  c = config.loss
+  terms = [f"{c.reconstruction} reconstruction", "KL"]
+  if float(c.perceptual_weight):
+    terms.append(f"{float(c.perceptual_weight):g} LPIPS")
+  if float(c.disc_weight):
+    terms.append(f"adversarial ({float(c.disc_weight):g}, adaptive; from update {int(c.disc_start)})")
+  return " + ".join(terms)
+
+
 def _denoising_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`make_denoising_loss`'s arguments: config.loss without the autoencoder's keys and
   consistency training's."""
   kw = config.loss.to_dict()
-  for key in ("kl_weight", "reconstruction") + CT_KEYS:
+  for key in AUTOENCODER_KEYS + CT_KEYS:
     kw.pop(key, None)
   kw["target"] = kw.get("target") or None
   return kw
@@ -654,6 +792,13 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
   """`step(state, batch, key) -> (state, metrics)` for `config` (not jitted)."""
   tc = config.training
   loss_fn = make_loss(config, exp.process, data_range=exp.data_range)
+  if exp.discriminator is not None:
+    objective = losses.make_autoencoder_objective(**_autoencoder_kwargs(
+        config, int(config.lpips.resolution), exp.data_range))
+    return functools.partial(adversarial_autoencoder_train_step, model=exp.model, discriminator=exp.discriminator,
+                             objective=objective, optimizer=optimizer, ema_decay=tc.ema_decay,
+                             disc_weight=float(config.loss.disc_weight), disc_start=int(config.loss.disc_start),
+                             microbatches=int(tc.microbatches))
   if exp.is_classifier or exp.is_autoencoder:
     step = classifier_train_step if exp.is_classifier else autoencoder_train_step
     return functools.partial(step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
@@ -674,8 +819,11 @@ def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimize
 
 
 def lpips_key(config: ml_collections.ConfigDict) -> str:
-  """The key that makes the run's loss LPIPS ('config.loss.metric' of consistency training,
-  'config.distill.metric' of consistency distillation), or '' when it is not."""
+  """The key that makes the run's loss use LPIPS ('config.loss.metric' of consistency training,
+  'config.distill.metric' of consistency distillation, 'config.loss.perceptual_weight' of an
+  autoencoder), or '' when it does not."""
+  if config.model.name == "autoencoder":
+    return "config.loss.perceptual_weight" if float(config.loss.get("perceptual_weight", 0.0)) else ""
   if consistency_training(config) and config.loss.metric == "lpips":
     return "config.loss.metric"
   if distill.method(config) == "consistency" and config.distill.metric == "lpips":
@@ -685,7 +833,8 @@ def lpips_key(config: ml_collections.ConfigDict) -> str:
 
 def frozen_inputs(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """The train step's frozen keyword inputs, replicated over `mesh`: `{'metric_params': LPIPS
-  weights}` (`config.lpips.weights`, comma-separated files) for an LPIPS consistency loss, else
+  weights}` (`config.lpips.weights`, comma-separated files) for an LPIPS consistency loss or an
+  autoencoder's perceptual term, else
   {}. The loop passes them as an argument of each jitted call (closed over, XLA would embed the
   15M weights in the program as constants); they are not trained and not checkpointed."""
   if not lpips_key(config):
@@ -710,7 +859,7 @@ def abstract_train_state(config, exp: Experiment, optimizer, mesh):
     example = jnp.concatenate([example, example], axis=-1)
   init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example,
                            teacher=distill.enabled(config),
-                           target=_keeps_target(config))
+                           target=_keeps_target(config), discriminator=exp.discriminator)
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
   with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -879,7 +1028,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("Imported %s as step 0 in %s.", tc.init_from, ckpt.directory)  # starts the data afresh
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("Model %s: %s parameters; %s on mesh %s.", config.model.name, f"{n_params:,}",
-           "reconstruction + KL" if exp.is_autoencoder else type(exp.process).__name__, dict(mesh.shape))
+           _autoencoder_terms(config) if exp.is_autoencoder else type(exp.process).__name__, dict(mesh.shape))
 
   batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.shape))}
   if config.data.use_labels:

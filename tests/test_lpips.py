@@ -91,7 +91,7 @@ def test_consistency_losses_take_lpips(seeded):
   params = lpips.convert_lpips_state_dict(seeded)
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.uniform(0, 1, (2, 12, 12, 1)), jnp.float32) for _ in range(2))
-  distance = losses._consistency_metric("lpips", "mean", 16, (0.0, 1.0), "config.loss.metric")
+  distance = losses._consistency_metric("lpips", "mean", 16, (0.0, 1.0), "config.loss.metric='lpips'")
   want = lpips.lpips_distance(params, 2 * a - 1, 2 * b - 1, resolution=16)
   np.testing.assert_allclose(distance(a, b, params), want, rtol=1e-6)
   with pytest.raises(ConfigError, match=r"config.loss.metric='lpips' needs the LPIPS weights as the loss's"):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxdiff.errors import ConfigError
 from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.classifier import NoiseClassifier
+from jaxdiff.models.discriminator import PatchDiscriminator
 from jaxdiff.models.dit import DiT, dit_size
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.ncsnpp import NCSNpp
@@ -57,4 +58,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MLP", "UNet", "NCSNpp", "DiT", "dit_size", "NoiseClassifier", "AutoencoderKL", "MODELS", "create_model"]
+__all__ = ["MLP", "UNet", "NCSNpp", "DiT", "dit_size", "NoiseClassifier", "AutoencoderKL", "PatchDiscriminator",
+           "MODELS", "create_model"]
