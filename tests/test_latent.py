@@ -77,10 +77,17 @@ def test_diffusers_latent_space_encodes_and_decodes_as_the_autoencoder():
 @pytest.fixture(scope="module")
 def runs(tfds_dir, tmp_path_factory):
   """(config, workdir) of mnist_autoencoder:tiny and of mnist_latent:tiny in its latents (2 steps per
-  call), 4 steps each."""
+  call), 4 steps each. The autoencoder has LDM's whole objective: LPIPS (seeded weights, the digits'
+  own 28x28) and a patch discriminator from its third update on."""
+  from test_lpips import _maker
+
   ae = load_config("mnist_autoencoder", "tiny")
   ae.data.data_dir = tfds_dir
   ae_dir = str(tmp_path_factory.mktemp("ae"))
+  np.savez(os.path.join(ae_dir, "lpips.npz"), **_maker().seeded_state_dict())
+  ae.lpips.update(weights=os.path.join(ae_dir, "lpips.npz"), resolution=0)
+  ae.loss.update(perceptual_weight=1.0, disc_weight=0.5, disc_start=2, disc_features=8, disc_layers=2)
+  ae.training.log_every = 1
   train.train_and_evaluate(ae, ae_dir)
   lat = load_config("mnist_latent", "tiny")
   lat.data.data_dir = tfds_dir
@@ -99,14 +106,34 @@ def _rows(workdir):
 def test_autoencoder_run_writes_reconstructions_and_latent_statistics(runs):
   _, ae_dir = runs["ae"]
   rows = _rows(ae_dir)
-  assert [r["step"] for r in rows] == [2, 4]
-  for r in rows:  # loss = reconstruction + 1e-6 KL / 784
-    assert r["kl"] > 0 and r["loss"] == pytest.approx(r["reconstruction"] + 1e-6 * r["kl"] / 784, rel=1e-5)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:  # loss = reconstruction + LPIPS + 1e-6 KL / 784 + w * (-mean D(recon)), w = 0 until update 3
+    assert r["kl"] > 0 and r["perceptual"] > 0
+    assert r["loss"] == pytest.approx(r["reconstruction"] + r["perceptual"] + 1e-6 * r["kl"] / 784
+                                      + r["adversarial_weight"] * r["generator_loss"], rel=1e-5)
+  assert [r["adversarial_weight"] > 0 for r in rows] == [False, False, True, True]
+  assert [r["disc_grad_norm"] > 0 and r["discriminator_loss"] > 0 for r in rows] == [False, False, True, True]
   stats = latent.read_stats(ae_dir)
   assert stats["step"] == 4 and stats["num_examples"] == 8 and stats["latent_std"] > 0
   assert stats["scaling_factor"] == pytest.approx(1.0 / stats["latent_std"])
   assert stats["shift_factor"] == stats["latent_mean"] and np.isfinite(stats["psnr_db"])
   assert os.path.getsize(os.path.join(ae_dir, "reconstructions_000004.png")) > 0
+
+
+def test_autoencoder_eval_script_runs(runs):
+  """The plumbing of benchmarks/autoencoder_eval.py (the measured runs are in configs/mnist_autoencoder.py)."""
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "autoencoder_eval.py")
+  spec = importlib.util.spec_from_file_location("autoencoder_eval", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  _, ae_dir = runs["ae"]
+  out = mod.run(ae_dir, lpips_weights=os.path.join(ae_dir, "lpips.npz"), num_test=12, batch_size=8)
+  assert out["num_test"] == 12 and 0 < out["l1"] < 2 and np.isfinite(out["psnr_db"]) and out["lpips"] > 0
+  assert out["objective"]["disc_weight"] == 0.5 and out["objective"]["perceptual_weight"] == 1.0
+  with pytest.raises(SystemExit, match="holds a DiT, not an autoencoder"):
+    mod.run(runs["latent"][1], num_test=8)
 
 
 def test_latent_model_trains_and_samples_in_the_latents(runs, tmp_path):
