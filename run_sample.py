@@ -84,7 +84,8 @@ _FID_WATCH = flags.DEFINE_float("fid_watch", 0.0, "--mode=fid: an evaluation job
                                "checkpoint and each new one as it is written, looking every this many seconds, "
                                "until the run's last step (implies --fid_steps=all).")
 _FID_WATCH_TIMEOUT = flags.DEFINE_float("fid_watch_timeout", 6 * 3600.0, "--mode=fid --fid_watch: stop when no new "
-                                        "checkpoint has appeared for this many seconds.")
+                                        "checkpoint has appeared for this many seconds (nor, without --config, the "
+                                        "run's config.json: the job may start before training).")
 _LMETHOD = flags.DEFINE_enum("likelihood_method", "ode", ["ode", "vlb"],
                              "Probability-flow ODE, or the DDPM variational bound.")
 _NUM_EX = flags.DEFINE_integer("num_examples", None, "Test examples to evaluate (default: the whole split).")
@@ -131,7 +132,10 @@ def main(argv):
       one = len(fid_only) == 1
       raise errors.InputError(f"{', '.join(fid_only)} {'is' if one else 'are'} for --mode=fid only (here "
                               f"--mode={_MODE.value}); add --mode=fid or drop {'it' if one else 'them'}.")
-    config = _CONFIG.value or generate.load_config(_WORKDIR.value)
+    if not _CONFIG.value and _MODE.value == "fid" and _FID_WATCH.value > 0:  # training may not have started yet
+      config = fid.wait_for_run_config(_WORKDIR.value, poll_s=_FID_WATCH.value, timeout_s=_FID_WATCH_TIMEOUT.value)
+    else:
+      config = _CONFIG.value or generate.load_config(_WORKDIR.value)
     if _MODE.value == "likelihood":
       evaluate.evaluate_likelihood(config, _WORKDIR.value, step=_STEP.value, num_examples=_NUM_EX.value,
                                    batch_size=_BATCH.value, method=_LMETHOD.value, seed=_SEED.value,

@@ -380,6 +380,22 @@ def watch_steps(list_steps: Callable[[], list[int]], final_step: int, *, poll_s:
     sleep(poll_s)
 
 
+def wait_for_run_config(workdir: str, *, poll_s: float, timeout_s: float, sleep: Callable[[float], Any] = time.sleep,
+                        clock: Callable[[], float] = time.monotonic) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir` (`generate.load_config`), waiting up to `timeout_s` (polling
+  every `poll_s`) for training to write `<workdir>/config.json`: an evaluation job (`--fid_watch`)
+  may start before the run it follows. Process 0's view decides on every host."""
+  from jaxdiff import generate
+
+  path, start = os.path.join(workdir, "config.json"), clock()
+  while not sharding.main_process_value(os.path.exists(path)):
+    if clock() - start > timeout_s:
+      raise InputError(f"--workdir={workdir!r}: training wrote no config.json within --fid_watch_timeout="
+                       f"{timeout_s:g}s; start the run (or pass --config for it).")
+    sleep(poll_s)
+  return generate.load_config(workdir)
+
+
 def evaluate_fid_steps(config: ml_collections.ConfigDict, workdir: str, *, inception_path: str,
                        steps: Sequence[int] | str = "all", ref: str | None = None, split: str | None = None,
                        num_ref: int | None = None, num_samples: int = 10_000, feature_batch: int = 100,

@@ -184,6 +184,28 @@ def test_fid_watch_scores_checkpoints_as_they_appear():
   assert run([[2]], final=10, timeout_s=35.0) == ([2], 4)  # stuck: stops after 40 s > 35 s without a new step
 
 
+def test_fid_watch_waits_for_the_run_to_start(tmp_path):
+  """An evaluation job started before training waits for the run's config.json (run_sample.py
+  --fid_watch without --config), and gives up after the timeout with an error saying why."""
+  from jaxdiff import configs as config_lib
+  from jaxdiff import fid
+
+  now, slept = [0.0], []
+
+  def sleep(s):
+    slept.append(s)
+    now[0] += s
+    if len(slept) == 3:  # training starts
+      c = config_lib.base_config()
+      c.training.num_steps = 77
+      (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+
+  config = fid.wait_for_run_config(str(tmp_path), poll_s=5.0, timeout_s=60.0, sleep=sleep, clock=lambda: now[0])
+  assert config.training.num_steps == 77 and slept == [5.0] * 3
+  with pytest.raises(InputError, match=r"training wrote no config.json within --fid_watch_timeout=12s"):
+    fid.wait_for_run_config(str(tmp_path / "none"), poll_s=5.0, timeout_s=12.0, sleep=sleep, clock=lambda: now[0])
+
+
 def _gaussian_kernel_mean(mx, sx, my, sy):
   """E[(x . y / d + 1)^3] for independent x ~ N(mx, sx), y ~ N(my, sy): s = x . y has E s = mx . my,
   E s^2 = tr((sx + mx mx^T)(sy + my my^T)) and, given y, s ~ N(mx . y, y^T sx y), so E s^3 =
