@@ -24,7 +24,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ import functools  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cond_mnist_eval import classify, load, make_classify, test_images  # noqa: E402
+from cond_mnist_eval import classify, load, make_classify, print_result, test_images  # noqa: E402
 from jaxdiff import evaluate, fid, latent, sharding  # noqa: E402
 
 
@@ -109,11 +108,7 @@ def main():
   a = ap.parse_args()
   result = run(a.workdir, classifier_workdir=a.classifier_workdir, lpips_weights=a.lpips_weights,
                num_test=a.num_test, batch_size=a.batch_size, seed=a.seed)
-  text = json.dumps(result, indent=1)
-  print(text)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(text + "\n")
+  print_result(result, a.out)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,15 @@ def run(workdir: str, classifier_workdir: str, *, guidance_scales=(0.0, 3.0), nu
   return result
 
 
+def print_result(result: dict, out: str | None) -> None:
+  """Prints the result as JSON, and writes it to `out` too when given."""
+  text = json.dumps(result, indent=1)
+  print(text)
+  if out:
+    with open(out, "w") as f:
+      f.write(text + "\n")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", required=True, help="class-conditional model run (configs/mnist_cond.py)")
@@ -291,11 +300,7 @@ def main():
                inpaint_conditioning=a.inpaint_conditioning,
                inpaint_resample=tuple(int(v) for v in a.inpaint_resample.split(",")),
                inpaint_obs_noise=a.inpaint_obs_noise)
-  text = json.dumps(result, indent=1)
-  print(text)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(text + "\n")
+  print_result(result, a.out)
 
 
 if __name__ == "__main__":
