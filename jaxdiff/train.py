@@ -712,9 +712,9 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
   `Experiment.data_range`, with `config.distill.clip_teacher`)."""
   if config.model.name == "classifier":
     return losses.make_classifier_loss(process, t_sampling=config.loss.t_sampling)
-  lpips_res = int(config.get("lpips", {}).get("resolution", 224))  # an LPIPS metric's input size
+  lpips_res = _lpips_resolution(config)
   if config.model.name == "autoencoder":
-    return losses.make_autoencoder_loss(**_autoencoder_kwargs(config, lpips_res, data_range))
+    return losses.make_autoencoder_loss(**_autoencoder_kwargs(config, data_range))
   if consistency_training(config):
     c = config.loss
     lognormal = {k: float(c[k]) for k in ("p_mean", "p_std") if k in c}  # else iCT's -1.1, 2.0
@@ -759,11 +759,16 @@ AUTOENCODER_KEYS = ("kl_weight", "reconstruction", "perceptual_weight", "disc_we
                     "disc_layers")
 
 
-def _autoencoder_kwargs(config: ml_collections.ConfigDict, lpips_resolution: int,
-                        data_range: tuple[float, float] | None) -> dict[str, Any]:
+def _lpips_resolution(config: ml_collections.ConfigDict) -> int:
+  """The side an LPIPS metric or perceptual term resizes images to (config.lpips; 0: their own)."""
+  return int(config.get("lpips", {}).get("resolution", 224))
+
+
+def _autoencoder_kwargs(config: ml_collections.ConfigDict, data_range: tuple[float, float] | None) -> dict[str, Any]:
   """`losses.make_autoencoder_objective`'s arguments."""
   return dict(kl_weight=float(config.loss.kl_weight), reconstruction=config.loss.reconstruction,
-              perceptual_weight=float(config.loss.get("perceptual_weight", 0.0)), lpips_resolution=lpips_resolution,
+              perceptual_weight=float(config.loss.get("perceptual_weight", 0.0)),
+              lpips_resolution=_lpips_resolution(config),
               data_range=data_range)
 
 
@@ -791,14 +796,13 @@ def _denoising_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def make_train_step(config: ml_collections.ConfigDict, exp: Experiment, optimizer) -> Callable:
   """`step(state, batch, key) -> (state, metrics)` for `config` (not jitted)."""
   tc = config.training
-  loss_fn = make_loss(config, exp.process, data_range=exp.data_range)
-  if exp.discriminator is not None:
-    objective = losses.make_autoencoder_objective(**_autoencoder_kwargs(
-        config, int(config.lpips.resolution), exp.data_range))
+  if exp.discriminator is not None:  # the step takes the objective of (x, reconstruction, posterior)
+    objective = losses.make_autoencoder_objective(**_autoencoder_kwargs(config, exp.data_range))
     return functools.partial(adversarial_autoencoder_train_step, model=exp.model, discriminator=exp.discriminator,
                              objective=objective, optimizer=optimizer, ema_decay=tc.ema_decay,
                              disc_weight=float(config.loss.disc_weight), disc_start=int(config.loss.disc_start),
                              microbatches=int(tc.microbatches))
+  loss_fn = make_loss(config, exp.process, data_range=exp.data_range)
   if exp.is_classifier or exp.is_autoencoder:
     step = classifier_train_step if exp.is_classifier else autoencoder_train_step
     return functools.partial(step, model=exp.model, loss_fn=loss_fn, optimizer=optimizer,
