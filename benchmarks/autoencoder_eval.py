@@ -33,25 +33,17 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import functools  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cond_mnist_eval import classify, load, make_classify, print_result, test_images  # noqa: E402
+from cond_mnist_eval import classify, in_batches, load, make_classify, print_result, test_images  # noqa: E402
 from jaxdiff import evaluate, fid, latent, sharding  # noqa: E402
 
 
 def reconstruct(exp, params, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
   """The autoencoder's reconstructions of `x` from the posterior means, in batches (the last padded)."""
   fn = jax.jit(lambda p, xb: latent.measure_statistics(exp.model, p, xb, jax.random.key(0))["reconstruction"])
-  out = []
-  for lo in range(0, len(x), batch_size):
-    xb = x[lo:lo + batch_size]
-    pad = batch_size - len(xb)
-    xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)]) if pad else xb
-    out.append(sharding.to_host(fn(params, jax.device_put(xb, sharding.batch_sharding(mesh, xb.ndim))))[:len(xb) - pad])
-  return np.concatenate(out)
+  return in_batches(fn, params, x, batch_size, mesh)
 
 
 def run(workdir: str, *, classifier_workdir: str = "", lpips_weights: str = "", num_test: int = 1000,
@@ -88,9 +80,8 @@ def run(workdir: str, *, classifier_workdir: str = "", lpips_weights: str = "", 
     from jaxdiff.models import lpips
 
     lp = lpips.load_lpips(*[p.strip() for p in lpips_weights.split(",") if p.strip()])
-    dist = jax.jit(functools.partial(lpips.lpips_distance, resolution=None))
-    result["lpips"] = float(np.mean(np.concatenate([np.asarray(dist(lp, recon[i:i + batch_size], x[i:i + batch_size]))
-                                                    for i in range(0, len(x), batch_size)])))
+    dist = jax.jit(lambda p, pairs: lpips.lpips_distance(p, pairs[:, 0], pairs[:, 1], resolution=None))
+    result["lpips"] = float(np.mean(in_batches(dist, lp, np.stack([recon, x], 1), batch_size, mesh)))
   result["wall_s"] = round(time.time() - t0, 1)
   return result
 

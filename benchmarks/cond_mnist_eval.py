@@ -81,18 +81,23 @@ def make_classify(clf_exp):
   return jax.jit(fn)
 
 
-def classify(fn, params, x: np.ndarray, batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Predicted classes and classifier features of `x`, in batches (the last one padded)."""
-  preds, feats = [], []
+def in_batches(fn, params, x: np.ndarray, batch_size: int, mesh):
+  """`fn(params, xb)` over `x` in batches of `batch_size` on the mesh (the last padded with zeros),
+  gathered to the host: `fn`'s output tree with each array `[len(x), ...]`."""
+  outs = []
   for lo in range(0, len(x), batch_size):
     xb = x[lo:lo + batch_size]
-    pad = batch_size - len(xb)
-    xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)]) if pad else xb
-    xb = jax.device_put(xb, sharding.batch_sharding(mesh, xb.ndim))
-    p, f = fn(params, xb)
-    preds.append(sharding.to_host(p)[:batch_size - pad])
-    feats.append(sharding.to_host(f)[:batch_size - pad])
-  return np.concatenate(preds), np.concatenate(feats)
+    n = len(xb)
+    if n < batch_size:
+      xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:], xb.dtype)])
+    out = fn(params, jax.device_put(xb, sharding.batch_sharding(mesh, xb.ndim)))
+    outs.append(jax.tree.map(lambda a: sharding.to_host(a)[:n], out))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def classify(fn, params, x: np.ndarray, batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Predicted classes and classifier features of `x`, in batches (the last one padded)."""
+  return in_batches(fn, params, x, batch_size, mesh)
 
 
 def test_images(config, num: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
