@@ -261,7 +261,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d, m = config.data, config.model
   _validate_data(d)
   _validate_autoencoder(config)
-  _validate_autoencoder_keys(config)
   res = _validate_latent(config)  # the side of what the network sees: pixels or latents
   what = "config.data.resolution" if res == d.resolution else f"the latent side {res} (config.latent)"
   if m.name in ("unet", "ncsnpp") and d.dataset != "gmm2d":
@@ -366,11 +365,17 @@ def check_consistency_sampler(s: ml_collections.ConfigDict, where: str) -> None:
 
 
 def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:
-  """`model.name='autoencoder'` (latent diffusion's VAE): centred, unlabelled images it can code."""
+  """`model.name='autoencoder'` (latent diffusion's VAE): centred, unlabelled images it can code;
+  its perceptual and adversarial terms on another model are an error, not ignored."""
   from jaxdiff.data import catalog
 
   d, m = config.data, config.model
   if m.name != "autoencoder":
+    for key in ("perceptual_weight", "disc_weight"):
+      if float(config.loss.get(key, 0.0)):
+        raise ConfigError(f"config.loss.{key}={config.loss[key]} is a term of the autoencoder's loss, but "
+                          f"config.model.name={m.name!r}; set --config.loss.{key}=0 (consistency models "
+                          f"take LPIPS as config.loss.metric='lpips').")
     return
   if not catalog.lookup(d.dataset).is_image:
     raise ConfigError(f"config.model.name='autoencoder' codes images, but config.data.dataset={d.dataset!r} is "
@@ -405,17 +410,6 @@ def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:
                         f"for the patch discriminator (it needs a side of at least {3 * 2 ** layers}); use "
                         f"--config.loss.disc_layers={fit}." if fit else f"config.data.resolution={d.resolution} "
                         f"is too small for a patch discriminator (at least 6); set --config.loss.disc_weight=0.")
-
-
-def _validate_autoencoder_keys(config: ml_collections.ConfigDict) -> None:
-  """The autoencoder's perceptual and adversarial terms on another model are an error, not ignored."""
-  if config.model.name == "autoencoder":
-    return
-  for key in ("perceptual_weight", "disc_weight"):
-    if float(config.loss.get(key, 0.0)):
-      raise ConfigError(f"config.loss.{key}={config.loss[key]} is a term of the autoencoder's loss, but "
-                        f"config.model.name={config.model.name!r}; set --config.loss.{key}=0 (consistency models "
-                        f"take LPIPS as config.loss.metric='lpips').")
 
 
 def _validate_latent(config: ml_collections.ConfigDict) -> int:
