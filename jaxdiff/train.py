@@ -541,7 +541,8 @@ def decoder_last_layer(tree: Any) -> Array:
 def adversarial_autoencoder_train_step(
     state: AdversarialState, batch: dict[str, Array], key: Array, *, model: nn.Module, discriminator: nn.Module,
     objective: Callable, optimizer: optax.GradientTransformation, ema_decay: float, disc_weight: float,
-    disc_start: int, microbatches: int = 1, metric_params: Any = None) -> tuple[AdversarialState, dict[str, Array]]:
+    disc_start: int, microbatches: int = 1, metric_params: Any = None,
+    adversarial: bool | None = None) -> tuple[AdversarialState, dict[str, Array]]:
   """One update of a KL autoencoder and its patch discriminator: LDM's objective (Rombach et al.
   2022, after Esser et al. 2021). Pure.
 
@@ -553,16 +554,29 @@ def adversarial_autoencoder_train_step(
   (`losses.hinge_discriminator_loss`) on the batch and its reconstructions, with its own state of
   `optimizer`; both use the parameters from before this step. Before update `disc_start` the
   autoencoder takes the plain objective's gradient and the discriminator and its optimizer state
-  stand still. (Both are still computed then and selected with `jnp.where`: a `lax.cond` that
-  skipped the discriminator ran each step 15-30x slower on XLA:CPU.) Metrics: the
-  autoencoder's `loss` and terms, `generator_loss` (-mean D(recon)), `adversarial_weight` (w),
-  `discriminator_loss`, `logits_real`, `logits_fake` (0 before `disc_start`).
+  stand still.
+
+  `adversarial` fixes the phase when the program is built: None compares `state.step` with
+  `disc_start` inside the program (both phases are computed then and selected with `jnp.where`,
+  because a `lax.cond` that skipped the discriminator ran each step 15-30x slower on XLA:CPU, so
+  every warm-up step pays for the discriminator); False is the warm-up update and never evaluates
+  the discriminator; True is the adversarial update whatever the step. The training loop
+  compiles False and True and switches at `disc_start`. Metrics: the autoencoder's `loss` and
+  terms, `generator_loss` (-mean D(recon)), `adversarial_weight` (w), `discriminator_loss`,
+  `logits_real`, `logits_fake`, `grad_norm`, `disc_grad_norm` (0 before `disc_start`).
   """
   if not isinstance(state, AdversarialState):
     raise ConfigError("adversarial_autoencoder_train_step needs an AdversarialState "
                       "(create_train_state(..., discriminator=...)).")
-  on = state.step >= disc_start
-  off = lambda v: jnp.where(on, v, jnp.zeros_like(v))  # noqa: E731  (0 before disc_start)
+  if adversarial is False:
+    return _warmup_autoencoder_step(state, batch, key, model=model, objective=objective, optimizer=optimizer,
+                                    ema_decay=ema_decay, microbatches=microbatches, metric_params=metric_params)
+  if adversarial is None:
+    on = state.step >= disc_start
+    select = lambda a, b: jax.tree.map(lambda u, v: jnp.where(on, u, v), a, b)  # noqa: E731
+  else:
+    select = lambda a, b: a  # noqa: E731
+  off = lambda v: select(v, jnp.zeros_like(v))  # noqa: E731  (0 before disc_start)
 
   def grads_fn(params, batch, key):
     ae_params, d_params = params
@@ -596,10 +610,29 @@ def adversarial_autoencoder_train_step(
   updates, disc_opt_state = optimizer.update(g_d, state.disc_opt_state, state.disc_params)
   disc_params = optax.apply_updates(state.disc_params, updates)
   # the discriminator and its optimizer stand still until disc_start
-  keep = lambda a, b: jax.tree.map(lambda u, v: jnp.where(on, u, v), a, b)  # noqa: E731
-  new = new.replace(disc_params=keep(disc_params, state.disc_params),
-                    disc_opt_state=keep(disc_opt_state, state.disc_opt_state))
+  new = new.replace(disc_params=select(disc_params, state.disc_params),
+                    disc_opt_state=select(disc_opt_state, state.disc_opt_state))
   return new, {**metrics, "grad_norm": optax.tree.norm(g_ae), "disc_grad_norm": optax.tree.norm(g_d)}
+
+
+# the adversarial step's metrics that are 0 before disc_start
+_ADVERSARIAL_METRICS = ("generator_loss", "adversarial_weight", "discriminator_loss", "logits_real", "logits_fake",
+                        "disc_grad_norm")
+
+
+def _warmup_autoencoder_step(state: AdversarialState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+                             objective: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
+                             microbatches: int, metric_params: Any) -> tuple[AdversarialState, dict[str, Array]]:
+  """`adversarial_autoencoder_train_step` before `disc_start` without the discriminator in the
+  program: the plain objective's update; the discriminator's state is passed through."""
+
+  def plain(params, batch, key):
+    return objective(batch["x"], *model.apply({"params": params}, batch["x"], key), metric_params)
+
+  (loss, aux), grads = microbatched_value_and_grad(plain, microbatches)(state.params, {"x": batch["x"]}, key)
+  zero = jnp.zeros_like(loss)
+  return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
+      "loss": loss, **aux, **dict.fromkeys(_ADVERSARIAL_METRICS, zero), "grad_norm": optax.tree.norm(grads)}
 
 
 def apply_gradients(state: TrainState, grads, *, optimizer: optax.GradientTransformation,
@@ -1042,21 +1075,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # compiled step without tracing it (the config is the key). `steps_per_call` k > 1: calls
   # of k steps (`train_steps`), and single steps only where a log, checkpoint or sample step
   # falls inside a call (a second program, compiled only if needed).
+  # An autoencoder with a discriminator has two phases, each its own program: the warm-up
+  # before config.loss.disc_start never evaluates the discriminator (half the adversarial
+  # step's cost), and no call of k steps crosses disc_start.
   one_step = make_train_step(config, exp, optimizer)
+  disc_start = int(config.loss.disc_start) if exp.discriminator is not None else None
   frozen = frozen_inputs(config, mesh)  # {} but for an LPIPS loss: its weights, an argument of every call
   k = int(tc.steps_per_call)
-  programs: dict[int, aot.AotJit] = {}
+  programs: dict[tuple[int, bool | None], aot.AotJit] = {}
 
-  def step_program(n: int) -> aot.AotJit:
-    if n not in programs:
-      programs[n] = aot.AotJit(
-          jax.jit(functools.partial(run_steps, step_fn=one_step, n=n),
+  def step_program(n: int, step: int) -> aot.AotJit:
+    phase = None if disc_start is None else step >= disc_start
+    if (n, phase) not in programs:
+      fn = one_step if phase is None else functools.partial(one_step, adversarial=phase)
+      name = ("train_step" if n == 1 else f"train_steps_{n}") + ("_warmup" if phase is False else "")
+      programs[n, phase] = aot.AotJit(
+          jax.jit(functools.partial(run_steps, step_fn=fn, n=n),
                   in_shardings=(state_sh, batch_sh if n == 1 else (batch_sh,) * n, sharding.replicated(mesh),
                                 sharding.replicated(mesh)),
                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,)),
           cache_dir=config.compilation_cache_dir if config.cache_executables else "",
-          fingerprint=config.to_json_best_effort(), name="train_step" if n == 1 else f"train_steps_{n}")
-    return programs[n]
+          fingerprint=config.to_json_best_effort(), name=name)
+    return programs[n, phase]
 
   # the steps after which the loop saves, logs or samples (no call of k steps runs past one)
   def is_ckpt(s: int) -> bool:
@@ -1072,7 +1112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     misaligned = [f"{name}={v}" for name, v in (
         ("training.log_every", tc.log_every), ("training.checkpoint_every", tc.checkpoint_every),
         ("training.sample_every", tc.sample_every), ("training.num_steps", tc.num_steps),
-        ("the resumed step", start)) if v % k]
+        ("the resumed step", start), ("loss.disc_start", disc_start or 0)) if v % k]
     if misaligned:
       log.warning("config.training.steps_per_call=%d does not divide %s: the steps up to those "
                   "points run one at a time, in a second compiled program.", k, ", ".join(misaligned))
@@ -1161,7 +1201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     while step < tc.num_steps:
       inside = range(step + 1, step + k)
-      n = k if step + k <= tc.num_steps and not any(is_log(s) or is_sample(s) for s in inside) else 1
+      n = k if step + k <= tc.num_steps and not any(is_log(s) or is_sample(s) or s == disc_start for s in inside) else 1
       batches = tuple(next(data_iter) for _ in range(n))  # already on the devices
       batch = batches[-1]
       with jax.transfer_guard(tc.transfer_guard):  # 'disallow' proves there is no implicit transfer
@@ -1171,9 +1211,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           batch = batches[-1]
         # fold_in with the on-device step: no host-to-device transfer in the loop
         if n == 1:
-          state, m = step_program(1)(state, batch, jax.random.fold_in(train_key, state.step), frozen)
+          state, m = step_program(1, step)(state, batch, jax.random.fold_in(train_key, state.step), frozen)
         else:
-          state, m = step_program(n)(state, batches, train_key, frozen)
+          state, m = step_program(n, step)(state, batches, train_key, frozen)
       step += n
       metrics.add(step, m)
       if is_log(step):

@@ -79,7 +79,7 @@ def _numpy_init(shapes, seed: int):
                                             jnp.float32), shapes)
 
 
-def _setup(disc_start: int):
+def _setup(disc_start: int, adversarial: bool | None = None):
   model, disc = AutoencoderKL(**TINY), PatchDiscriminator(features=4, num_layers=1, num_groups=4)
   x = jax.random.uniform(jax.random.key(3), (4, 8, 8, 3), minval=-1, maxval=1)
   optimizer = optax.sgd(1.0)  # new = old - grad: the update is the gradient
@@ -91,15 +91,17 @@ def _setup(disc_start: int):
   objective = losses.make_autoencoder_objective(kl_weight=1e-3)
   step = jax.jit(lambda s, b, k: train.adversarial_autoencoder_train_step(
       s, b, k, model=model, discriminator=disc, objective=objective, optimizer=optimizer, ema_decay=0.9,
-      disc_weight=0.5, disc_start=disc_start))
+      disc_weight=0.5, disc_start=disc_start, adversarial=adversarial))
   return model, disc, x, optimizer, state, objective, step
 
 
-def test_adversarial_step_matches_an_independent_computation():
-  """From `disc_start` on, the autoencoder's gradient is grad L_rec + w grad L_adv with w = 0.5
+@pytest.mark.parametrize("disc_start, adversarial", [(0, None), (5, True)])
+def test_adversarial_step_matches_an_independent_computation(disc_start, adversarial):
+  """From `disc_start` on (or whatever the step with adversarial=True, the training loop's
+  program after disc_start), the autoencoder's gradient is grad L_rec + w grad L_adv with w = 0.5
   ||grad_last L_rec|| / (||grad_last L_adv|| + 1e-4) (each gradient taken on its own here), and
   the discriminator's is the hinge loss's on the batch and the (fixed) reconstructions."""
-  model, disc, x, _, state, objective, step = _setup(disc_start=0)
+  model, disc, x, _, state, objective, step = _setup(disc_start, adversarial)
   key = jax.random.key(7)
   new, m = step(state, {"x": x}, key)
 
@@ -130,10 +132,12 @@ def test_adversarial_step_matches_an_independent_computation():
   assert int(new.step) == 1 and float(m["disc_grad_norm"]) > 0
 
 
-def test_before_disc_start_the_step_is_the_plain_one():
+@pytest.mark.parametrize("adversarial", [None, False])
+def test_before_disc_start_the_step_is_the_plain_one(adversarial):
   """Before `disc_start` the autoencoder takes the plain (reconstruction + KL) update and the
-  discriminator and its optimizer stand still."""
-  model, _, x, optimizer, state, objective, step = _setup(disc_start=1)
+  discriminator and its optimizer stand still: in the program that selects by step (None) and in
+  the training loop's warm-up program (False)."""
+  model, _, x, optimizer, state, objective, step = _setup(1, adversarial)
   key = jax.random.key(7)
   new, m = step(state, {"x": x}, key)
   plain_state = train.TrainState(step=state.step, params=state.params, ema_params=state.ema_params,
@@ -151,6 +155,21 @@ def test_before_disc_start_the_step_is_the_plain_one():
   assert float(m["discriminator_loss"]) == 0.0 and float(m["disc_grad_norm"]) == 0.0
   with pytest.raises(ConfigError, match="needs an AdversarialState"):
     step(plain_state, {"x": x}, key)
+
+
+def test_warmup_program_never_evaluates_the_discriminator():
+  """adversarial=False (the loop's program before disc_start) costs what the plain step costs,
+  not what the step that computes both phases and selects one does."""
+  flops, compiled = {}, {}
+  for adversarial in (None, False):
+    _, _, x, _, state, _, step = _setup(1, adversarial)
+    compiled[adversarial] = step.lower(state, {"x": x}, jax.random.key(0)).compile()
+    flops[adversarial] = compiled[adversarial].cost_analysis()["flops"]
+  assert flops[None] - flops[False] > 0.2 * flops[None], flops  # the discriminator's forward and backward
+  # a NaN discriminator does not reach the warm-up update (it would through 0 * grad in the other)
+  nan_disc = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.disc_params)
+  new, m = compiled[False](state.replace(disc_params=nan_disc), {"x": x}, jax.random.key(0))
+  assert all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves((new.params, m)))
 
 
 def test_config_errors_name_the_key():
