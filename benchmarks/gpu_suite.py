@@ -12,10 +12,16 @@ peer; the same workloads, see both):
   jax_sample_{fp32,bf16}    256 images x 1000 DDPM ancestral steps in one jitted call
   peer_train_{fp32,bf16}_{eager,compile}   the peer at B=128, eager and `torch.compile`
   peer_sample_bf16_eager    the peer's 256 x 1000 steps
+  dit_train_{bf16,fp32}     DiT-XL/2 train step on 32x32x4 latents (DiT-XL/2-256's), B=64
+                            (`dit_bench.py --impl jaxdiff`; 128 would need ~80 GB of fp32
+                            activations without remat)
+  dit_peer_train_bf16_{eager,compile}   diffusers' DiTTransformer2DModel, the same step on
+                            the GPU (`dit_bench.py --impl diffusers --device cuda`)
 
 It writes `results.jsonl` (every record) and `summary.md` (the table RESULTS.md takes) to
 `--out`, and prints the summary. MFU = img/s x 37.32 GFLOP/img (the peer's count for a
-train step of the big U-Net) / the device's dense peak: bf16 tensor-core peak for bf16, the
+train step of the big U-Net; DiT-XL/2: 711.7, `dit_bench.train_flops_per_img`) / the
+device's dense peak: bf16 tensor-core peak for bf16, the
 TF32 tensor-core peak for fp32 (XLA and, with `allow_tf32`, the peer run fp32 convolutions
 and matmuls in TF32 on Ampere and later). Known peaks are in `PEAK_TFLOPS`; `--peak_tflops
 BF16,TF32` overrides them. `--smoke` runs the jaxdiff jobs on the small U-Net with tiny
@@ -37,9 +43,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET_BENCH = os.path.join(ROOT, "benchmarks", "unet_bench.py")
+DIT_BENCH = os.path.join(ROOT, "benchmarks", "dit_bench.py")
 PEER_GPU = os.path.join(ROOT, "benchmarks", "torch_peer_gpu.py")
 DEFAULT_PEER_SCRIPT = os.path.join(ROOT, "..", "shared", "bench", "torch_unet_bench.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from dit_bench import train_flops_per_img as dit_train_flops  # noqa: E402
 from unet_bench import TRAIN_FLOPS_PER_IMG  # noqa: E402  (the peer's counts: big 37.32 GFLOP/img)
 # Dense peaks in TFLOP/s: (bf16 tensor core, TF32 tensor core), SXM parts.
 PEAK_TFLOPS = {"H200": (989.4, 494.7), "H100": (989.4, 494.7), "A100": (312.0, 156.0),
@@ -50,16 +58,20 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def jobs(smoke: bool) -> dict[str, tuple[str, list[str]]]:
-  """name -> (impl, argv)."""
+  """name -> (impl, argv): impl 'jax' and 'peer' run unet_bench.py and torch_peer_gpu.py,
+  'dit' and 'dit_peer' dit_bench.py's jaxdiff and diffusers measurements."""
   gpu_train = ["--config", "big", "--mode", "train", "--batch", "128", "--warmup", "3", "--steps", "20"]
+  dit_gpu = ["--size", "XL/2", "--batch", "64", "--modes", "train", "--warmup", "3", "--steps", "20"]
   if smoke:
     train = ["--config", "small", "--mode", "train", "--batch", "2", "--warmup", "1", "--steps", "1"]
     sample = ["--config", "small", "--mode", "sample", "--batch", "2", "--sample_chunk", "2",
               "--warmup", "1", "--steps", "1"]
+    dit = ["--size", "S/8", "--batch", "2", "--modes", "train", "--warmup", "1", "--steps", "1"]
   else:
     train = gpu_train
     sample = ["--config", "big", "--mode", "sample", "--batch", "256", "--sample_chunk", "1000",
               "--warmup", "1", "--steps", "1"]
+    dit = dit_gpu
   out = {}
   for dtype in ("bf16", "fp32"):
     out[f"jax_train_{dtype}"] = ("jax", train + ["--dtype", DTYPES[dtype]])
@@ -72,7 +84,17 @@ def jobs(smoke: bool) -> dict[str, tuple[str, list[str]]]:
   out["peer_sample_bf16_eager"] = ("peer", ["--config", "big", "--mode", "sample", "--batch", "256",
                                             "--sample_steps", "1000", "--warmup", "1", "--steps", "1",
                                             "--dtype", "bfloat16"])
+  for dtype in ("bf16", "fp32"):
+    out[f"dit_train_{dtype}"] = ("dit", dit + ["--impl", "jaxdiff", "--dtype", DTYPES[dtype]])
+  for comp, flag in (("eager", "off"), ("compile", "on")):
+    out[f"dit_peer_train_bf16_{comp}"] = ("dit_peer", dit_gpu + [
+        "--impl", "diffusers", "--device", "cuda", "--dtype", "bfloat16", "--compile", flag])
   return out
+
+
+def train_flops(rec: dict) -> float:
+  """Model FLOPs per image of a train record: a U-Net's (`config`) or a DiT's (`size`)."""
+  return dit_train_flops(rec["size"]) if "size" in rec else TRAIN_FLOPS_PER_IMG[rec["config"]]
 
 
 def peak_for(device_kind: str, override: str | None) -> tuple[float, float] | None:
@@ -106,7 +128,7 @@ def summarize(records: dict[str, dict], errors: dict[str, str], peak_override: s
       peaks = peak_for(dev, peak_override)
       if peaks:
         peak = peaks[0] if rec.get("dtype") == "bfloat16" else peaks[1]
-        mfu = f"{100 * rec['img_per_s'] * TRAIN_FLOPS_PER_IMG[rec['config']] / (peak * 1e12):.1f}%"
+        mfu = f"{100 * rec['img_per_s'] * train_flops(rec) / (peak * 1e12):.1f}%"
     if rec["mode"] == "sample":
       steps = rec.get("sample_chunk") or rec.get("sample_steps") or 1
       wall = f"{rec['batch'] * steps / rec['img_per_s']:.2f} ({rec['batch']} x {steps})"
@@ -138,7 +160,7 @@ def main(argv=None) -> int:
     except ValueError:
       p.error(f"--peak_tflops={args.peak_tflops!r} is not 'BF16,TF32', e.g. 989.4,494.7.")
   if args.no_peer or args.smoke:
-    names = [n for n in names if table[n][0] == "jax"]
+    names = [n for n in names if table[n][0] in ("jax", "dit")]
   elif any(table[n][0] == "peer" for n in names) and not os.path.exists(args.peer_script):
     p.error(f"--peer_script={args.peer_script!r} does not exist; pass the peer's torch_unet_bench.py "
             f"or --no_peer.")
@@ -148,6 +170,8 @@ def main(argv=None) -> int:
     impl, job_argv = table[name]
     if impl == "jax":
       cmd = [sys.executable, UNET_BENCH, *job_argv]
+    elif impl in ("dit", "dit_peer"):
+      cmd = [sys.executable, DIT_BENCH, *job_argv]
     else:
       cmd = [sys.executable, PEER_GPU, "--peer_script", args.peer_script, *job_argv]
     t0 = time.perf_counter()

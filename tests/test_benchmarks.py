@@ -135,6 +135,47 @@ def test_gpu_suite_bad_flags(tmp_path):
   assert peak.returncode == 2 and "--peak_tflops='fast' is not 'BF16,TF32'" in peak.stderr
 
 
+def _bench_module(name):
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_dit_model_flops_match_xla_and_the_paper():
+  """dit_bench's analytic FLOPs (gpu_suite's DiT MFU) against XLA's count of the compiled forward
+  (which adds the element-wise ops: within 2%) and DiT-XL/2's 118.6 G multiply-adds (Peebles & Xie)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxdiff.models import DiT, dit_size
+
+  dit_bench = _bench_module("dit_bench")
+  model = DiT(**dit_size("S/8"), num_classes=dit_bench.NUM_CLASSES)
+  x, t, y = jnp.zeros((1, 32, 32, 4)), jnp.ones((1,)), jnp.zeros((1,), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+  xla = jax.jit(lambda p: model.apply(p, x, t, y)).lower(params).compile().cost_analysis()["flops"]
+  assert dit_bench.forward_flops_per_img("S/8") == pytest.approx(xla, rel=0.02)
+  assert dit_bench.forward_flops_per_img("XL/2") == pytest.approx(2 * 118.6e9, rel=1e-3)
+  assert dit_bench.train_flops_per_img("XL/2") == 3 * dit_bench.forward_flops_per_img("XL/2")
+
+
+def test_gpu_suite_dit_jobs_parse_and_report_mfu():
+  """The DiT jobs' flags are dit_bench's, and the summary's MFU uses the DiT's FLOPs."""
+  gpu_suite, dit_bench = _bench_module("gpu_suite"), _bench_module("dit_bench")
+  table = gpu_suite.jobs(smoke=False)
+  for name in ("dit_train_bf16", "dit_train_fp32", "dit_peer_train_bf16_eager", "dit_peer_train_bf16_compile"):
+    args = dit_bench.parse_args(table[name][1])
+    assert args.size == "XL/2" and args.batch == 64 and args.modes == "train"
+  assert dit_bench.parse_args(table["dit_peer_train_bf16_compile"][1]).compile == "on"
+  assert dit_bench.parse_args(table["dit_train_bf16"][1]).dtype == "bfloat16"
+  rec = {"impl": "jaxdiff", "size": "XL/2", "mode": "train", "batch": 128, "dtype": "bfloat16",
+         "device_kind": "NVIDIA H100 80GB HBM3", "img_per_s": 400.0, "first_step_s": 60.0}
+  summary = gpu_suite.summarize({"dit_train_bf16": rec}, {}, None)
+  assert f"| {100 * 400.0 * 3 * 2 * 118.6e9 / 989.4e12:.1f}% |" in summary, summary  # 28.8%
+
+
 def test_dit_bench_runs_and_rejects_bad_flags():
   bench = os.path.join(ROOT, "benchmarks", "dit_bench.py")
   recs = _records(_run([bench, "--size", "S/8", "--batch", "1", "--warmup", "1", "--steps", "1"]))
