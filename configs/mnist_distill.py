@@ -62,7 +62,9 @@ noise-sample pairs; sampled with 1-step DDIM:
 Expected result of `:reflow` (35k steps): not run (no GPU time). MEASURED 2026-11-25,
 `:runlocal_reflow` (600 steps, 5m38s at 1.9 steps/s, 1.2 GB): 1 NFE 86.4% / 95.8%, FD 2.05;
 2 NFE the same samples (FD 2.045); 4 NFE 84.2% / 97.0%, FD 1.73; the teacher's Heun-8 pairs
-themselves: 84.9% / 98.9%, FD 1.29.
+themselves: 84.9% / 98.9%, FD 1.29. With `--config.distill.pairs=DIR
+--config.distill.num_pairs=4800` (a fixed set, made first in 66 s): 2m35s in all, the same
+student (86.6%, unconditional FD 2.049; the README's "Reflow" section).
 
 Variants `:tiny_teacher`, `:tiny`, `:tiny_consistency` and `:tiny_reflow`: a few steps of a
 very small network, for the test suite.

@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
       metric="l2",               # l2 | pseudo_huber (Song & Dhariwal 2024) | lpips (Song et al.'s best; config.lpips)
       target_decay=0.95,         # EMA rate of the target network (0: the student, without gradient)
       sigma_data=0.5,            # c_skip's data standard deviation (images in [-1, 1]: 0.5)
+      # method='reflow'
+      pairs="",                  # '' = fresh pairs every batch; a directory: train on the fixed pairs there, which
+                                 # the run makes first (num_pairs of them) when it holds none (jaxdiff.data.pairs)
+      num_pairs=0,               # how many pairs the teacher makes (0: use the directory's)
   ))
 
   c.lpips = ml_collections.ConfigDict(dict(  # a consistency loss with metric='lpips' (jaxdiff.models.lpips)

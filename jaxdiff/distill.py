@@ -16,7 +16,9 @@ parameters (same network, process and parameterization):
   grid times) turns fresh noise into samples, and the student learns the ordinary denoising
   objective (`config.loss`) on those pairs (`losses.make_reflow_loss`): its paths become
   straight (rectified flow) or, on any process, paths along which `ddim` is exact, so it
-  samples in a few `ddim` steps (any `config.sampling`).
+  samples in a few `ddim` steps (any `config.sampling`). With `pairs` (a directory) the
+  teacher makes `num_pairs` pairs once (`train.write_reflow_pairs`, `data.pairs`) and the
+  student trains on that fixed set, as Liu et al. do, without running the teacher per step.
 
 Progressive distillation:
 
@@ -122,6 +124,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if method(config) not in METHODS:
     raise ConfigError(f"config.distill.method={d.get('method')!r} is not known; valid methods are: "
                       f"{', '.join(METHODS)}.")
+  if str(d.get("pairs", "")) and method(config) != "reflow":
+    raise ConfigError(f"config.distill.pairs={d.pairs!r} holds reflow's fixed pairs, but config.distill.method="
+                      f"{method(config)!r}; set it to '' (or the method to 'reflow').")
   if method(config) == "consistency":
     return _validate_consistency(config)
   if method(config) == "reflow":
@@ -167,6 +172,19 @@ def _validate_reflow(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.distill.steps_per_round={d.steps_per_round} counts progressive distillation's rounds; "
                       f"config.distill.method='reflow' has none: set it to 0.")
   _check_loss(config)  # losses.make_reflow_loss: solver, teacher_steps
+  num, batch = int(d.get("num_pairs", 0)), int(config.training.batch_size)
+  if str(d.get("pairs", "")):
+    if int(config.data.get("cond_resolution", 0) or 0):
+      raise ConfigError(f"config.distill.pairs={d.pairs!r}: fixed pairs hold no low-resolution inputs, so a "
+                        f"super-resolution student (config.data.cond_resolution={config.data.cond_resolution}) "
+                        f"trains on fresh pairs: set config.distill.pairs=''.")
+    if num < 0 or (0 < num < batch):
+      raise ConfigError(f"config.distill.num_pairs={num} must be >= config.training.batch_size={batch} (Liu et "
+                        f"al. draw millions; the number the teacher samples once), or 0 to use pairs already "
+                        f"in {d.pairs!r}.")
+  elif num:
+    raise ConfigError(f"config.distill.num_pairs={num} is the size of a fixed set of pairs, which needs "
+                      f"config.distill.pairs (their directory); set it, or num_pairs=0 for fresh pairs every batch.")
 
 
 def _validate_consistency(config: ml_collections.ConfigDict) -> None:

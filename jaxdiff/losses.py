@@ -667,31 +667,19 @@ def _consistency_distance(diff: Array, metric: str, reduce: str) -> Array:
 REFLOW_SOLVERS = ("heun", "ddim", "dpm_solver++")
 
 
-def make_reflow_loss(
+def make_reflow_coupling(
     process: Process,
     *,
     prediction: str = "flow",
     solver: str = "heun",
     num_steps: int = 8,
     clip: tuple[float, float] | None = None,
-    **denoising_kw,
-) -> Callable[..., tuple[Array, dict[str, Any]]]:
-  """Builds reflow's `loss_fn(net, teacher, x0, key) -> (loss, aux)` (Liu et al. 2023).
-
-  The teacher's deterministic sampler (`solver`: 'heun', 'ddim' or 'dpm_solver++', with
-  `num_steps` grid times; `samplers.sample`) carries fresh noise from `x_T = prior_std eps`
-  to a sample x0_hat, and the student is trained with `make_denoising_loss(process,
-  prediction, **denoising_kw)` on the coupled pair: `x_t = alpha_t x0_hat + sigma_t eps'`
-  with `eps' = (x_T - alpha_T x0_hat) / sigma_T`, the noise whose path passes through the
-  teacher's start at T (eps' = eps up to alpha_T, which is ~0). On `RectifiedFlow` this is
-  rectified flow's reflow: the student's paths become straight lines from noise to the
-  teacher's samples, on which Euler (`ddim`) is exact in one step. On any process the pair
-  makes x0 a function of x_t, so the student's x0_hat is constant along each path and `ddim`
-  (eta=0) follows it exactly in any number of steps, one included. `x0` (the data batch)
-  gives only the shape: reflow learns from the teacher's samples, drawn afresh for each
-  batch (Liu et al. draw a fixed set of pairs once). `clip` clips the teacher's x0 estimates
-  to the data range, as its sampler did.
-  """
+) -> Callable[[Callable, Array, Array], Array]:
+  """`couple(teacher, x_T, key) -> x0_hat`: reflow's coupling, the teacher network's (`teacher(x,
+  t)`, its conditioning bound) deterministic sampler (`solver`: 'heun', 'ddim' or
+  'dpm_solver++', `num_steps` grid times; `samplers.sample`) from `x_T` (the prior's noise) to
+  its sample, without gradient. `clip` clips the teacher's x0 estimates to the data range, as
+  its sampler did."""
   from jaxdiff import samplers  # samplers does not import losses
 
   if solver not in REFLOW_SOLVERS:
@@ -701,17 +689,54 @@ def make_reflow_loss(
     raise ConfigError(f"config.distill.teacher_steps={num_steps}: reflow's teacher samples with that many grid "
                       f"times of config.distill.solver={solver!r} to make each pair; set it >= 1, e.g. "
                       f"--config.distill.teacher_steps=8 (the cost of a step grows with it).")
-  denoising = make_denoising_loss(process, prediction=prediction, **denoising_kw)
 
-  def loss_fn(net, teacher, x0: Array, key: Array) -> tuple[Array, dict[str, Any]]:
-    k_eps, k_loss = jax.random.split(key)
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  def couple(teacher: Callable, x_T: Array, key: Array) -> Array:
     score_fn = param_lib.score_fn_from_network(teacher, process, prediction)
     if clip is not None:
       score_fn = param_lib.clip_denoised(score_fn, process, *clip)
-    x_T = process.prior_std * eps
-    pair = jax.lax.stop_gradient(samplers.sample(k_eps, process, score_fn, x0.shape, method=solver,
+    return jax.lax.stop_gradient(samplers.sample(key, process, score_fn, x_T.shape, method=solver,
                                                  num_steps=int(num_steps), x_init=x_T)[0])
+
+  return couple
+
+
+def make_reflow_loss(
+    process: Process,
+    *,
+    prediction: str = "flow",
+    solver: str = "heun",
+    num_steps: int = 8,
+    clip: tuple[float, float] | None = None,
+    **denoising_kw,
+) -> Callable[..., tuple[Array, dict[str, Any]]]:
+  """Builds reflow's `loss_fn(net, teacher, x0, key, noise=None) -> (loss, aux)` (Liu et al. 2023).
+
+  The teacher's deterministic sampler (`make_reflow_coupling(process, prediction, solver,
+  num_steps, clip)`) carries fresh noise `x_T = prior_std eps` to a sample x0_hat, and the
+  student is trained with `make_denoising_loss(process, prediction, **denoising_kw)` on the
+  coupled pair: `x_t = alpha_t x0_hat + sigma_t eps'` with `eps' = (x_T - alpha_T x0_hat) /
+  sigma_T`, the noise whose path passes through the teacher's start at T (eps' = eps up to
+  alpha_T, which is ~0). On `RectifiedFlow` this is rectified flow's reflow: the student's
+  paths become straight lines from noise to the teacher's samples, on which Euler (`ddim`) is
+  exact in one step. On any process the pair makes x0 a function of x_t, so the student's
+  x0_hat is constant along each path and `ddim` (eta=0) follows it exactly in any number of
+  steps, one included. `x0` (the data batch) gives only the shape: reflow learns from the
+  teacher's samples, drawn afresh for each batch.
+
+  With `noise` given, (noise, x0) is a fixed pair that the coupling made once (Liu et al.
+  draw a fixed set; `config.distill.pairs`): x_T = noise, x0_hat = x0, and the teacher is not
+  called (it may be None).
+  """
+  couple = make_reflow_coupling(process, prediction=prediction, solver=solver, num_steps=num_steps, clip=clip)
+  denoising = make_denoising_loss(process, prediction=prediction, **denoising_kw)
+
+  def loss_fn(net, teacher, x0: Array, key: Array, noise: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    k_eps, k_loss = jax.random.split(key)
+    if noise is None:
+      x_T = process.prior_std * jax.random.normal(k_eps, x0.shape, x0.dtype)
+      pair = couple(teacher, x_T, k_eps)
+    else:
+      x_T, pair = noise.astype(x0.dtype), x0
     # the noise that puts the pair's path through the teacher's start: alpha_T pair + sigma_T eps' = x_T
     t_T = jnp.full((x0.shape[0],), process.T, jnp.float32)
     eps = (x_T - bcast(process.alpha(t_T), x0) * pair) / bcast(process.sigma(t_T), x0)

@@ -289,6 +289,8 @@ def _network_inputs(batch: dict[str, Array], key: Array, *, model: nn.Module, la
                           f"(config.model.num_classes > 0); {type(model).__name__} has none.")
       labels = drop_labels(jax.random.fold_in(key, LABEL_DROPOUT_STREAM), labels, label_dropout, null_label)
     inputs["y"] = labels
+  if "noise" in batch:  # reflow's fixed pairs: the noise each x came from
+    inputs["noise"] = batch["noise"]
   return inputs
 
 
@@ -364,18 +366,20 @@ def _student_update(state: TrainState, batch: dict[str, Array], key: Array, loss
   -> (loss, aux)` sees the student `net` (with dropout) and `bind(p, same_dropout=False)`, which
   binds other parameters (teacher, target) to the same network with the student's conditioning
   (labels, with the same ones dropped; low-res images), without dropout or, with
-  `same_dropout=True`, with the student's dropout mask. Metrics add aux's `aux_metrics` entries."""
+  `same_dropout=True`, with the student's dropout mask. Metrics add aux's `aux_metrics` entries.
+  A batch with "noise" (reflow's fixed pairs) passes it on: `loss_call(..., noise=...)`."""
   inputs = _network_inputs(batch, key, model=model, label_dropout=label_dropout, cond_resolution=cond_resolution)
 
   def objective(params, inputs, key):
     k_loss, k_drop = jax.random.split(key)
-    cond = {k: v for k, v in inputs.items() if k != "x"}
+    cond = {k: v for k, v in inputs.items() if k not in ("x", "noise")}
     net = network_fn(model, params, train=True, dropout_key=k_drop, **cond)
 
     def bind(p, same_dropout=False):
       return network_fn(model, p, train=same_dropout, dropout_key=k_drop, **cond)
 
-    loss, aux = loss_call(net, bind, params, inputs["x"], k_loss)
+    extra = {"noise": inputs["noise"]} if "noise" in inputs else {}
+    loss, aux = loss_call(net, bind, params, inputs["x"], k_loss, **extra)
     return loss, {k: aux[k] for k in aux_metrics}
 
   (loss, aux), grads = microbatched_value_and_grad(objective, microbatches)(state.params, inputs, key)
@@ -464,13 +468,20 @@ def reflow_train_step(state: DistillState, batch: dict[str, Array], key: Array, 
   `loss_fn = losses.make_reflow_loss(...)`: the fixed teacher `state.teacher_params` samples
   from fresh noise with the student's conditioning (labels, with the same ones dropped, so a
   class-conditional student keeps its unconditional half), and the student learns the pairs.
+  A batch with "noise" is a batch of fixed pairs (`write_reflow_pairs`: x is the teacher's
+  sample from that noise, for its "label", already dropped where the teacher sampled without
+  one): the student learns them and the teacher is not run (nor are labels dropped again).
   """
   if not isinstance(state, DistillState):
     raise ConfigError("reflow_train_step needs a DistillState (create_train_state(..., teacher=True) from the "
                       f"teacher's parameters); it got a {type(state).__name__}.")
+  if "noise" in batch:
+    label_dropout = 0.0
 
-  def loss_call(net, bind, params, x, k):
+  def loss_call(net, bind, params, x, k, noise=None):
     del params  # the student's: only `net` uses them
+    if noise is not None:
+      return loss_fn(net, None, x, k, noise=noise)
     return loss_fn(net, bind(state.teacher_params), x, k)
 
   return _student_update(state, batch, key, loss_call, model=model, optimizer=optimizer, ema_decay=ema_decay,
@@ -771,6 +782,108 @@ def make_loss(config: ml_collections.ConfigDict, process: processes.Process, *,
   return losses.make_denoising_loss(process, **_denoising_kwargs(config))
 
 
+REFLOW_PAIRS_STREAM = 0x70616972  # fold_in tag of reflow's fixed pairs' keys ("pair")
+# pairs.json entries that must match the run that reads the pairs
+_PAIRS_MATCH = ("teacher", "solver", "teacher_steps", "clip_teacher", "prediction", "shape", "use_labels",
+                "label_dropout")
+
+
+def reflow_pairs_dir(config: ml_collections.ConfigDict) -> str:
+  """The directory of a reflow run's fixed pairs (`config.distill.pairs`), '' for fresh pairs every batch."""
+  if distill.method(config) != "reflow":
+    return ""
+  return os.path.abspath(str(config.distill.pairs)) if config.distill.get("pairs") else ""
+
+
+def _pairs_meta(config: ml_collections.ConfigDict, exp: Experiment) -> dict[str, Any]:
+  d = config.distill
+  run, at, step = str(d.teacher).partition("@")  # the same run however its path is written
+  return {"teacher": os.path.abspath(run) + at + step, "solver": str(d.solver), "teacher_steps": int(d.teacher_steps),
+          "clip_teacher": bool(d.clip_teacher), "prediction": str(config.loss.prediction), "shape": list(exp.shape),
+          "use_labels": bool(exp.num_classes),
+          "label_dropout": float(config.training.label_dropout) if exp.num_classes else 0.0}
+
+
+def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh, abstract_params: Any,
+                       directory: str) -> dict[str, Any]:
+  """Makes reflow's fixed pairs in `directory` unless it holds them; returns their `pairs.json`.
+
+  `config.distill.num_pairs` draws of fresh noise x_T, each carried to the teacher's sample by
+  its deterministic sampler (`losses.make_reflow_coupling`, as the on-the-fly loss does), in
+  sharded batches of `config.training.batch_size`. A class-conditional teacher samples for
+  uniform labels, `config.training.label_dropout` of them dropped to the null label (the
+  student learns those pairs unconditionally, as it would fresh ones). Keys: `fold_in(key(seed),
+  REFLOW_PAIRS_STREAM)`, then the batch index. Pairs already there must come from the same
+  teacher, sampler and shapes (ConfigError names what differs).
+  """
+  want = _pairs_meta(config, exp)
+  meta = sharding.main_process_value(data_lib.pairs.read_meta(directory))
+  if meta is not None:
+    for k in _PAIRS_MATCH:
+      if meta.get(k) != want[k]:
+        raise ConfigError(f"config.distill.pairs={directory!r} holds pairs made with {k}={meta.get(k)!r}, but this "
+                          f"run has {want[k]!r}; point config.distill.pairs at a new directory (they are made "
+                          f"there) or remove that one.")
+    num = int(config.distill.num_pairs)
+    if num and num != meta["num_pairs"]:
+      raise ConfigError(f"config.distill.num_pairs={num} but {directory!r} holds {meta['num_pairs']} pairs; set "
+                        f"--config.distill.num_pairs={meta['num_pairs']} (or 0: use what is there), or use a new "
+                        f"directory.")
+    log.info("Reflow on the %d fixed pairs in %s.", meta["num_pairs"], directory)
+    return meta
+  d, tc = config.distill, config.training
+  num = int(d.num_pairs)
+  if num < 1:
+    raise ConfigError(f"config.distill.pairs={directory!r} holds no pairs yet and config.distill.num_pairs={num}: "
+                      f"set how many the teacher should make, e.g. --config.distill.num_pairs=100000.")
+  teacher_step, params = distill.load_teacher(config, mesh, abstract_params)
+  couple = losses.make_reflow_coupling(exp.process, prediction=config.loss.prediction, solver=d.solver,
+                                       num_steps=int(d.teacher_steps),
+                                       clip=exp.data_range if d.clip_teacher else None)
+  batch, shape = int(tc.batch_size), tuple(exp.shape)
+
+  def make(params, key):
+    k_eps, k_y, k_drop = jax.random.split(key, 3)
+    cond = {}
+    if exp.num_classes:
+      labels = jax.random.randint(k_y, (batch,), 0, exp.num_classes)
+      cond["y"] = drop_labels(k_drop, labels, want["label_dropout"], exp.num_classes)
+    x_T = exp.process.prior_std * jax.random.normal(k_eps, (batch, *shape))
+    x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharding(mesh, 1 + len(shape)))
+    out = {"noise": x_T, "x": couple(network_fn(exp.model, params, **cond), x_T, k_eps)}
+    if exp.num_classes:
+      out["label"] = cond["y"]
+    return out
+
+  out_sh = {k: sharding.batch_sharding(mesh, 1 + len(shape)) for k in ("noise", "x")}
+  if exp.num_classes:
+    out_sh["label"] = sharding.batch_sharding(mesh, 1)
+  step = aot.AotJit(jax.jit(make, out_shardings=out_sh), name="reflow_pairs")
+  root = jax.random.fold_in(jax.random.key(config.seed), REFLOW_PAIRS_STREAM)
+  n_batches = -(-num // batch)
+  writer = (data_lib.pairs.PairsWriter(directory, num_pairs=num, shape=shape, labels=bool(exp.num_classes))
+            if sharding.is_main_process() else None)
+  log.info("Making %d reflow pairs in %s: %d batches of %d, the teacher's (step %d) %s sampler with %d grid times.",
+           num, directory, n_batches, batch, teacher_step, d.solver, d.teacher_steps)
+  t0 = time.time()
+  try:
+    for i in range(n_batches):
+      chunk = {k: sharding.to_host(v) for k, v in step(params, jax.random.fold_in(root, i)).items()}
+      if writer is not None:
+        writer.add(chunk)
+      if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
+        log.info("Reflow pairs: %d/%d batches (%s).", i + 1, n_batches, _fmt_time(time.time() - t0))
+    meta = dict(want, teacher_step=int(teacher_step), seed=int(config.seed), seconds=round(time.time() - t0, 1))
+    if writer is not None:
+      writer.close(meta)
+  except BaseException:
+    if writer is not None:
+      writer.abort()
+    raise
+  sharding.main_process_value(True)  # every host waits until process 0 has written them
+  return dict(meta, num_pairs=num)
+
+
 # config.loss keys of consistency training alone (objective='consistency')
 CT_KEYS = ("objective", "scales", "metric", "sigma_data", "target_decay")
 
@@ -1003,8 +1116,10 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     log.info("Initialising from %s.", init_from)
   elif distill.method(config) == "reflow":  # the student starts as the teacher
     teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
-    log.info("Reflow of %s (step %d): each batch pairs fresh noise with the teacher's %s samples (%d grid times).",
-             config.distill.teacher, teacher_step, config.distill.solver, config.distill.teacher_steps)
+    how = (f"fixed pairs of noise and the teacher's samples in {reflow_pairs_dir(config)}" if reflow_pairs_dir(config)
+           else "each batch pairs fresh noise with the teacher's samples")
+    log.info("Reflow of %s (step %d): %s (%s, %d grid times).", config.distill.teacher, teacher_step, how,
+             config.distill.solver, config.distill.teacher_steps)
   elif distill.method(config) == "consistency":  # the student starts as the teacher
     teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
     d = config.distill
@@ -1047,14 +1162,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init, abstract, state_sh = abstract_train_state(config, exp, optimizer, mesh)
 
   data_iter = None
+  pairs_dir = reflow_pairs_dir(config)  # reflow on fixed pairs: made first (once), then the data
+  if pairs_dir:
+    write_reflow_pairs(config, exp, mesh, abstract.params, pairs_dir)
   if not importing:
     shard_index, shard_count = sharding.process_shard()
     # Each host reads the rows of every global batch its devices hold: the same global batches
     # for any number of hosts.
-    host_iter = data_lib.create_dataset(
-        **data_lib.dataset_kwargs(config.data), batch_size=sharding.local_batch_size(tc.batch_size),
-        seed=config.seed, shard_index=shard_index, shard_count=shard_count,
-        batch_rows=sharding.local_batch_rows(mesh, tc.batch_size))
+    rows = dict(batch_size=sharding.local_batch_size(tc.batch_size), seed=config.seed, shard_index=shard_index,
+                shard_count=shard_count, batch_rows=sharding.local_batch_rows(mesh, tc.batch_size))
+    if pairs_dir:
+      host_iter = data_lib.pairs.create_pairs_dataset(
+          pairs_dir, use_labels=bool(exp.num_classes), num_threads=config.data.num_threads,
+          prefetch_buffer_size=config.data.prefetch_buffer_size, num_workers=config.data.num_workers, **rows)
+    else:
+      host_iter = data_lib.create_dataset(**data_lib.dataset_kwargs(config.data), **rows)
     # Global sharded batches, `prefetch_to_device` ahead; checkpoints save the next unconsumed one.
     data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
 
@@ -1068,6 +1190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            _autoencoder_terms(config) if exp.is_autoencoder else type(exp.process).__name__, dict(mesh.shape))
 
   batch_sh = {"x": sharding.batch_sharding(mesh, 1 + len(exp.shape))}
+  if pairs_dir:
+    batch_sh["noise"] = batch_sh["x"]
   if config.data.use_labels:
     batch_sh["label"] = sharding.batch_sharding(mesh, 1)
   # Compiled at the first call, ahead of running it (the compiler's freed heap is returned

@@ -482,3 +482,58 @@ def test_valid_data_configs_pass(tmp_path):
   c.data.data_dir = str(tmp_path)
   config_lib.validate(c)
   assert catalog.lookup("lsun/tower").splits == ("train", "validation")
+
+
+def test_reflow_pairs_stay_paired_split_over_hosts_and_resume(tmp_path):
+  """data.pairs: rows written in chunks come back whole (noise with its x and label) through the
+  shuffle, the hosts' rows of each global batch and a restored iterator state; a directory
+  without pairs.json is not taken for pairs."""
+  from jaxdiff.data import pairs as pairs_lib
+
+  n, shape = 30, (2, 2, 1)
+  x = np.arange(n * 4, dtype=np.float32).reshape(n, *shape)
+  writer = pairs_lib.PairsWriter(str(tmp_path / "p"), num_pairs=n, shape=shape, labels=True)
+  assert pairs_lib.read_meta(str(tmp_path / "p")) is None  # nothing visible before close
+  for i in range(0, n + 8, 8):  # the last chunk runs past num_pairs
+    rows = np.arange(i, i + 8) % n
+    writer.add({"x": x[rows], "noise": -x[rows], "label": (rows % 7).astype(np.int32)})
+  writer.close({"teacher": "t"})
+  assert pairs_lib.read_meta(str(tmp_path / "p")) == {"teacher": "t", "num_pairs": n}
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+  def check(batch):
+    assert batch["x"].shape == (4, *shape) and np.array_equal(batch["noise"], -batch["x"])
+    np.testing.assert_array_equal(batch["label"], (batch["x"][:, 0, 0, 0] // 4).astype(np.int32) % 7)
+
+  one = pairs_lib.create_pairs_dataset(str(tmp_path / "p"), batch_size=4, use_labels=True, seed=1,
+                                       batch_rows=range(4))
+  first = [next(one) for _ in range(10)]  # past an epoch (30 pairs)
+  for b in first:
+    check(b)
+  epoch = np.concatenate([b["x"][:, 0, 0, 0] for b in first[:7]]).tolist()  # shuffled, no pair twice
+  assert len(set(epoch)) == 28 and epoch != sorted(epoch)
+  # two hosts, each reading its rows of every global batch of 4: together the same batches
+  hosts = [pairs_lib.create_pairs_dataset(str(tmp_path / "p"), batch_size=2, use_labels=True, seed=1,
+                                          shard_index=h, shard_count=2, batch_rows=[2 * h, 2 * h + 1])
+           for h in range(2)]
+  for b in first[:4]:
+    halves = [next(it) for it in hosts]
+    np.testing.assert_array_equal(np.concatenate([h["x"] for h in halves]), b["x"])
+  resumed = pairs_lib.create_pairs_dataset(str(tmp_path / "p"), batch_size=4, use_labels=True, seed=1,
+                                           batch_rows=range(4))
+  probe = pairs_lib.create_pairs_dataset(str(tmp_path / "p"), batch_size=4, use_labels=True, seed=1,
+                                         batch_rows=range(4))
+  for _ in range(6):
+    next(probe)
+  resumed.set_state(probe.get_state())
+  np.testing.assert_array_equal(next(resumed)["x"], first[6]["x"])
+
+  with pytest.raises(DataError, match="already holds 30 pairs"):
+    pairs_lib.PairsWriter(str(tmp_path / "p"), num_pairs=4, shape=shape, labels=False)
+  os.makedirs(tmp_path / "half")  # e.g. a copy that stopped midway
+  with pytest.raises(DataError, match="holds no pairs.json"):
+    pairs_lib.PairsWriter(str(tmp_path / "half"), num_pairs=4, shape=shape, labels=False)
+  pairs_lib.PairsWriter(str(tmp_path / "q"), num_pairs=4, shape=shape, labels=False).abort()
+  assert not os.path.exists(tmp_path / "q") and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+  with pytest.raises(DataError, match="fewer than a batch"):
+    pairs_lib.create_pairs_dataset(str(tmp_path / "p"), batch_size=32, use_labels=False)

@@ -582,6 +582,12 @@ def test_reflow_loss_vanishes_at_the_student_of_the_teachers_own_coupling(pname)
   mine, _ = fn(straight, denoiser, x0, jax.random.key(0))
   theirs, _ = fn(denoiser, denoiser, x0, jax.random.key(0))
   assert float(mine) < float(theirs) / 100, (float(mine), float(theirs))
+  # a fixed pair (noise, the teacher's sample of it) gives the loss of the same pair drawn afresh
+  couple = losses.make_reflow_coupling(process, prediction="x0", solver="heun", num_steps=24)
+  k_eps = jax.random.split(jax.random.key(0))[0]
+  x_T = process.prior_std * jax.random.normal(k_eps, x0.shape)
+  fixed, _ = fn(straight, None, couple(denoiser, x_T, k_eps), jax.random.key(0), noise=x_T)
+  assert float(fixed) == pytest.approx(float(mine), rel=1e-6)
 
   eps = jax.random.normal(jax.random.key(1), (512, 3))
   score = param_lib.score_fn_from_network(straight, process, "x0")
@@ -617,6 +623,60 @@ def test_reflow_run_samples_from_the_fixed_teacher_and_its_errors(tfds_dir, tiny
                             ("steps_per_round", 2, "config.distill.steps_per_round=2")):
     c = load_config("mnist_distill", "tiny_reflow")
     c.distill.teacher = "/nowhere"
+    c.distill[key] = value
+    with pytest.raises(ConfigError, match=match):
+      config_lib.validate(c)
+
+
+def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, tmp_path):
+  """config.distill.pairs: the run first makes num_pairs pairs with the teacher (each x the
+  teacher's Heun sample of its noise, for its label), trains on them without running the
+  teacher, and a resumed run reuses them; pairs made otherwise are refused naming the key."""
+  from jaxdiff import configs as config_lib
+
+  teacher_config, teacher_dir = tiny_teacher
+  config = load_config("mnist_distill", "tiny_reflow")
+  config.data.data_dir, config.distill.teacher = tfds_dir, teacher_dir
+  config.distill.update(pairs=str(tmp_path / "pairs"), num_pairs=20)  # 3 batches of 8, the last cut
+  config.training.update(num_final_samples=0, label_dropout=0.5)
+  out = train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert np.isfinite(out["loss"]) and out["loss"] > 0
+  pairs = {n: np.load(tmp_path / "pairs" / f"{n}.npy") for n in ("noise", "x", "label")}
+  meta = json.loads((tmp_path / "pairs" / "pairs.json").read_text())
+  assert meta["num_pairs"] == 20 and meta["teacher"] == teacher_dir and meta["label_dropout"] == 0.5
+  assert pairs["x"].shape == pairs["noise"].shape == (20, 28, 28, 1) and pairs["label"].shape == (20,)
+  assert set(pairs["label"]) <= set(range(11)) and (pairs["label"] == 10).any()  # 10: dropped to the null label
+  # the first batch again, from the teacher run's EMA parameters
+  exp = train.build_experiment(config)
+  teacher = _state(teacher_dir, teacher_config, 4).ema_params
+  couple = losses.make_reflow_coupling(exp.process, prediction=config.loss.prediction, solver="heun",
+                                       num_steps=int(config.distill.teacher_steps), clip=exp.data_range)
+  x = jax.jit(lambda noise, y: couple(train.network_fn(exp.model, teacher, y=y), noise, jax.random.key(0)))(
+      pairs["noise"][:8], pairs["label"][:8])
+  np.testing.assert_allclose(np.asarray(x), pairs["x"][:8], atol=1e-3)  # 8 devices or 1: float sums differ
+  assert abs(float(np.std(pairs["noise"])) - exp.process.prior_std) < 0.05
+
+  # the step on a batch of pairs never runs the teacher: a NaN teacher changes nothing
+  state = _state(str(tmp_path / "student"), config, 4)
+  step = train.make_train_step(config, exp, train.make_optimizer(**config.optimizer.to_dict(), num_steps=4))
+  batch = {"x": pairs["x"][:8], "noise": pairs["noise"][:8], "label": pairs["label"][:8]}
+  nan_teacher = state.replace(teacher_params=jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.teacher_params))
+  run = jax.jit(step)
+  (_, m), (_, m_nan) = run(state, batch, jax.random.key(3)), run(nan_teacher, batch, jax.random.key(3))
+  assert float(m["loss"]) == float(m_nan["loss"]) and np.isfinite(float(m["loss"]))
+
+  mtime = os.path.getmtime(tmp_path / "pairs" / "x.npy")
+  config.training.num_steps = 6  # resumes at 4 on the same pairs
+  train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert os.path.getmtime(tmp_path / "pairs" / "x.npy") == mtime
+  for key, value, match in (("num_pairs", 32, "holds 20 pairs"), ("solver", "ddim", "solver='heun'")):
+    c = config.copy_and_resolve_references()
+    c.distill[key] = value
+    with pytest.raises(ConfigError, match=match):
+      train.train_and_evaluate(c, str(tmp_path / f"other_{key}"))
+  for key, value, match in (("num_pairs", 4, "num_pairs=4 must be >= config.training.batch_size=8"),
+                            ("pairs", "", "num_pairs=20 is the size of a fixed set")):
+    c = config.copy_and_resolve_references()
     c.distill[key] = value
     with pytest.raises(ConfigError, match=match):
       config_lib.validate(c)

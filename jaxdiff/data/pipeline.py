@@ -111,7 +111,7 @@ def _source(info: catalog.DatasetInfo, split: str, data_dir: str | None, resolut
   return tfds_sources.open_source(info.name, split, data_dir)
 
 
-class _BatchRows(grain.MapDataset):
+class BatchRows(grain.MapDataset):
   """This host's rows of every global batch: record `b * global_batch + rows[r]` for local `b * L + r`.
 
   A last partial global batch (finite datasets) keeps the rows that exist, so the hosts
@@ -137,10 +137,10 @@ class _BatchRows(grain.MapDataset):
     return self._parent[self._parent_index(index)]
 
   def __str__(self) -> str:
-    return f"_BatchRows(rows={len(self._rows)} of {self._global})"
+    return f"BatchRows(rows={len(self._rows)} of {self._global})"
 
 
-def _check_rows(batch_rows: Sequence[int], batch_size: int, shard_count: int) -> list[int]:
+def check_rows(batch_rows: Sequence[int], batch_size: int, shard_count: int) -> list[int]:
   rows = sorted(int(r) for r in batch_rows)
   global_batch = batch_size * shard_count
   if len(rows) != batch_size or len(set(rows)) != batch_size or not all(0 <= r < global_batch for r in rows):
@@ -255,7 +255,7 @@ def create_dataset(
   _check_request(info, num_channels=num_channels, use_labels=use_labels, batch_size=batch_size)
   if not 0 <= shard_index < shard_count:
     raise DataError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
-  rows = None if batch_rows is None else _check_rows(batch_rows, batch_size, shard_count)
+  rows = None if batch_rows is None else check_rows(batch_rows, batch_size, shard_count)
   # With batch_rows every host sees all records (and slices after the random transforms).
   part, parts = (0, 1) if rows is not None else (shard_index, shard_count)
   if info.kind == "folder":
@@ -291,7 +291,7 @@ def create_dataset(
                                 crop_size=0 if info.kind == "folder" else crop_size),
                      seed=_derived_seed(seed, part))
   if rows is not None and shard_count > 1:
-    ds = _BatchRows(ds, rows=rows, global_batch=batch_size * shard_count)
+    ds = BatchRows(ds, rows=rows, global_batch=batch_size * shard_count)
     if len(ds) == 0:
       raise DataError(f"dataset {dataset!r} split {split!r} has no records for rows {rows[0]}.. of the "
                       f"global batch of {batch_size * shard_count}; use a larger split or fewer hosts.")
@@ -300,21 +300,33 @@ def create_dataset(
     # Records are read and decoded in `num_threads` threads, `prefetch_buffer_size` batches
     # ahead, then batched, so that decoding failures (None) are skipped before batching.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer * batch_size))
-    it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder)
-  else:
-    # Batched before the reader threads: each thread reads and transforms a whole batch,
-    # `prefetch_buffer_size` batches ahead. grain (0.2.18) measures its prefetch depth on
-    # every element by walking the ready part of its buffer, so with one element per record
-    # and a buffer of 4 batches each record cost ~3 us per buffered record: the 2-D mixture
-    # at batch 256 read 900 records/s, batched first 11,000 (MNIST, bound by array_record
-    # reads and PNG decoding, is unchanged at ~1,300 on 2 cores).
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer))
-  if num_workers > 0:
-    _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  it = iter(it_ds)
-  return it if info.kind == "folder" else RecordCountState(it, batch_size)
+    return iter(_in_workers(it_ds.batch(batch_size, drop_remainder=drop_remainder), num_workers))
+  return batched_iterator(ds, batch_size=batch_size, drop_remainder=drop_remainder, num_threads=num_threads,
+                          prefetch_buffer_size=buffer, num_workers=num_workers)
+
+
+def batched_iterator(ds: grain.MapDataset, *, batch_size: int, drop_remainder: bool = True, num_threads: int = 4,
+                     prefetch_buffer_size: int = 4, num_workers: int = 0) -> grain.DatasetIterator:
+  """`ds` (records, in order) in batches of `batch_size`, read by `num_threads` threads
+  `prefetch_buffer_size` batches ahead (and `num_workers` processes): a `RecordCountState`
+  iterator."""
+  # Batched before the reader threads: each thread reads and transforms a whole batch,
+  # `prefetch_buffer_size` batches ahead. grain (0.2.18) measures its prefetch depth on
+  # every element by walking the ready part of its buffer, so with one element per record
+  # and a buffer of 4 batches each record cost ~3 us per buffered record: the 2-D mixture
+  # at batch 256 read 900 records/s, batched first 11,000 (MNIST, bound by array_record
+  # reads and PNG decoding, is unchanged at ~1,300 on 2 cores).
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+  return RecordCountState(iter(_in_workers(it_ds, num_workers)), batch_size)
+
+
+def _in_workers(it_ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  """`it_ds` run in `num_workers` grain worker processes (0: in this one)."""
+  if num_workers <= 0:
+    return it_ds
+  _ensure_absl_flags_parsed()
+  return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 class RecordCountState(grain.DatasetIterator):
