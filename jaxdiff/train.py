@@ -797,11 +797,23 @@ def reflow_pairs_dir(config: ml_collections.ConfigDict) -> str:
 
 def _pairs_meta(config: ml_collections.ConfigDict, exp: Experiment) -> dict[str, Any]:
   d = config.distill
-  run, at, step = str(d.teacher).partition("@")  # the same run however its path is written
-  return {"teacher": os.path.abspath(run) + at + step, "solver": str(d.solver), "teacher_steps": int(d.teacher_steps),
+  run, _ = evaluate.split_run(str(d.teacher))  # the same run however its path is written (its step: below)
+  return {"teacher": os.path.abspath(run), "solver": str(d.solver), "teacher_steps": int(d.teacher_steps),
           "clip_teacher": bool(d.clip_teacher), "prediction": str(config.loss.prediction), "shape": list(exp.shape),
           "use_labels": bool(exp.num_classes),
           "label_dropout": float(config.training.label_dropout) if exp.num_classes else 0.0}
+
+
+def _teacher_step(teacher: str) -> int | None:
+  """The checkpoint step `config.distill.teacher` names ('<workdir>@<step>', or the run's latest)."""
+  workdir, step = evaluate.split_run(teacher)
+  if step is not None:
+    return step
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(generate.load_config(workdir), workdir), async_save=False)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
 
 
 def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh, abstract_params: Any,
@@ -824,6 +836,12 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
         raise ConfigError(f"config.distill.pairs={directory!r} holds pairs made with {k}={meta.get(k)!r}, but this "
                           f"run has {want[k]!r}; point config.distill.pairs at a new directory (they are made "
                           f"there) or remove that one.")
+    step = _teacher_step(str(config.distill.teacher))
+    if step != meta.get("teacher_step"):
+      raise ConfigError(f"config.distill.pairs={directory!r} was made from step {meta.get('teacher_step')} of "
+                        f"{meta['teacher']}, but config.distill.teacher={config.distill.teacher!r} is step {step}: pin "
+                        f"the teacher with --config.distill.teacher={meta['teacher']}@{meta.get('teacher_step')}, or "
+                        f"make new pairs in a new directory.")
     num = int(config.distill.num_pairs)
     if num and num != meta["num_pairs"]:
       raise ConfigError(f"config.distill.num_pairs={num} but {directory!r} holds {meta['num_pairs']} pairs; set "

@@ -669,7 +669,8 @@ def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, 
   config.training.num_steps = 6  # resumes at 4 on the same pairs
   train.train_and_evaluate(config, str(tmp_path / "student"))
   assert os.path.getmtime(tmp_path / "pairs" / "x.npy") == mtime
-  for key, value, match in (("num_pairs", 32, "holds 20 pairs"), ("solver", "ddim", "solver='heun'")):
+  for key, value, match in (("num_pairs", 32, "holds 20 pairs"), ("solver", "ddim", "solver='heun'"),
+                            ("teacher", teacher_dir + "@2", f"made from step 4 of {teacher_dir}, but")):
     c = config.copy_and_resolve_references()
     c.distill[key] = value
     with pytest.raises(ConfigError, match=match):
