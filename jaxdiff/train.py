@@ -1281,7 +1281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   encode = vae_params = None
   if exp.latent is not None:
     vae_params = latent_lib.load_params(exp.latent, mesh)
-    encode = latent_lib.make_encoder(exp.latent, mesh)
+    # reflow's fixed pairs are the teacher's latents already; samples are still decoded
+    encode = None if pairs_dir else latent_lib.make_encoder(exp.latent, mesh)
     log.info("Latent diffusion in %s: images %s -> latents %s (scaling_factor %.5g, shift_factor %.5g).",
              exp.latent.source, exp.latent.image_shape, exp.latent.shape, exp.latent.autoencoder.scaling_factor,
              exp.latent.autoencoder.shift_factor)

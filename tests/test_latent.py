@@ -280,3 +280,17 @@ def test_what_cannot_run_says_so(runs, tmp_path):
   check_ae(r"config.data.resolution=28 is not a multiple of the autoencoder's downsampling factor 8",
            model__block_out_channels=(8, 8, 8, 8))
   check_ae(r"set --config.data.use_labels=False", data__use_labels=True)
+
+
+def test_reflow_of_a_latent_model_on_fixed_pairs(runs, tmp_path):
+  """Reflow of the latent DiT on fixed pairs: the pairs are latents (the teacher's space), the loop
+  does not encode them again, and the student's samples are decoded to pixels."""
+  lat, lat_dir = runs["latent"]
+  config = lat.copy_and_resolve_references()
+  config.distill.update(teacher=lat_dir, method="reflow", solver="ddim", teacher_steps=2,
+                        pairs=str(tmp_path / "pairs"), num_pairs=8)
+  config.training.update(num_steps=2, steps_per_call=1, log_every=1, checkpoint_every=2, num_final_samples=8)
+  out = train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert np.isfinite(out["loss"])
+  assert np.load(tmp_path / "pairs" / "x.npy").shape == (8, 14, 14, 4)  # latents
+  assert os.path.getsize(tmp_path / "student" / "samples_000002.png") > 0
