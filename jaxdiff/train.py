@@ -826,7 +826,7 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
   uniform labels, `config.training.label_dropout` of them dropped to the null label (the
   student learns those pairs unconditionally, as it would fresh ones). Keys: `fold_in(key(seed),
   REFLOW_PAIRS_STREAM)`, then the batch index. Pairs already there must come from the same
-  teacher, sampler and shapes (ConfigError names what differs).
+  teacher run and checkpoint step, sampler and shapes (ConfigError names what differs).
   """
   want = _pairs_meta(config, exp)
   meta = sharding.main_process_value(data_lib.pairs.read_meta(directory))
@@ -836,10 +836,10 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
         raise ConfigError(f"config.distill.pairs={directory!r} holds pairs made with {k}={meta.get(k)!r}, but this "
                           f"run has {want[k]!r}; point config.distill.pairs at a new directory (they are made "
                           f"there) or remove that one.")
-    step = _teacher_step(str(config.distill.teacher))
-    if step != meta.get("teacher_step"):
+    now = _teacher_step(str(config.distill.teacher))
+    if now != meta.get("teacher_step"):
       raise ConfigError(f"config.distill.pairs={directory!r} was made from step {meta.get('teacher_step')} of "
-                        f"{meta['teacher']}, but config.distill.teacher={config.distill.teacher!r} is step {step}: pin "
+                        f"{meta['teacher']}, but config.distill.teacher={config.distill.teacher!r} is step {now}: pin "
                         f"the teacher with --config.distill.teacher={meta['teacher']}@{meta.get('teacher_step')}, or "
                         f"make new pairs in a new directory.")
     num = int(config.distill.num_pairs)
