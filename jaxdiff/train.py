@@ -635,15 +635,12 @@ def _warmup_autoencoder_step(state: AdversarialState, batch: dict[str, Array], k
                              objective: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
                              microbatches: int, metric_params: Any) -> tuple[AdversarialState, dict[str, Array]]:
   """`adversarial_autoencoder_train_step` before `disc_start` without the discriminator in the
-  program: the plain objective's update; the discriminator's state is passed through."""
-
-  def plain(params, batch, key):
-    return objective(batch["x"], *model.apply({"params": params}, batch["x"], key), metric_params)
-
-  (loss, aux), grads = microbatched_value_and_grad(plain, microbatches)(state.params, {"x": batch["x"]}, key)
-  zero = jnp.zeros_like(loss)
-  return apply_gradients(state, grads, optimizer=optimizer, ema_decay=ema_decay), {
-      "loss": loss, **aux, **dict.fromkeys(_ADVERSARIAL_METRICS, zero), "grad_norm": optax.tree.norm(grads)}
+  program: `autoencoder_train_step` on the plain objective (the discriminator's state is passed
+  through), with the adversarial metrics at 0."""
+  new, metrics = autoencoder_train_step(
+      state, batch, key, model=model, loss_fn=lambda ae, x, k, mp: objective(x, *ae(x, k), mp), optimizer=optimizer,
+      ema_decay=ema_decay, microbatches=microbatches, metric_params=metric_params)
+  return new, {**metrics, **dict.fromkeys(_ADVERSARIAL_METRICS, jnp.zeros_like(metrics["loss"]))}
 
 
 def apply_gradients(state: TrainState, grads, *, optimizer: optax.GradientTransformation,
