@@ -823,7 +823,9 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
   uniform labels, `config.training.label_dropout` of them dropped to the null label (the
   student learns those pairs unconditionally, as it would fresh ones). Keys: `fold_in(key(seed),
   REFLOW_PAIRS_STREAM)`, then the batch index. Pairs already there must come from the same
-  teacher run and checkpoint step, sampler and shapes (ConfigError names what differs).
+  teacher run and checkpoint step, sampler and shapes (ConfigError names what differs). The
+  batches are written as they are made (`data.pairs.PairsWriter`): an interrupted run started
+  again continues after the last one written, and makes the same pairs as one uninterrupted.
   """
   want = _pairs_meta(config, exp)
   meta = sharding.main_process_value(data_lib.pairs.read_meta(directory))
@@ -876,25 +878,32 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
   step = aot.AotJit(jax.jit(make, out_shardings=out_sh), name="reflow_pairs")
   root = jax.random.fold_in(jax.random.key(config.seed), REFLOW_PAIRS_STREAM)
   n_batches = -(-num // batch)
-  writer = (data_lib.pairs.PairsWriter(directory, num_pairs=num, shape=shape, labels=bool(exp.num_classes))
-            if sharding.is_main_process() else None)
-  log.info("Making %d reflow pairs in %s: %d batches of %d, the teacher's (step %d) %s sampler with %d grid times.",
-           num, directory, n_batches, batch, teacher_step, d.solver, d.teacher_steps)
+  # what makes the rows: a rerun continues unfinished pairs only if it would make the same ones
+  made = dict(want, teacher_step=int(teacher_step), seed=int(config.seed), batch_size=batch)
+  writer = (data_lib.pairs.PairsWriter(directory, num_pairs=num, shape=shape, labels=bool(exp.num_classes),
+                                       made=made) if sharding.is_main_process() else None)
+  if writer is not None and writer.discarded:
+    log.warning("Removed the unfinished reflow pairs in %s and began again: %s.", writer.partial, writer.discarded)
+  start = sharding.main_process_value(-(-writer.filled // batch) if writer is not None else 0)
+  log.info("Making %d reflow pairs in %s: %d batches of %d, the teacher's (step %d) %s sampler with %d grid times%s.",
+           num, directory, n_batches, batch, teacher_step, d.solver, d.teacher_steps,
+           f"; continuing after the {start} batches already made" if start else "")
   t0 = time.time()
   try:
-    for i in range(n_batches):
+    for i in range(start, n_batches):
       chunk = {k: sharding.to_host(v) for k, v in step(params, jax.random.fold_in(root, i)).items()}
       if writer is not None:
         writer.add(chunk)
       if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
         log.info("Reflow pairs: %d/%d batches (%s).", i + 1, n_batches, _fmt_time(time.time() - t0))
-    meta = dict(want, teacher_step=int(teacher_step), seed=int(config.seed), seconds=round(time.time() - t0, 1))
-    if writer is not None:
-      writer.close(meta)
   except BaseException:
-    if writer is not None:
-      writer.abort()
+    if writer is not None and writer.filled:
+      log.warning("Stopped with %d of %d reflow pairs made; they are kept in %s, and the same run started again "
+                  "continues from there.", writer.filled, num, writer.partial)
     raise
+  meta = dict(made, seconds=round(time.time() - t0, 1), resumed_from=start * batch)
+  if writer is not None:
+    writer.close(meta)
   sharding.main_process_value(True)  # every host waits until process 0 has written them
   return dict(meta, num_pairs=num)
 

@@ -492,14 +492,47 @@ def test_reflow_pairs_stay_paired_split_over_hosts_and_resume(tmp_path):
 
   n, shape = 30, (2, 2, 1)
   x = np.arange(n * 4, dtype=np.float32).reshape(n, *shape)
+
+  def chunk(i):  # rows i..i+7 (the last chunk runs past num_pairs)
+    rows = np.arange(i, i + 8) % n
+    return {"x": x[rows], "noise": -x[rows], "label": (rows % 7).astype(np.int32)}
+
   writer = pairs_lib.PairsWriter(str(tmp_path / "p"), num_pairs=n, shape=shape, labels=True)
   assert pairs_lib.read_meta(str(tmp_path / "p")) is None  # nothing visible before close
-  for i in range(0, n + 8, 8):  # the last chunk runs past num_pairs
-    rows = np.arange(i, i + 8) % n
-    writer.add({"x": x[rows], "noise": -x[rows], "label": (rows % 7).astype(np.int32)})
+  for i in range(0, n + 8, 8):
+    writer.add(chunk(i))
   writer.close({"teacher": "t"})
   assert pairs_lib.read_meta(str(tmp_path / "p")) == {"teacher": "t", "num_pairs": n}
-  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+  assert sorted(os.listdir(tmp_path / "p")) == ["label.npy", "noise.npy", "pairs.json", "x.npy"]
+  assert not (tmp_path / "p.partial").exists()
+
+  # a writer stopped after two chunks: the same writer again continues after them, to the same pairs
+  made = {"teacher": "t", "seed": 0, "shape": [2, 2, 1]}
+  stopped = pairs_lib.PairsWriter(str(tmp_path / "r"), num_pairs=n, shape=shape, labels=True, made=made)
+  stopped.add(chunk(0))
+  stopped.add(chunk(8))
+  stopped._arrays["x"][16:24] = 7.0  # the third chunk half written when the process died
+  del stopped
+  again = pairs_lib.PairsWriter(str(tmp_path / "r"), num_pairs=n, shape=shape, labels=True, made=dict(made))
+  assert again.filled == 16 and again.discarded is None
+  for i in range(16, n + 8, 8):
+    again.add(chunk(i))
+  again.close({"teacher": "t"})
+  for name in ("x", "noise", "label"):
+    np.testing.assert_array_equal(np.load(tmp_path / "r" / f"{name}.npy"), np.load(tmp_path / "p" / f"{name}.npy"))
+  assert not (tmp_path / "r.partial").exists() and not (tmp_path / "r" / "progress.json").exists()
+  # unfinished pairs made otherwise, or of another size, are removed and begun again, saying why
+  for kwargs, why in ((dict(made=dict(made, seed=1)), "made with seed=0, this run has 1"),
+                      (dict(made=made, shape=(4, 1, 1)), "shape=[2, 2, 1], this run's are [4, 1, 1]"),
+                      (dict(made=made, labels=False), "labels=True, this run's are False")):
+    pairs_lib.PairsWriter(str(tmp_path / "s"), num_pairs=n, shape=shape, labels=True, made=made).add(chunk(0))
+    other = pairs_lib.PairsWriter(str(tmp_path / "s"), **{"num_pairs": n, "shape": shape, "labels": True, **kwargs})
+    assert other.filled == 0 and why in other.discarded, other.discarded
+    other.discard()
+    assert not (tmp_path / "s.partial").exists()
+  os.makedirs(tmp_path / "s.partial")  # stopped before its first chunk was written
+  assert "no progress.json" in pairs_lib.PairsWriter(str(tmp_path / "s"), num_pairs=n, shape=shape,
+                                                     labels=True).discarded
 
   def check(batch):
     assert batch["x"].shape == (4, *shape) and np.array_equal(batch["noise"], -batch["x"])
@@ -533,7 +566,5 @@ def test_reflow_pairs_stay_paired_split_over_hosts_and_resume(tmp_path):
   os.makedirs(tmp_path / "half")  # e.g. a copy that stopped midway
   with pytest.raises(DataError, match="holds no pairs.json"):
     pairs_lib.PairsWriter(str(tmp_path / "half"), num_pairs=4, shape=shape, labels=False)
-  pairs_lib.PairsWriter(str(tmp_path / "q"), num_pairs=4, shape=shape, labels=False).abort()
-  assert not os.path.exists(tmp_path / "q") and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
   with pytest.raises(DataError, match="fewer than a batch"):
     pairs_lib.create_pairs_dataset(str(tmp_path / "p"), batch_size=32, use_labels=False)

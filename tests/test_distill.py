@@ -628,22 +628,42 @@ def test_reflow_run_samples_from_the_fixed_teacher_and_its_errors(tfds_dir, tiny
       config_lib.validate(c)
 
 
-def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, tmp_path):
+def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, tmp_path, monkeypatch):
   """config.distill.pairs: the run first makes num_pairs pairs with the teacher (each x the
-  teacher's Heun sample of its noise, for its label), trains on them without running the
-  teacher, and a resumed run reuses them; pairs made otherwise are refused naming the key."""
+  teacher's Heun sample of its noise, for its label), continuing after the batches written if it
+  was stopped, trains on them without running the teacher, and a resumed run reuses them; pairs
+  made otherwise are refused naming the key."""
   from jaxdiff import configs as config_lib
+  from jaxdiff.data import pairs as pairs_lib
 
   teacher_config, teacher_dir = tiny_teacher
   config = load_config("mnist_distill", "tiny_reflow")
   config.data.data_dir, config.distill.teacher = tfds_dir, teacher_dir
   config.distill.update(pairs=str(tmp_path / "pairs"), num_pairs=20)  # 3 batches of 8, the last cut
   config.training.update(num_final_samples=0, label_dropout=0.5)
+
+  class Preempted(Exception):
+    pass
+
+  real_add, written = pairs_lib.PairsWriter.add, []
+
+  def add(writer, chunk):  # the first run is stopped after its first batch of pairs
+    real_add(writer, chunk)
+    written.append(writer.filled)
+    if len(written) == 1:
+      raise Preempted
+
+  monkeypatch.setattr(pairs_lib.PairsWriter, "add", add)
+  with pytest.raises(Preempted):
+    train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert (tmp_path / "pairs.partial").is_dir() and not (tmp_path / "pairs").exists()
   out = train.train_and_evaluate(config, str(tmp_path / "student"))
+  assert written == [8, 16, 20]  # the second run made batches 1 and 2
   assert np.isfinite(out["loss"]) and out["loss"] > 0
   pairs = {n: np.load(tmp_path / "pairs" / f"{n}.npy") for n in ("noise", "x", "label")}
   meta = json.loads((tmp_path / "pairs" / "pairs.json").read_text())
   assert meta["num_pairs"] == 20 and meta["teacher"] == teacher_dir and meta["label_dropout"] == 0.5
+  assert meta["resumed_from"] == 8 and not (tmp_path / "pairs.partial").exists()
   assert pairs["x"].shape == pairs["noise"].shape == (20, 28, 28, 1) and pairs["label"].shape == (20,)
   assert set(pairs["label"]) <= set(range(11)) and (pairs["label"] == 10).any()  # 10: dropped to the null label
   # the first batch again, from the teacher run's EMA parameters
@@ -651,9 +671,11 @@ def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, 
   teacher = _state(teacher_dir, teacher_config, 4).ema_params
   couple = losses.make_reflow_coupling(exp.process, prediction=config.loss.prediction, solver="heun",
                                        num_steps=int(config.distill.teacher_steps), clip=exp.data_range)
-  x = jax.jit(lambda noise, y: couple(train.network_fn(exp.model, teacher, y=y), noise, jax.random.key(0)))(
-      pairs["noise"][:8], pairs["label"][:8])
-  np.testing.assert_allclose(np.asarray(x), pairs["x"][:8], atol=1e-3)  # 8 devices or 1: float sums differ
+  sample = jax.jit(lambda noise, y: couple(train.network_fn(exp.model, teacher, y=y), noise, jax.random.key(0)))
+  for rows in (slice(0, 8), slice(8, 16)):  # the first run's batch and the second's
+    x = sample(pairs["noise"][rows], pairs["label"][rows])
+    np.testing.assert_allclose(np.asarray(x), pairs["x"][rows], atol=1e-3)  # 8 devices or 1: float sums differ
+  assert np.abs(pairs["noise"][:8] - pairs["noise"][8:16]).min() > 0  # batch 1's key, not batch 0's again
   assert abs(float(np.std(pairs["noise"])) - exp.process.prior_std) < 0.05
 
   # the step on a batch of pairs never runs the teacher: a NaN teacher changes nothing

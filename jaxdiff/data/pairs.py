@@ -7,10 +7,11 @@ A pairs directory (`config.distill.pairs`) holds
     label.npy   int32 [N]          the label the teacher sampled for (num_classes = none), if conditional
     pairs.json  how they were made: num_pairs, shape, teacher, solver, teacher_steps, ...
 
-`PairsWriter` fills the arrays chunk by chunk in a temporary directory beside the target and
-renames it into place when complete, so a directory that exists is whole (an interrupted run
-writes them again). `create_pairs_dataset` reads them (memory-mapped) as a checkpointable
-stream of batches like `pipeline.create_dataset`'s: {"x", "noise"[, "label"]}.
+`PairsWriter` fills the arrays chunk by chunk in `<directory>.partial`, recording after each
+chunk how many rows are written, and renames it into place when complete: a directory that
+exists is whole, and an interrupted run continues where it stopped. `create_pairs_dataset`
+reads them (memory-mapped) as a checkpointable stream of batches like
+`pipeline.create_dataset`'s: {"x", "noise"[, "label"]}.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -28,21 +28,41 @@ from jaxdiff.data import pipeline
 from jaxdiff.errors import DataError
 
 META = "pairs.json"
+PARTIAL = ".partial"  # unfinished pairs, beside the directory: <directory>.partial
+PROGRESS = "progress.json"
 
 
-def read_meta(directory: str) -> dict[str, Any] | None:
-  """The pairs' `pairs.json`, or None where there are no (complete) pairs."""
-  path = os.path.join(directory, META)
+def _read_json(path: str) -> Any:
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-class PairsWriter:
-  """Writes `num_pairs` pairs of `shape` to `directory` in chunks; `close(meta)` makes them visible."""
+def _write_json(path: str, value: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
 
-  def __init__(self, directory: str, *, num_pairs: int, shape: Sequence[int], labels: bool):
+
+def read_meta(directory: str) -> dict[str, Any] | None:
+  """The pairs' `pairs.json`, or None where there are no (complete) pairs."""
+  return _read_json(os.path.join(directory, META))
+
+
+class PairsWriter:
+  """Writes `num_pairs` pairs of `shape` to `directory` in chunks, resumably; `close(meta)` makes them visible.
+
+  The rows go to `<directory>.partial`. Each `add` is durable: the arrays are flushed, then that
+  directory's `progress.json` (the rows written, and `made`: what made them) is replaced. A writer
+  opened again with the same `made`, `num_pairs`, `shape` and `labels` continues after the last
+  chunk added (`filled` rows are there); unfinished pairs made otherwise are removed and begun
+  again (`discarded` says why). `close` adds `pairs.json` and renames the directory into place,
+  so a directory that exists holds every pair.
+  """
+
+  def __init__(self, directory: str, *, num_pairs: int, shape: Sequence[int], labels: bool,
+               made: Mapping[str, Any] | None = None):
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
       meta = read_meta(directory)
@@ -50,22 +70,55 @@ class PairsWriter:
               else f"exists but holds no {META}, so it is not a complete set of pairs")
       raise DataError(f"config.distill.pairs={directory!r} {what}; remove it, or point config.distill.pairs at a "
                       f"new directory.")
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    self.directory, self.num_pairs, self.filled = directory, int(num_pairs), 0
-    self._tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-pairs-")
-    full = (self.num_pairs, *shape)
-    self._arrays = {name: np.lib.format.open_memmap(os.path.join(self._tmp, f"{name}.npy"), mode="w+",
-                                                    dtype=np.float32, shape=full) for name in ("noise", "x")}
+    self.directory, self.num_pairs = directory, int(num_pairs)
+    self.partial = directory + PARTIAL
+    # (through JSON, as progress.json holds it: tuples become lists)
+    self._progress = json.loads(json.dumps({"made": dict(made or {}), "num_pairs": self.num_pairs,
+                                            "shape": list(shape), "labels": bool(labels)}))
+    specs = {"noise": (np.float32, (self.num_pairs, *shape)), "x": (np.float32, (self.num_pairs, *shape))}
     if labels:
-      self._arrays["label"] = np.lib.format.open_memmap(os.path.join(self._tmp, "label.npy"), mode="w+",
-                                                        dtype=np.int32, shape=(self.num_pairs,))
+      specs["label"] = (np.int32, (self.num_pairs,))
+    self.filled, self.discarded = 0, None
+    if os.path.exists(self.partial):
+      self.discarded = self._why_not_resume(specs)
+      if self.discarded is None:
+        self.filled = int(_read_json(os.path.join(self.partial, PROGRESS))["filled"])
+      else:
+        shutil.rmtree(self.partial)
+    mode = "r+" if self.filled else "w+"
+    os.makedirs(self.partial, exist_ok=True)
+    self._arrays = {name: np.lib.format.open_memmap(os.path.join(self.partial, f"{name}.npy"), mode=mode,
+                                                    dtype=dtype, shape=full) for name, (dtype, full) in specs.items()}
+
+  def _why_not_resume(self, specs) -> str | None:
+    """None if the unfinished pairs in `self.partial` continue as this writer's; otherwise why not."""
+    progress = _read_json(os.path.join(self.partial, PROGRESS))
+    if progress is None:
+      return f"it holds no {PROGRESS} (no chunk was finished)"
+    for key, want in self._progress.items():
+      have = progress.get(key)
+      if key == "made" and have != want:
+        k = next(k for k in sorted(set(want) | set(have or {})) if (have or {}).get(k) != want.get(k))
+        return f"they were made with {k}={(have or {}).get(k)!r}, this run has {want.get(k)!r}"
+      if have != want:
+        return f"they were {key}={have!r}, this run's are {want!r}"
+    for name, (dtype, full) in specs.items():
+      try:
+        arr = np.load(os.path.join(self.partial, f"{name}.npy"), mmap_mode="r")
+      except (OSError, ValueError) as e:
+        return f"its {name}.npy cannot be read ({e})"
+      if arr.shape != full or arr.dtype != dtype:
+        return f"its {name}.npy is {arr.dtype}{list(arr.shape)}, not {np.dtype(dtype)}{list(full)}"
+    return None
 
   def add(self, chunk: Mapping[str, np.ndarray]) -> None:
-    """Appends the chunk's rows (those beyond `num_pairs` are dropped)."""
+    """Appends the chunk's rows (those beyond `num_pairs` are dropped) and records them as written."""
     n = min(len(chunk["x"]), self.num_pairs - self.filled)
     for name, arr in self._arrays.items():
       arr[self.filled:self.filled + n] = chunk[name][:n]
+      arr.flush()
     self.filled += n
+    _write_json(os.path.join(self.partial, PROGRESS), dict(self._progress, filled=self.filled))
 
   def close(self, meta: Mapping[str, Any]) -> None:
     if self.filled != self.num_pairs:
@@ -73,13 +126,14 @@ class PairsWriter:
     for arr in self._arrays.values():
       arr.flush()
     self._arrays.clear()
-    with open(os.path.join(self._tmp, META), "w") as f:
-      json.dump(dict(meta, num_pairs=self.num_pairs), f, indent=2)
-    os.replace(self._tmp, self.directory)
+    _write_json(os.path.join(self.partial, META), dict(meta, num_pairs=self.num_pairs))
+    os.remove(os.path.join(self.partial, PROGRESS))
+    os.replace(self.partial, self.directory)
 
-  def abort(self) -> None:
+  def discard(self) -> None:
+    """Removes the unfinished pairs (a later writer starts from none)."""
     self._arrays.clear()
-    shutil.rmtree(self._tmp, ignore_errors=True)
+    shutil.rmtree(self.partial, ignore_errors=True)
 
 
 class PairsSource:
