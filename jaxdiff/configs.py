@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
       pairs="",                  # '' = fresh pairs every batch; a directory: train on the fixed pairs there, which
                                  # the run makes first (num_pairs of them) when it holds none (jaxdiff.data.pairs)
       num_pairs=0,               # how many pairs the teacher makes (0: use the directory's)
+      pairs_dtype="float32",     # how they are stored: float32 | float16 (half the disk and page cache; rounds
+                                 # each value to 11 significant bits, well below an 8-bit image's step)
   ))
 
   c.lpips = ml_collections.ConfigDict(dict(  # a consistency loss with metric='lpips' (jaxdiff.models.lpips)

@@ -166,6 +166,9 @@ def _check_loss(config: ml_collections.ConfigDict) -> None:
   train.make_loss(config, processes.get_process(**config.process.to_dict()))
 
 
+PAIRS_DTYPES = ("float32", "float16")  # config.distill.pairs_dtype: how fixed reflow pairs are stored
+
+
 def _validate_reflow(config: ml_collections.ConfigDict) -> None:
   d = config.distill
   if int(d.get("steps_per_round", 0)):
@@ -173,6 +176,10 @@ def _validate_reflow(config: ml_collections.ConfigDict) -> None:
                       f"config.distill.method='reflow' has none: set it to 0.")
   _check_loss(config)  # losses.make_reflow_loss: solver, teacher_steps
   num, batch = int(d.get("num_pairs", 0)), int(config.training.batch_size)
+  dtype = str(d.get("pairs_dtype", "float32"))
+  if dtype not in PAIRS_DTYPES:
+    raise ConfigError(f"config.distill.pairs_dtype={dtype!r} is not known; use one of {', '.join(PAIRS_DTYPES)} "
+                      f"(float16 halves the pairs' disk space).")
   if str(d.get("pairs", "")):
     if int(config.data.get("cond_resolution", 0) or 0):
       raise ConfigError(f"config.distill.pairs={d.pairs!r}: fixed pairs hold no low-resolution inputs, so a "

@@ -822,10 +822,11 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
   sharded batches of `config.training.batch_size`. A class-conditional teacher samples for
   uniform labels, `config.training.label_dropout` of them dropped to the null label (the
   student learns those pairs unconditionally, as it would fresh ones). Keys: `fold_in(key(seed),
-  REFLOW_PAIRS_STREAM)`, then the batch index. Pairs already there must come from the same
-  teacher run and checkpoint step, sampler and shapes (ConfigError names what differs). The
-  batches are written as they are made (`data.pairs.PairsWriter`): an interrupted run started
-  again continues after the last one written, and makes the same pairs as one uninterrupted.
+  REFLOW_PAIRS_STREAM)`, then the batch index. Stored as `config.distill.pairs_dtype`. Pairs
+  already there must come from the same teacher run and checkpoint step, sampler and shapes
+  (ConfigError names what differs). The batches are written as they are made
+  (`data.pairs.PairsWriter`): an interrupted run started again continues after the last one
+  written, and makes the same pairs as one uninterrupted.
   """
   want = _pairs_meta(config, exp)
   meta = sharding.main_process_value(data_lib.pairs.read_meta(directory))
@@ -846,7 +847,9 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
       raise ConfigError(f"config.distill.num_pairs={num} but {directory!r} holds {meta['num_pairs']} pairs; set "
                         f"--config.distill.num_pairs={meta['num_pairs']} (or 0: use what is there), or use a new "
                         f"directory.")
-    log.info("Reflow on the %d fixed pairs in %s.", meta["num_pairs"], directory)
+    stored, asked = meta.get("dtype", "float32"), str(config.distill.get("pairs_dtype", "float32"))
+    log.info("Reflow on the %d fixed pairs in %s (stored as %s%s).", meta["num_pairs"], directory, stored,
+             f"; config.distill.pairs_dtype={asked} applies to pairs made anew" if asked != stored else "")
     return meta
   d, tc = config.distill, config.training
   num = int(d.num_pairs)
@@ -880,8 +883,9 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
   n_batches = -(-num // batch)
   # what makes the rows: a rerun continues unfinished pairs only if it would make the same ones
   made = dict(want, teacher_step=int(teacher_step), seed=int(config.seed), batch_size=batch)
+  dtype = str(d.get("pairs_dtype", "float32"))
   writer = (data_lib.pairs.PairsWriter(directory, num_pairs=num, shape=shape, labels=bool(exp.num_classes),
-                                       made=made) if sharding.is_main_process() else None)
+                                       made=made, dtype=dtype) if sharding.is_main_process() else None)
   if writer is not None and writer.discarded:
     log.warning("Removed the unfinished reflow pairs in %s and began again: %s.", writer.partial, writer.discarded)
   start = sharding.main_process_value(-(-writer.filled // batch) if writer is not None else 0)
@@ -901,7 +905,7 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
       log.warning("Stopped with %d of %d reflow pairs made; they are kept in %s, and the same run started again "
                   "continues from there.", writer.filled, num, writer.partial)
     raise
-  meta = dict(made, seconds=round(time.time() - t0, 1), resumed_from=start * batch)
+  meta = dict(made, dtype=dtype, seconds=round(time.time() - t0, 1), resumed_from=start * batch)
   if writer is not None:
     writer.close(meta)
   sharding.main_process_value(True)  # every host waits until process 0 has written them

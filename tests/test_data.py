@@ -524,7 +524,8 @@ def test_reflow_pairs_stay_paired_split_over_hosts_and_resume(tmp_path):
   # unfinished pairs made otherwise, or of another size, are removed and begun again, saying why
   for kwargs, why in ((dict(made=dict(made, seed=1)), "made with seed=0, this run has 1"),
                       (dict(made=made, shape=(4, 1, 1)), "shape=[2, 2, 1], this run's are [4, 1, 1]"),
-                      (dict(made=made, labels=False), "labels=True, this run's are False")):
+                      (dict(made=made, labels=False), "labels=True, this run's are False"),
+                      (dict(made=made, dtype="float16"), "dtype='float32', this run's are 'float16'")):
     pairs_lib.PairsWriter(str(tmp_path / "s"), num_pairs=n, shape=shape, labels=True, made=made).add(chunk(0))
     other = pairs_lib.PairsWriter(str(tmp_path / "s"), **{"num_pairs": n, "shape": shape, "labels": True, **kwargs})
     assert other.filled == 0 and why in other.discarded, other.discarded
@@ -533,6 +534,19 @@ def test_reflow_pairs_stay_paired_split_over_hosts_and_resume(tmp_path):
   os.makedirs(tmp_path / "s.partial")  # stopped before its first chunk was written
   assert "no progress.json" in pairs_lib.PairsWriter(str(tmp_path / "s"), num_pairs=n, shape=shape,
                                                      labels=True).discarded
+  # stored as float16: half the bytes, read back as float32 (each value rounded to float16)
+  half = pairs_lib.PairsWriter(str(tmp_path / "h"), num_pairs=n, shape=shape, labels=False, dtype="float16")
+  xs = x / 7.0  # values float16 cannot hold exactly
+  for i in range(0, n, 8):
+    half.add({"x": xs[i:i + 8], "noise": -xs[i:i + 8]})
+  half.close({})
+  stored = np.load(tmp_path / "h" / "x.npy", mmap_mode="r")
+  assert stored.dtype == np.float16 and os.path.getsize(tmp_path / "h" / "x.npy") - stored.offset == n * 4 * 2
+  batch = next(pairs_lib.create_pairs_dataset(str(tmp_path / "h"), batch_size=4, use_labels=False))
+  assert batch["x"].dtype == batch["noise"].dtype == np.float32 and set(batch) == {"x", "noise"}
+  rows = [int(np.argmin(np.abs(xs[:, 0, 0, 0] - v))) for v in batch["x"][:, 0, 0, 0]]
+  np.testing.assert_array_equal(batch["x"], xs[rows].astype(np.float16).astype(np.float32))
+  assert not np.array_equal(batch["x"], xs[rows]) and np.array_equal(batch["noise"], -batch["x"])
 
   def check(batch):
     assert batch["x"].shape == (4, *shape) and np.array_equal(batch["noise"], -batch["x"])

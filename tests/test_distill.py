@@ -698,7 +698,8 @@ def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, 
     with pytest.raises(ConfigError, match=match):
       train.train_and_evaluate(c, str(tmp_path / f"other_{key}"))
   for key, value, match in (("num_pairs", 4, "num_pairs=4 must be >= config.training.batch_size=8"),
-                            ("pairs", "", "num_pairs=20 is the size of a fixed set")):
+                            ("pairs", "", "num_pairs=20 is the size of a fixed set"),
+                            ("pairs_dtype", "bfloat16", "pairs_dtype='bfloat16' is not known; use one of float32")):
     c = config.copy_and_resolve_references()
     c.distill[key] = value
     with pytest.raises(ConfigError, match=match):

@@ -288,9 +288,11 @@ def test_reflow_of_a_latent_model_on_fixed_pairs(runs, tmp_path):
   lat, lat_dir = runs["latent"]
   config = lat.copy_and_resolve_references()
   config.distill.update(teacher=lat_dir, method="reflow", solver="ddim", teacher_steps=2,
-                        pairs=str(tmp_path / "pairs"), num_pairs=8)
+                        pairs=str(tmp_path / "pairs"), num_pairs=8, pairs_dtype="float16")
   config.training.update(num_steps=2, steps_per_call=1, log_every=1, checkpoint_every=2, num_final_samples=8)
   out = train.train_and_evaluate(config, str(tmp_path / "student"))
   assert np.isfinite(out["loss"])
-  assert np.load(tmp_path / "pairs" / "x.npy").shape == (8, 14, 14, 4)  # latents
+  x = np.load(tmp_path / "pairs" / "x.npy")
+  assert x.shape == (8, 14, 14, 4) and x.dtype == np.float16  # latents, stored in half the space
+  assert json.loads((tmp_path / "pairs" / "pairs.json").read_text())["dtype"] == "float16"
   assert os.path.getsize(tmp_path / "student" / "samples_000002.png") > 0

@@ -2,8 +2,8 @@
 
 A pairs directory (`config.distill.pairs`) holds
 
-    noise.npy   float32 [N, ...]   the prior's noise x_T
-    x.npy       float32 [N, ...]   the teacher's deterministic sample from it
+    noise.npy   float32 [N, ...]   the prior's noise x_T (or float16: `PairsWriter(dtype=)`)
+    x.npy       float32 [N, ...]   the teacher's deterministic sample from it (the same dtype)
     label.npy   int32 [N]          the label the teacher sampled for (num_classes = none), if conditional
     pairs.json  how they were made: num_pairs, shape, teacher, solver, teacher_steps, ...
 
@@ -11,7 +11,7 @@ A pairs directory (`config.distill.pairs`) holds
 chunk how many rows are written, and renames it into place when complete: a directory that
 exists is whole, and an interrupted run continues where it stopped. `create_pairs_dataset`
 reads them (memory-mapped) as a checkpointable stream of batches like
-`pipeline.create_dataset`'s: {"x", "noise"[, "label"]}.
+`pipeline.create_dataset`'s: {"x", "noise"[, "label"]}, x and noise float32 however stored.
 """
 
 from __future__ import annotations
@@ -53,16 +53,17 @@ def read_meta(directory: str) -> dict[str, Any] | None:
 class PairsWriter:
   """Writes `num_pairs` pairs of `shape` to `directory` in chunks, resumably; `close(meta)` makes them visible.
 
-  The rows go to `<directory>.partial`. Each `add` is durable: the arrays are flushed, then that
-  directory's `progress.json` (the rows written, and `made`: what made them) is replaced. A writer
-  opened again with the same `made`, `num_pairs`, `shape` and `labels` continues after the last
-  chunk added (`filled` rows are there); unfinished pairs made otherwise are removed and begun
-  again (`discarded` says why). `close` adds `pairs.json` and renames the directory into place,
-  so a directory that exists holds every pair.
+  `noise` and `x` are stored as `dtype` (float32, or float16 for half the space). The rows go
+  to `<directory>.partial`. Each `add` is durable: the arrays are flushed, then that directory's
+  `progress.json` (the rows written, and `made`: what made them) is replaced. A writer opened
+  again with the same `made`, `num_pairs`, `shape`, `labels` and `dtype` continues after the
+  last chunk added (`filled` rows are there); unfinished pairs made otherwise are removed and
+  begun again (`discarded` says why). `close` adds `pairs.json` and renames the directory into
+  place, so a directory that exists holds every pair.
   """
 
   def __init__(self, directory: str, *, num_pairs: int, shape: Sequence[int], labels: bool,
-               made: Mapping[str, Any] | None = None):
+               made: Mapping[str, Any] | None = None, dtype: str = "float32"):
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
       meta = read_meta(directory)
@@ -74,8 +75,9 @@ class PairsWriter:
     self.partial = directory + PARTIAL
     # (through JSON, as progress.json holds it: tuples become lists)
     self._progress = json.loads(json.dumps({"made": dict(made or {}), "num_pairs": self.num_pairs,
-                                            "shape": list(shape), "labels": bool(labels)}))
-    specs = {"noise": (np.float32, (self.num_pairs, *shape)), "x": (np.float32, (self.num_pairs, *shape))}
+                                            "shape": list(shape), "labels": bool(labels),
+                                            "dtype": np.dtype(dtype).name}))
+    specs = {"noise": (np.dtype(dtype), (self.num_pairs, *shape)), "x": (np.dtype(dtype), (self.num_pairs, *shape))}
     if labels:
       specs["label"] = (np.int32, (self.num_pairs,))
     self.filled, self.discarded = 0, None
@@ -163,7 +165,10 @@ class PairsSource:
     return len(self._arrays["x"])
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    return {n: np.array(a[i]) for n, a in self._arrays.items()}
+    row = {n: np.array(a[i]) for n, a in self._arrays.items()}
+    for n in ("noise", "x"):  # float16 on disk: the model reads float32
+      row[n] = row[n].astype(np.float32, copy=False)
+    return row
 
 
 def create_pairs_dataset(directory: str, *, batch_size: int, use_labels: bool, seed: int = 0, shard_index: int = 0,
