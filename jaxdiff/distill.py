@@ -35,7 +35,8 @@ rounds the student takes `teacher_steps / 2^rounds` DDIM steps:
   run_sample.py --workdir <run>   (config.sampling: ddim, num_steps = that + 1, denoise=False)
 
 The current teacher is part of the train state (`train.DistillState.teacher_params`), so a run
-resumes mid-round, or across a round's end, exactly where it stopped.
+resumes mid-round, or across a round's end, exactly where it stopped. (Reflow on fixed pairs
+never runs the teacher after making them, and its state is a plain `train.TrainState`.)
 
 This module holds the schedule of rounds and the teacher's loading and checks; the losses are
 `losses.make_distillation_loss` and `losses.make_consistency_loss`, the steps

@@ -459,10 +459,10 @@ def consistency_training_step(state: TrainState, batch: dict[str, Array], key: A
   return (_move_target(new, state, target_decay) if has_target else new), metrics
 
 
-def reflow_train_step(state: DistillState, batch: dict[str, Array], key: Array, *, model: nn.Module,
+def reflow_train_step(state: TrainState, batch: dict[str, Array], key: Array, *, model: nn.Module,
                       loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float,
                       label_dropout: float = 0.0, cond_resolution: int = 0,
-                      microbatches: int = 1) -> tuple[DistillState, dict[str, Array]]:
+                      microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
   """One update of a reflow student. Pure: `(state, batch, key) -> (state, metrics)`.
 
   `loss_fn = losses.make_reflow_loss(...)`: the fixed teacher `state.teacher_params` samples
@@ -470,11 +470,12 @@ def reflow_train_step(state: DistillState, batch: dict[str, Array], key: Array, 
   class-conditional student keeps its unconditional half), and the student learns the pairs.
   A batch with "noise" is a batch of fixed pairs (`write_reflow_pairs`: x is the teacher's
   sample from that noise, for its "label", already dropped where the teacher sampled without
-  one): the student learns them and the teacher is not run (nor are labels dropped again).
+  one): the student learns them and the teacher is not run (nor are labels dropped again), so
+  any TrainState will do; a run on fixed pairs keeps no teacher in its state.
   """
-  if not isinstance(state, DistillState):
-    raise ConfigError("reflow_train_step needs a DistillState (create_train_state(..., teacher=True) from the "
-                      f"teacher's parameters); it got a {type(state).__name__}.")
+  if "noise" not in batch and not isinstance(state, DistillState):
+    raise ConfigError("reflow_train_step on fresh pairs needs a DistillState (create_train_state(..., teacher=True) "
+                      f"from the teacher's parameters); it got a {type(state).__name__}.")
   if "noise" in batch:
     label_dropout = 0.0
 
@@ -1036,7 +1037,8 @@ def abstract_train_state(config, exp: Experiment, optimizer, mesh):
   if exp.cond_resolution:  # the network also sees the upsampled low-res image as channels
     example = jnp.concatenate([example, example], axis=-1)
   init = functools.partial(create_train_state, model=exp.model, optimizer=optimizer, example_x=example,
-                           teacher=distill.enabled(config),
+                           # reflow on fixed pairs never runs the teacher: its state keeps none
+                           teacher=distill.enabled(config) and not reflow_pairs_dir(config),
                            target=_keeps_target(config), discriminator=exp.discriminator)
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
