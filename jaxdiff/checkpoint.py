@@ -16,7 +16,7 @@ crash mid-save never leaves a partial checkpoint that looks valid; the latest
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -52,9 +52,15 @@ def shape_mismatches(saved_meta, abstract, limit: int = 3) -> list[str]:
       out.append(f"{k} has shape {saved[k]} in the checkpoint but {want} in the model")
     if len(out) >= limit:
       break
-  extra = len(saved) - len(jax.tree_util.tree_leaves(abstract))
-  if not out and extra:
-    out.append(f"the checkpoint has {extra} more arrays than the model")
+  if not out:  # arrays only the checkpoint has, by the state's field (e.g. a teacher this run keeps none of)
+    mine = {_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    extra: dict[str, int] = {}
+    for k in saved:
+      if k not in mine:
+        extra[k.split("/")[0]] = extra.get(k.split("/")[0], 0) + 1
+    if extra:
+      out.append("the checkpoint also holds " + ", ".join(f"{top} ({n} arrays)" for top, n in extra.items())
+                 + ", which this config's train state has no place for")
   return out
 
 
@@ -164,6 +170,31 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return step, restored["state"]
+
+  def restore_fields(self, abstract_state: Any, fields: Sequence[str], step: int | None = None
+                     ) -> tuple[int, dict[str, Any]]:
+    """Restores only these fields of the saved train state (e.g. `("ema_params",)` to sample),
+    into the shapes/shardings of the same fields of `abstract_state`; returns `(step, {field: tree})`.
+
+    Reads those arrays alone (orbax's partial restore): sampling from an Adam-trained run reads
+    a quarter of its state, and a checkpoint whose other fields this config's state lacks or
+    lays out otherwise (a teacher, a discriminator) still gives its EMA parameters. CheckpointError
+    names the first mismatching arrays, as `restore` does.
+    """
+    step = self._resolve(step)
+    saved = self._mngr.item_metadata(step)["state"]
+    saved_tree = getattr(saved, "tree", saved)
+    want = {f: getattr(abstract_state, f) for f in fields}
+    missing = [f for f in fields if f not in saved_tree]
+    bad = ([f"{f} is missing" for f in missing] if missing
+           else shape_mismatches({f: saved_tree[f] for f in fields}, want))
+    if bad:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} does not match the config: {'; '.join(bad)}. "
+          f"Use the config it was trained with, or a fresh --workdir.")
+    args = ocp.args.PyTreeRestore(want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
+                                  partial_restore=True)
+    return step, dict(self._mngr.restore(step, args=ocp.args.Composite(state=args))["state"])
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

@@ -46,7 +46,8 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, exp, mes
 
   The checkpoints are in `config.checkpoint_dir`, or `<workdir>/checkpoints` when it is empty.
 
-  The parameters come back in the shardings `train.abstract_train_state` gives on `mesh`.
+  The parameters come back in the shardings `train.abstract_train_state` gives on `mesh`. Only
+  they are read (`Checkpointer.restore_fields`): not the parameters, optimizer state or teacher.
   """
   from jaxdiff import checkpoint as ckpt_lib
   from jaxdiff import train
@@ -55,10 +56,10 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, exp, mes
   _, abstract, _ = train.abstract_train_state(config, exp, optimizer, mesh)
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), async_save=False)
   try:
-    step, state = ckpt.restore(abstract, step=step)
+    step, fields = ckpt.restore_fields(abstract, ("ema_params",), step=step)
   finally:
     ckpt.close()
-  return step, state.ema_params
+  return step, fields["ema_params"]
 
 
 def split_run(ref: str) -> tuple[str, int | None]:

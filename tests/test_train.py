@@ -290,6 +290,46 @@ def test_batch_not_divisible_by_devices(tmp_path):
     train.train_and_evaluate(tiny(training=dict(batch_size=12)), str(tmp_path))
 
 
+def test_checkpoint_mismatch_names_what_only_the_checkpoint_holds():
+  from jaxdiff import checkpoint as ckpt_lib
+
+  a = jax.ShapeDtypeStruct((2, 3), np.float32)
+  saved = {"step": a, "params": {"w": a}, "teacher_params": {"w": a, "b": a}}
+  assert ckpt_lib.shape_mismatches(saved, {"step": a, "params": {"w": a}}) == [
+      "the checkpoint also holds teacher_params (2 arrays), which this config's train state has no place for"]
+  assert ckpt_lib.shape_mismatches(saved, saved) == []
+  assert ckpt_lib.shape_mismatches(saved, {**saved, "params": {"w": a, "v": a}}) == [
+      "params/v is missing (expected shape (2, 3))"]
+
+
+def test_restore_fields_reads_the_ema_parameters_of_another_layout(tmp_path):
+  """Checkpointer.restore_fields (what sampling, evaluation and a teacher's loading restore): the
+  EMA parameters of a checkpoint whose state has a field this config's lacks (a teacher), in the
+  abstract state's shardings, where restoring the whole state refuses naming that field."""
+  mesh = sharding.create_mesh({"data": -1})
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  tree = lambda v: {"w": jnp.full((8, 3), v), "b": jnp.full((3,), v)}  # noqa: E731
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ck.save(5, train.DistillState(step=jnp.array(5), params=tree(1.0), ema_params=tree(2.0), opt_state=(tree(3.0),),
+                                teacher_params=tree(4.0)))
+  spec = lambda a, sh=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
+  ema = {"w": spec(tree(0.0)["w"], rows), "b": spec(tree(0.0)["b"], rows.update(spec=jax.sharding.PartitionSpec()))}
+  abstract = train.TrainState(step=spec(jnp.array(0)), params=jax.tree.map(spec, tree(0.0)), ema_params=ema,
+                              opt_state=(jax.tree.map(spec, tree(0.0)),))
+  step, got = ck.restore_fields(abstract, ("ema_params",))
+  assert step == 5 and set(got) == {"ema_params"}
+  np.testing.assert_array_equal(np.asarray(got["ema_params"]["w"]), np.full((8, 3), 2.0))
+  assert got["ema_params"]["w"].sharding == rows
+  with pytest.raises(CheckpointError, match=r"also holds teacher_params \(2 arrays\)"):
+    ck.restore(abstract)
+  with pytest.raises(CheckpointError, match=r"ema_params/w has shape \(8, 3\) in the checkpoint but \(8, 4\)"):
+    ck.restore_fields(abstract.replace(ema_params={**ema, "w": jax.ShapeDtypeStruct((8, 4), jnp.float32)}),
+                      ("ema_params",))
+  with pytest.raises(CheckpointError, match="target_params is missing"):
+    ck.restore_fields(train.TargetState(**vars(abstract), target_params=ema), ("target_params",))
+  ck.close()
+
+
 def test_checkpoint_mismatch_and_missing_step(uninterrupted, tmp_path):
   _, workdir = uninterrupted
   wider = tiny(model=dict(ch=16))
