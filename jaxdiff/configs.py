@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
       sigma_data=0.5,            # c_skip's data standard deviation (images in [-1, 1]: 0.5)
       # method='reflow'
       pairs="",                  # '' = fresh pairs every batch; a directory: train on the fixed pairs there, which
-                                 # the run makes first (num_pairs of them) when it holds none (jaxdiff.data.pairs)
+                                 # the run makes first (num_pairs of them) when it holds none (jaxdiff.data.pairs);
+                                 # a filesystem path every host sees (memory-mapped, so no bucket URL)
       num_pairs=0,               # how many pairs the teacher makes (0: use the directory's)
       pairs_dtype="float32",     # how they are stored: float32 | float16 (half the disk and page cache; rounds
                                  # each value to 11 significant bits, well below an 8-bit image's step)

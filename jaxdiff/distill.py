@@ -182,6 +182,10 @@ def _validate_reflow(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.distill.pairs_dtype={dtype!r} is not known; use one of {', '.join(PAIRS_DTYPES)} "
                       f"(float16 halves the pairs' disk space).")
   if str(d.get("pairs", "")):
+    if "://" in str(d.pairs):
+      raise ConfigError(f"config.distill.pairs={d.pairs!r}: the pairs are memory-mapped files, so they need a "
+                        f"filesystem path (on a pod, one every host mounts, e.g. the bucket through gcsfuse); "
+                        f"config.checkpoint_dir is what may be a bucket URL.")
     if int(config.data.get("cond_resolution", 0) or 0):
       raise ConfigError(f"config.distill.pairs={d.pairs!r}: fixed pairs hold no low-resolution inputs, so a "
                         f"super-resolution student (config.data.cond_resolution={config.data.cond_resolution}) "

@@ -63,7 +63,7 @@ from jaxdiff import sharding
 from jaxdiff import tasks
 from jaxdiff import viz
 from jaxdiff.models import pretrained
-from jaxdiff.errors import ConfigError, NonFiniteLossError
+from jaxdiff.errors import ConfigError, DataError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -851,6 +851,7 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
     stored, asked = meta.get("dtype", "float32"), str(config.distill.get("pairs_dtype", "float32"))
     log.info("Reflow on the %d fixed pairs in %s (stored as %s%s).", meta["num_pairs"], directory, stored,
              f"; config.distill.pairs_dtype={asked} applies to pairs made anew" if asked != stored else "")
+    check_pairs_visible(directory)
     return meta
   d, tc = config.distill, config.training
   num = int(d.num_pairs)
@@ -910,7 +911,17 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
   if writer is not None:
     writer.close(meta)
   sharding.main_process_value(True)  # every host waits until process 0 has written them
+  check_pairs_visible(directory)
   return dict(meta, num_pairs=num)
+
+
+def check_pairs_visible(directory: str) -> None:
+  """DataError unless this process sees the complete pairs in `directory` (process 0 writes them
+  and every host reads them: a host-local disk holds them on one host only)."""
+  if data_lib.pairs.read_meta(directory) is None:
+    raise DataError(f"config.distill.pairs={directory!r}: process {jax.process_index()} of {jax.process_count()} "
+                    f"does not see the pairs process 0 wrote there; every host reads them, so put them on a "
+                    f"filesystem all hosts mount (NFS, Filestore, a gcsfuse bucket).")
 
 
 # config.loss keys of consistency training alone (objective='consistency')

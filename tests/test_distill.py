@@ -24,7 +24,7 @@ from jaxdiff import distill, evaluate, losses, processes, samplers, sharding, tr
 from jaxdiff import parameterization as param_lib
 from jaxdiff import checkpoint as ckpt_lib
 from jaxdiff.data import synthetic
-from jaxdiff.errors import ConfigError
+from jaxdiff.errors import ConfigError, DataError
 from jaxdiff.models import MLP
 from jaxdiff.processes import bcast
 
@@ -706,11 +706,16 @@ def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, 
       train.train_and_evaluate(c, str(tmp_path / f"other_{key}"))
   for key, value, match in (("num_pairs", 4, "num_pairs=4 must be >= config.training.batch_size=8"),
                             ("pairs", "", "num_pairs=20 is the size of a fixed set"),
-                            ("pairs_dtype", "bfloat16", "pairs_dtype='bfloat16' is not known; use one of float32")):
+                            ("pairs_dtype", "bfloat16", "pairs_dtype='bfloat16' is not known; use one of float32"),
+                            ("pairs", "gs://b/p", "memory-mapped files, so they need a filesystem path")):
     c = config.copy_and_resolve_references()
     c.distill[key] = value
     with pytest.raises(ConfigError, match=match):
       config_lib.validate(c)
+  # every host reads the pairs process 0 wrote: one that does not see them is told where to put them
+  train.check_pairs_visible(str(tmp_path / "pairs"))
+  with pytest.raises(DataError, match="process 0 of 1 does not see the pairs process 0 wrote"):
+    train.check_pairs_visible(str(tmp_path / "host_local"))
 
 
 # --------------------------------------------------------------------------------------
