@@ -99,9 +99,9 @@ class PairsWriter:
       return f"it holds no {PROGRESS} (no chunk was finished)"
     for key, want in self._progress.items():
       have = progress.get(key)
-      if key == "made" and have != want:
-        k = next(k for k in sorted(set(want) | set(have or {})) if (have or {}).get(k) != want.get(k))
-        return f"they were made with {k}={(have or {}).get(k)!r}, this run has {want.get(k)!r}"
+      if key == "made" and isinstance(have, dict) and have != want:
+        k = next(k for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k))
+        return f"they were made with {k}={have.get(k)!r}, this run has {want.get(k)!r}"
       if have != want:
         return f"they were {key}={have!r}, this run's are {want!r}"
     for name, (dtype, full) in specs.items():
