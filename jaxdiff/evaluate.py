@@ -17,7 +17,6 @@ evaluated as it is, in nats converted to bits per dimension without any offset.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff import likelihood
 from jaxdiff import parameterization
 from jaxdiff import processes
@@ -204,10 +204,7 @@ def write_result(path: str, result: dict[str, Any]) -> str:
   sees half of it); returns `path`."""
   if sharding.is_main_process():
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, path)
+    files.write_json(path, result)
   return path
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff import sharding
 from jaxdiff.errors import CheckpointError, ConfigError, InputError, split_source
 from jaxdiff.models import autoencoder as ae_lib
@@ -77,21 +77,12 @@ def parse_source(spec: str) -> tuple[str, str]:
 
 def read_stats(workdir: str) -> dict[str, Any] | None:
   """The latent statistics an autoencoder run wrote (`STATS_FILE`), or None."""
-  path = os.path.join(workdir, STATS_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(os.path.join(workdir, STATS_FILE))
 
 
 def write_stats(workdir: str, stats: dict[str, Any]) -> str:
   """Writes `STATS_FILE` atomically (a reader never sees half of it); returns its path."""
-  path = os.path.join(workdir, STATS_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(stats, f, indent=2)
-  os.replace(tmp, path)
-  return path
+  return files.write_json(os.path.join(workdir, STATS_FILE), stats)
 
 
 def _jaxdiff_autoencoder(workdir: str):

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff.data import pipeline
 from jaxdiff.errors import DataError
 
@@ -32,22 +33,9 @@ PARTIAL = ".partial"  # unfinished pairs, beside the directory: <directory>.part
 PROGRESS = "progress.json"
 
 
-def _read_json(path: str) -> Any:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def read_meta(directory: str) -> dict[str, Any] | None:
   """The pairs' `pairs.json`, or None where there are no (complete) pairs."""
-  return _read_json(os.path.join(directory, META))
+  return files.read_json(os.path.join(directory, META))
 
 
 class PairsWriter:
@@ -84,7 +72,7 @@ class PairsWriter:
     if os.path.exists(self.partial):
       self.discarded = self._why_not_resume(specs)
       if self.discarded is None:
-        self.filled = int(_read_json(os.path.join(self.partial, PROGRESS))["filled"])
+        self.filled = int(files.read_json(os.path.join(self.partial, PROGRESS))["filled"])
       else:
         shutil.rmtree(self.partial)
     mode = "r+" if self.filled else "w+"
@@ -94,7 +82,7 @@ class PairsWriter:
 
   def _why_not_resume(self, specs) -> str | None:
     """None if the unfinished pairs in `self.partial` continue as this writer's; otherwise why not."""
-    progress = _read_json(os.path.join(self.partial, PROGRESS))
+    progress = files.read_json(os.path.join(self.partial, PROGRESS))
     if progress is None:
       return f"it holds no {PROGRESS} (no chunk was finished)"
     for key, want in self._progress.items():
@@ -120,7 +108,7 @@ class PairsWriter:
       arr[self.filled:self.filled + n] = chunk[name][:n]
       arr.flush()
     self.filled += n
-    _write_json(os.path.join(self.partial, PROGRESS), dict(self._progress, filled=self.filled))
+    files.write_json(os.path.join(self.partial, PROGRESS), dict(self._progress, filled=self.filled))
 
   def close(self, meta: Mapping[str, Any]) -> None:
     if self.filled != self.num_pairs:
@@ -128,7 +116,7 @@ class PairsWriter:
     for arr in self._arrays.values():
       arr.flush()
     self._arrays.clear()
-    _write_json(os.path.join(self.partial, META), dict(meta, num_pairs=self.num_pairs))
+    files.write_json(os.path.join(self.partial, META), dict(meta, num_pairs=self.num_pairs))
     os.remove(os.path.join(self.partial, PROGRESS))
     os.replace(self.partial, self.directory)
 
