@@ -815,8 +815,10 @@ def _teacher_step(teacher: str) -> int | None:
 
 
 def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh, abstract_params: Any,
-                       directory: str) -> dict[str, Any]:
-  """Makes reflow's fixed pairs in `directory` unless it holds them; returns their `pairs.json`.
+                       directory: str) -> tuple[dict[str, Any], tuple[int, Any] | None]:
+  """Makes reflow's fixed pairs in `directory` unless it holds them. Returns their `pairs.json`
+  and, if it loaded the teacher to make them, `(its step, its parameters)` (the student starts
+  from them), else None.
 
   `config.distill.num_pairs` draws of fresh noise x_T, each carried to the teacher's sample by
   its deterministic sampler (`losses.make_reflow_coupling`, as the on-the-fly loss does), in
@@ -852,7 +854,7 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
     log.info("Reflow on the %d fixed pairs in %s (stored as %s%s).", meta["num_pairs"], directory, stored,
              f"; config.distill.pairs_dtype={asked} applies to pairs made anew" if asked != stored else "")
     check_pairs_visible(directory)
-    return meta
+    return meta, None
   d, tc = config.distill, config.training
   num = int(d.num_pairs)
   if num < 1:
@@ -912,7 +914,7 @@ def write_reflow_pairs(config: ml_collections.ConfigDict, exp: Experiment, mesh,
     writer.close(meta)
   sharding.main_process_value(True)  # every host waits until process 0 has written them
   check_pairs_visible(directory)
-  return dict(meta, num_pairs=num)
+  return dict(meta, num_pairs=num), (teacher_step, params)
 
 
 def check_pairs_visible(directory: str) -> None:
@@ -1128,10 +1130,10 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir, mesh):
+def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir, mesh, teacher=None):
   """The latest checkpoint's state (and data position), or a fresh sharded state at step 0:
-  a random init, the published weights `config.training.init_from` names, or (progressive
-  distillation) the teacher run's EMA parameters."""
+  a random init, the published weights `config.training.init_from` names, or (distillation)
+  the teacher run's EMA parameters (`teacher`: `(step, params)` already loaded, or None)."""
   init_from = config.training.init_from
   if ckpt.latest_step() is not None:
     start, state = ckpt.restore(abstract, data_iterator=data_iter)
@@ -1156,7 +1158,7 @@ def _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config
     params = sharding.put_host_tree(host, state_sh.params)
     log.info("Initialising from %s.", init_from)
   elif distill.method(config) == "reflow":  # the student starts as the teacher
-    teacher_step, params = distill.load_teacher(config, mesh, abstract.params)
+    teacher_step, params = teacher or distill.load_teacher(config, mesh, abstract.params)
     how = (f"fixed pairs of noise and the teacher's samples in {reflow_pairs_dir(config)}" if reflow_pairs_dir(config)
            else "each batch pairs fresh noise with the teacher's samples")
     log.info("Reflow of %s (step %d): %s (%s, %d grid times).", config.distill.teacher, teacher_step, how,
@@ -1202,10 +1204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_key = sharding.replicate(train_key, mesh)  # lives where the step runs (on every host)
   init, abstract, state_sh = abstract_train_state(config, exp, optimizer, mesh)
 
-  data_iter = None
+  data_iter, teacher = None, None
   pairs_dir = reflow_pairs_dir(config)  # reflow on fixed pairs: made first (once), then the data
-  if pairs_dir:
-    write_reflow_pairs(config, exp, mesh, abstract.params, pairs_dir)
+  if pairs_dir:  # (the teacher, if loaded to make them, is where a fresh student starts)
+    _, teacher = write_reflow_pairs(config, exp, mesh, abstract.params, pairs_dir)
   if not importing:
     shard_index, shard_count = sharding.process_shard()
     # Each host reads the rows of every global batch its devices hold: the same global batches
@@ -1222,7 +1224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter = data_lib.prefetch_to_device(host_iter, mesh, size=config.data.prefetch_to_device)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config, workdir), max_to_keep=tc.keep_checkpoints)
-  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir, mesh)
+  start, state = _restore_or_init(ckpt, init, abstract, state_sh, init_key, data_iter, config, exp, workdir, mesh,
+                                  teacher=teacher)
+  del teacher  # not held on the devices while training
   if importing and start == 0:
     ckpt.save(0, state, meta={"config": config.to_dict()})  # without a data position: training it later
     log.info("Imported %s as step 0 in %s.", tc.init_from, ckpt.directory)  # starts the data afresh

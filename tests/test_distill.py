@@ -660,11 +660,14 @@ def test_reflow_on_fixed_pairs_made_once_by_the_teacher(tfds_dir, tiny_teacher, 
       raise Preempted
 
   monkeypatch.setattr(pairs_lib.PairsWriter, "add", add)
+  real_load, loads = distill.load_teacher, []
+  monkeypatch.setattr(distill, "load_teacher", lambda *a, **k: loads.append(1) or real_load(*a, **k))
   with pytest.raises(Preempted):
     train.train_and_evaluate(config, str(tmp_path / "student"))
   assert (tmp_path / "pairs.partial").is_dir() and not (tmp_path / "pairs").exists()
   out = train.train_and_evaluate(config, str(tmp_path / "student"))
   assert written == [8, 16, 20]  # the second run made batches 1 and 2
+  assert len(loads) == 2  # once a run: the student starts from the teacher that made the pairs
   assert np.isfinite(out["loss"]) and out["loss"] > 0
   pairs = {n: np.load(tmp_path / "pairs" / f"{n}.npy") for n in ("noise", "x", "label")}
   meta = json.loads((tmp_path / "pairs" / "pairs.json").read_text())
