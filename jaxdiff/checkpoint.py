@@ -155,13 +155,7 @@ class Checkpointer:
 
     step = self._resolve(step)
     items_meta = self._mngr.item_metadata(step)
-    saved = items_meta["state"]
-    saved_tree = getattr(saved, "tree", saved)
-    bad = shape_mismatches(saved_tree, abstract_state)
-    if bad:
-      raise CheckpointError(
-          f"checkpoint {self.directory}/{step} does not match the config: {'; '.join(bad)}. "
-          f"Use the config it was trained with, or a fresh --workdir.")
+    self._check(step, shape_mismatches(self._saved_tree(items_meta), abstract_state))
     items = {"state": ocp.args.PyTreeRestore(
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     # An imported checkpoint (config.training.init_from with num_steps=0) has no data position:
@@ -182,19 +176,27 @@ class Checkpointer:
     names the first mismatching arrays, as `restore` does.
     """
     step = self._resolve(step)
-    saved = self._mngr.item_metadata(step)["state"]
-    saved_tree = getattr(saved, "tree", saved)
+    saved_tree = self._saved_tree(self._mngr.item_metadata(step))
     want = {f: getattr(abstract_state, f) for f in fields}
     missing = [f for f in fields if f not in saved_tree]
-    bad = ([f"{f} is missing" for f in missing] if missing
-           else shape_mismatches({f: saved_tree[f] for f in fields}, want))
-    if bad:
-      raise CheckpointError(
-          f"checkpoint {self.directory}/{step} does not match the config: {'; '.join(bad)}. "
-          f"Use the config it was trained with, or a fresh --workdir.")
+    self._check(step, [f"{f} is missing" for f in missing] if missing
+                else shape_mismatches({f: saved_tree[f] for f in fields}, want))
     args = ocp.args.PyTreeRestore(want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
                                   partial_restore=True)
     return step, dict(self._mngr.restore(step, args=ocp.args.Composite(state=args))["state"])
+
+  @staticmethod
+  def _saved_tree(items_meta) -> Any:
+    """The saved train state's tree of array metadata."""
+    saved = items_meta["state"]
+    return getattr(saved, "tree", saved)
+
+  def _check(self, step: int, mismatches: list[str]) -> None:
+    """CheckpointError naming `mismatches` (from `shape_mismatches`), if any."""
+    if mismatches:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} does not match the config: {'; '.join(mismatches)}. "
+          f"Use the config it was trained with, or a fresh --workdir.")
 
   def close(self) -> None:
     self._mngr.wait_until_finished()
