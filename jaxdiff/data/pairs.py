@@ -70,9 +70,10 @@ class PairsWriter:
       specs["label"] = (np.int32, (self.num_pairs,))
     self.filled, self.discarded = 0, None
     if os.path.exists(self.partial):
-      self.discarded = self._why_not_resume(specs)
+      progress = files.read_json(os.path.join(self.partial, PROGRESS))
+      self.discarded = self._why_not_resume(progress, specs)
       if self.discarded is None:
-        self.filled = int(files.read_json(os.path.join(self.partial, PROGRESS))["filled"])
+        self.filled = int(progress["filled"])
       else:
         shutil.rmtree(self.partial)
     mode = "r+" if self.filled else "w+"
@@ -80,9 +81,9 @@ class PairsWriter:
     self._arrays = {name: np.lib.format.open_memmap(os.path.join(self.partial, f"{name}.npy"), mode=mode,
                                                     dtype=dtype, shape=full) for name, (dtype, full) in specs.items()}
 
-  def _why_not_resume(self, specs) -> str | None:
-    """None if the unfinished pairs in `self.partial` continue as this writer's; otherwise why not."""
-    progress = files.read_json(os.path.join(self.partial, PROGRESS))
+  def _why_not_resume(self, progress: dict[str, Any] | None, specs) -> str | None:
+    """None if the unfinished pairs in `self.partial` (their `progress.json`: `progress`) continue
+    as this writer's; otherwise why not."""
     if progress is None:
       return f"it holds no {PROGRESS} (no chunk was finished)"
     for key, want in self._progress.items():
