@@ -288,6 +288,9 @@ def _ode_log_likelihood(key, process, x, rtol, atol, *, dt0, score_fn, divergenc
 
   probes = _draw_probes(key, x, divergence, n_probes)
   t0, t1 = float(process.t_min), float(process.T)
+  # The score's shape, checked before diffrax traces the vector field: diffrax 0.7.0 reports
+  # any error raised there as "Terms are not compatible with solver!".
+  jax.eval_shape(functools.partial(_checked_score, score_fn), x, jnp.full((x.shape[0],), t1, jnp.float32))
   y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
   solver_obj = diffrax.Tsit5() if solver == "tsit5" else diffrax.Dopri5()
   sol = diffrax.diffeqsolve(
