@@ -31,6 +31,13 @@ def _jaxlib_version() -> tuple[int, int] | None:
     return None
 
 
+def tuned_jaxlib() -> bool:
+  """Whether the installed jaxlib is one jaxdiff's XLA:CPU tuning was measured on (the flag
+  here, and the layer rewrites in `models/layers.py` whose fusion XLA's version decides).
+  Older ones compute the same numbers, with XLA's own choices of fusion and kernels."""
+  return _jaxlib_version() in _TESTED_JAXLIB
+
+
 def default_flags(environ=None, jaxlib_version: tuple[int, int] | None = None) -> str:
   """The flags jaxdiff would add to `environ`'s XLA_FLAGS ('' for none)."""
   environ = os.environ if environ is None else environ

@@ -49,3 +49,22 @@ def test_ci_runs_the_readme_test_command():
   assert re.search(r'^pip install -e "\.\[test\]" && python -m pytest', text, flags=re.M)
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     assert "grep -m1 -E '^pip install -e \"\\.\\[test\\]\"' README.md" in f.read()
+
+
+def test_every_requirement_has_the_lower_bound_ci_lowest_tests_and_the_readme_lists_it():
+  import tomllib
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  bounds = {}
+  for req in project["dependencies"] + project["optional-dependencies"]["test"]:
+    m = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)", req)
+    assert m, f"pyproject.toml: {req!r} needs a plain '>=' lower bound: .ci/lowest installs and tests it"
+    bounds[m[1]] = m[2]
+  text = readme()
+  assert f"Python >= {project['requires-python'].removeprefix('>=')}" in text
+  for req in project["dependencies"]:
+    name = re.match(r"[A-Za-z0-9_.\-]+", req)[0]
+    assert f"{name} >= {bounds[name]}" in text, f"README.md does not list {name}'s lower bound {bounds[name]}"
+  with open(os.path.join(ROOT, ".ci", "lowest")) as f:
+    assert "PIP_CONSTRAINT" in f.read()
