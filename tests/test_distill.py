@@ -605,8 +605,8 @@ def test_reflow_loss_vanishes_at_the_student_of_the_teachers_own_coupling(pname)
 
 def test_reflow_run_samples_from_the_fixed_teacher_and_its_errors(tfds_dir, tiny_teacher, tmp_path):
   """configs/mnist_distill.py:tiny_reflow from :tiny_teacher: the teacher stays the teacher run's
-  EMA, the student moves, run_sample draws in the configured 1 DDIM step; bad settings are
-  refused naming the key."""
+  EMA, the student moves, run_sample draws in the configured 1 DDIM step, the student run is
+  the next reflow's teacher; bad settings are refused naming the key."""
   from jaxdiff import configs as config_lib
   from jaxdiff import generate
 
@@ -623,6 +623,17 @@ def test_reflow_run_samples_from_the_fixed_teacher_and_its_errors(tfds_dir, tiny
   result = generate.generate(generate.load_config(str(tmp_path / "student")), str(tmp_path / "student"),
                              num_samples=8, out_dir=str(tmp_path / "s"))
   assert result["nfe"] == 1 and result["method"] == "ddim"
+
+  # Iterated reflow (2-rectified flow): the student run is the next run's teacher, and what that
+  # run loads is the student's EMA, not the teacher the student kept in its state.
+  again = load_config("mnist_distill", "tiny_reflow")
+  again.distill.teacher = str(tmp_path / "student")
+  mesh = sharding.create_mesh(again.mesh.to_dict())
+  opt = train.make_optimizer(**again.optimizer.to_dict(), num_steps=again.training.num_steps)
+  abstract = train.abstract_train_state(again, train.build_experiment(again), opt, mesh)[1]
+  step, params = distill.load_teacher(again, mesh, abstract.params)
+  assert step == 4
+  _assert_trees_equal(jax.device_get(params), s4.ema_params)
 
   for key, value, match in (("solver", "euler", "config.distill.solver='euler'"),
                             ("teacher_steps", 0, "--config.distill.teacher_steps=8"),
