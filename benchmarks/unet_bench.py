@@ -256,6 +256,7 @@ def measure(args) -> dict:
       device_kind=dev.device_kind, num_devices=jax.device_count(),
       threads=args.threads or os.cpu_count(), python=platform.python_version(),
       malloc="tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
+      xla_flags=os.environ.get("XLA_FLAGS", ""),  # jaxdiff's defaults included (set at import)
       cpu_s_per_step={"user": round((usage1.ru_utime - usage0.ru_utime) / n_steps, 4),
                       "sys": round((usage1.ru_stime - usage0.ru_stime) / n_steps, 4)},
       minor_faults_per_step=round((usage1.ru_minflt - usage0.ru_minflt) / n_steps),

@@ -1,6 +1,6 @@
 """XLA flags jaxdiff sets by default, and why (measured; `benchmarks/RESULTS.md`).
 
-XLA:CPU in jaxlib 0.10-0.11 hands every convolution and dot to YNNPACK. On the DDPM U-Nets
+XLA:CPU in jaxlib 0.10-0.12 hands every convolution and dot to YNNPACK. On the DDPM U-Nets
 its convolutions are the slower choice: its forward runs narrow (32-64 channel) convs at
 ~40 GFLOP/s in the network, and its weight gradients (a whole-map window) ~4x slower
 than the forward. Turning YNNPACK off for convolutions and dots (XLA's Eigen kernels
@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
-_TESTED_JAXLIB = ((0, 10), (0, 11))
+# 0.12 (what pip installs on Python >= 3.12 in 2026-11): the same YNNPACK fusions; with the flag
+# the big U-Net trains 4.53-4.90 img/s instead of 3.88-4.13 (RESULTS.md, session 32).
+_TESTED_JAXLIB = ((0, 10), (0, 11), (0, 12))
 
 
 def _jaxlib_version() -> tuple[int, int] | None:

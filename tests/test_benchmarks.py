@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxdiff import cli
+from jaxdiff import cli, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "unet_bench.py")
@@ -43,6 +43,8 @@ def test_unet_bench_small_both_modes_and_warm_cache(tmp_path):
     assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["peak_rss_mb"] > 0
     for key in ("dtype", "backend", "device_kind", "jax", "flax", "malloc"):
       assert r[key]
+    # the flags in effect: on a jaxlib jaxdiff was tuned on, its default (convolutions off YNNPACK)
+    assert ("-individual_convolution" in r["xla_flags"]) == bool(xla_flags.default_flags({})), r["xla_flags"]
     # getrusage over the timed call: this process ran it, so some user time, and no faults < 0
     assert r["cpu_s_per_step"]["user"] > 0 and r["cpu_s_per_step"]["sys"] >= 0, r
     assert r["minor_faults_per_step"] >= 0, r
